@@ -1,0 +1,498 @@
+"""A small three-block residual CNN built for progressive unfreezing.
+
+The network is ``TrainOnlyNoise -> block1 -> block2 -> block3``, where each block is a stack of
+:class:`ConvBlock` layers. Every block has its own head (global pooling, ``BatchNorm1d`` and an
+adapter to the width of block 2), and one classifier is shared by all heads. Training starts with
+only block 1 active; :meth:`BasicCNNModel.freeze_blocks_until` switches deeper blocks on, and
+:meth:`BasicCNNModel.new_parameters` hands the parameters each step brings to an optimizer.
+
+Public API:
+    ModelConfig, BasicCNNModel, ConvBlock, StageHead, TrainOnlyNoise,
+    scaled_channels, init_weights, model_summary, format_summary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+NUM_BLOCKS = 3
+BASE_CHANNELS: tuple[int, int, int] = (64, 512, 256)
+ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish}
+NORMS: tuple[str, ...] = ("group", "batch")
+MIN_INPUT_SIZE = 28
+
+# (number of ConvBlocks, stride of the last one, dilation of the last one) per block.
+_BLOCK_LAYOUT: tuple[tuple[int, int, int], ...] = ((2, 2, 1), (3, 2, 2), (3, 2, 1))
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int, but True is never a sensible channel count or depth.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _invalid(field: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"ModelConfig.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check_choice(field: str, value: object, choices: Sequence[object]) -> None:
+    # Compare types too, so that 1.0 or True do not pass for the int 1.
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise _invalid(field, value, " | ".join(repr(c) for c in choices))
+
+
+def _check_int_at_least(field: str, value: object, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise _invalid(field, value, f"an int >= {minimum}")
+
+
+def _check_rate(where: str, value: object) -> None:
+    if not _is_real(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{where}={value!r} is invalid; allowed: a float p with 0 <= p < 1")
+
+
+def _check_block_index(where: str, value: object) -> int:
+    if not _is_int(value) or not 1 <= value <= NUM_BLOCKS:
+        raise ValueError(f"{where}={value!r} is invalid; allowed: an int in 1..{NUM_BLOCKS}")
+    return value
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class ModelConfig:
+    """Everything that shapes a :class:`BasicCNNModel`.
+
+    Args:
+        in_channels: image channels, 1 (grey) or 3 (RGB).
+        num_classes: number of output classes, at least 2.
+        input_size: side of the square input in pixels, at least 28 (used by the summary).
+        activation: "silu", "gelu" or "mish".
+        width: channel multiplier > 0; a base count c becomes ``max(8, round(c * width / 8) * 8)``.
+        norm: "group" (GroupNorm) or "batch" (BatchNorm2d) inside the conv blocks.
+        gn_groups: GroupNorm groups; reduced to ``gcd(gn_groups, channels)`` where they don't fit.
+        noise_std: std of the Gaussian noise added to the input in training mode, >= 0.
+        dropout: Dropout2d rate of blocks 1, 2 and 3, each in [0, 1).
+        active_blocks: how many blocks are active when the model is built, 1..3.
+    """
+
+    in_channels: int = 3
+    num_classes: int = 8
+    input_size: int = 28
+    activation: str = "silu"
+    width: float = 1.0
+    norm: str = "group"
+    gn_groups: int = 8
+    noise_std: float = 0.05
+    dropout: tuple[float, float, float] = (0.1, 0.2, 0.3)
+    active_blocks: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dropout, list):
+            self.dropout = tuple(self.dropout)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, the bad value and the allowed values."""
+        _check_choice("in_channels", self.in_channels, (1, 3))
+        _check_int_at_least("num_classes", self.num_classes, 2)
+        _check_int_at_least("input_size", self.input_size, MIN_INPUT_SIZE)
+        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        if not _is_real(self.width) or self.width <= 0:
+            raise _invalid("width", self.width, "a finite number > 0")
+        _check_choice("norm", self.norm, NORMS)
+        _check_int_at_least("gn_groups", self.gn_groups, 1)
+        if not _is_real(self.noise_std) or self.noise_std < 0:
+            raise _invalid("noise_std", self.noise_std, "a finite number >= 0")
+        self._validate_dropout()
+        _check_choice("active_blocks", self.active_blocks, tuple(range(1, NUM_BLOCKS + 1)))
+
+    def _validate_dropout(self) -> None:
+        if not isinstance(self.dropout, tuple) or len(self.dropout) != NUM_BLOCKS:
+            raise _invalid("dropout", self.dropout, f"a tuple of {NUM_BLOCKS} rates in [0, 1)")
+        for p in self.dropout:
+            _check_rate(f"ModelConfig.dropout={self.dropout!r}: rate", p)
+
+    def channels(self) -> tuple[int, int, int]:
+        """Output channels of blocks 1, 2 and 3 after applying ``width``."""
+        c1, c2, c3 = (scaled_channels(c, self.width) for c in BASE_CHANNELS)
+        return c1, c2, c3
+
+
+def scaled_channels(base: int, width: float) -> int:
+    """Scale a channel count by ``width``, rounded to a multiple of 8 and at least 8."""
+    return max(8, round(base * width / 8) * 8)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def make_norm(kind: str, channels: int, gn_groups: int = 8) -> nn.Module:
+    """A 2-d normalisation layer: GroupNorm (groups fitted to ``channels``) or BatchNorm2d."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        # gcd keeps the group count a divisor of the channel count (8 groups, 12 channels -> 4).
+        return nn.GroupNorm(math.gcd(gn_groups, channels), channels)
+    raise ValueError(f"norm={kind!r} is invalid; allowed: {' | '.join(map(repr, NORMS))}")
+
+
+def make_activation(name: str) -> nn.Module:
+    """An activation module by name: "silu", "gelu" or "mish"."""
+    if name not in ACTIVATIONS:
+        allowed = " | ".join(map(repr, ACTIVATIONS))
+        raise ValueError(f"activation={name!r} is invalid; allowed: {allowed}")
+    return ACTIVATIONS[name]()
+
+
+class TrainOnlyNoise(nn.Module):
+    """Add Gaussian noise N(0, std^2) to the input in training mode only.
+
+    Args:
+        std: standard deviation of the noise, >= 0; with 0 the module does nothing.
+    """
+
+    def __init__(self, std: float = 0.05) -> None:
+        super().__init__()
+        if not _is_real(std) or std < 0:
+            raise ValueError(f"TrainOnlyNoise std={std!r} is invalid; allowed: a number >= 0")
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.std == 0:
+            return x
+        return x + torch.randn_like(x) * self.std
+
+    def extra_repr(self) -> str:
+        return f"std={self.std}"
+
+
+class ConvBlock(nn.Module):
+    """Conv 3x3 -> norm -> activation -> Dropout2d, plus a shortcut added to the result.
+
+    The shortcut is the identity, or a 1x1 convolution with the same stride followed by a norm
+    when the channel count or the stride changes.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        stride: stride of the 3x3 convolution (and of the projection shortcut).
+        dilation: dilation of the 3x3 convolution; padding equals it, so only stride changes size.
+        dropout: Dropout2d rate; kept as ``self.dropout`` so it can be changed at run time.
+        activation: "silu", "gelu" or "mish".
+        norm: "group" or "batch".
+        gn_groups: GroupNorm groups (fitted to the channel count).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        dilation: int = 1,
+        dropout: float = 0.0,
+        activation: str = "silu",
+        norm: str = "group",
+        gn_groups: int = 8,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            3,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            bias=False,
+        )
+        self.norm = make_norm(norm, out_channels, gn_groups)
+        self.act = make_activation(activation)
+        self.dropout = nn.Dropout2d(dropout)
+        self.shortcut = self._make_shortcut(in_channels, out_channels, stride, norm, gn_groups)
+
+    @staticmethod
+    def _make_shortcut(
+        in_channels: int, out_channels: int, stride: int, norm: str, gn_groups: int
+    ) -> nn.Module:
+        if in_channels == out_channels and stride == 1:
+            return nn.Identity()
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+            make_norm(norm, out_channels, gn_groups),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C_in, H, W) -> (B, C_out, H', W') with H' = (H - 1) // stride + 1 on both paths.
+        out = self.dropout(self.act(self.norm(self.conv(x))))
+        return out + self.shortcut(x)
+
+
+class StageHead(nn.Module):
+    """Pool a block's feature map into a vector of the classifier's input width.
+
+    AdaptiveAvgPool2d(1) -> flatten -> BatchNorm1d(in_features) -> adapter, where the adapter is a
+    Linear layer, or the identity when ``in_features == out_features``.
+
+    Args:
+        in_features: channels of the block this head reads.
+        out_features: input width of the shared classifier.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.norm = nn.BatchNorm1d(in_features)
+        same = in_features == out_features
+        self.adapter: nn.Module = nn.Identity() if same else nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(x).flatten(1)  # (B, C, H, W) -> (B, C)
+        return self.adapter(self.norm(x))  # (B, out_features)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal (fan_out, relu) for conv and linear weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class BasicCNNModel(nn.Module):
+    """Three-block residual CNN with per-block heads and a shared classifier.
+
+    Only blocks ``1..active_blocks`` run in ``forward``; the head of the deepest active block
+    feeds the classifier. Use :meth:`freeze_blocks_until` to change the depth.
+
+    Args:
+        config: a :class:`ModelConfig`; ``None`` uses the defaults.
+        **overrides: ModelConfig fields that replace the ones in ``config``.
+
+    Input ``(B, in_channels, H, W)``, output logits ``(B, num_classes)``. In training mode the
+    batch must hold at least 2 samples because of the heads' BatchNorm1d.
+    """
+
+    def __init__(self, config: ModelConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        self.config = _resolve_config(config, overrides)
+        cfg = self.config
+        channels = cfg.channels()
+        self.noise = TrainOnlyNoise(cfg.noise_std)
+        self.blocks = nn.ModuleList(_make_blocks(cfg, channels))
+        # Every head ends at block 2's width so one classifier serves all depths.
+        self.heads = nn.ModuleList(StageHead(c, channels[1]) for c in channels)
+        self.classifier = nn.Linear(channels[1], cfg.num_classes)
+        init_weights(self)
+        self._active_blocks = cfg.active_blocks
+        self.freeze_blocks_until(cfg.active_blocks)
+
+    @property
+    def active_blocks(self) -> int:
+        """How many blocks run in forward (1..3)."""
+        return self._active_blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.noise(x)  # (B, C_in, H, W)
+        for block in self.blocks[: self._active_blocks]:
+            x = block(x)  # (B, C_k, H_k, W_k)
+        features = self.heads[self._active_blocks - 1](x)  # (B, C2)
+        return self.classifier(features)  # (B, num_classes)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            expected = f"(B, {self.config.in_channels}, H, W)"
+            raise ValueError(f"input shape {tuple(x.shape)} is invalid; expected {expected}")
+
+    # ----------------------------------------------------------------- progressive unfreezing
+
+    def freeze_blocks_until(self, k: int) -> None:
+        """Activate and unfreeze blocks 1..k; freeze and skip the rest; use only head k.
+
+        Raises:
+            ValueError: when ``k`` is not an int in 1..3.
+        """
+        k = _check_block_index("freeze_blocks_until: k", k)
+        self._active_blocks = k
+        for index, (block, head) in enumerate(zip(self.blocks, self.heads, strict=True), start=1):
+            block.requires_grad_(index <= k)
+            head.requires_grad_(index == k)
+        self.classifier.requires_grad_(True)
+
+    def new_parameters(self, k: int) -> list[nn.Parameter]:
+        """Parameters that activating block ``k`` brings: block k's and head k's."""
+        k = _check_block_index("new_parameters: k", k)
+        return [*self.blocks[k - 1].parameters(), *self.heads[k - 1].parameters()]
+
+    def initial_parameters(self) -> list[nn.Parameter]:
+        """Parameters for the optimizer at depth 1: block 1, head 1 and the classifier."""
+        return [*self.new_parameters(1), *self.classifier.parameters()]
+
+    # ----------------------------------------------------------------- dropout control
+
+    def _dropouts(self, block: int) -> list[nn.Dropout2d]:
+        modules = self.blocks[block - 1].modules()
+        return [m for m in modules if isinstance(m, nn.Dropout2d)]
+
+    def set_dropout(self, block: int, p: float) -> None:
+        """Set the rate of every Dropout2d in ``block`` (1..3) to ``p`` (0 <= p < 1)."""
+        block = _check_block_index("set_dropout: block", block)
+        _check_rate("set_dropout: p", p)
+        for dropout in self._dropouts(block):
+            dropout.p = float(p)
+
+    def dropout_rates(self) -> list[float]:
+        """Current Dropout2d rate of blocks 1, 2 and 3."""
+        return [self._dropouts(k)[0].p for k in range(1, NUM_BLOCKS + 1)]
+
+
+def _resolve_config(config: ModelConfig | None, overrides: Mapping[str, Any]) -> ModelConfig:
+    if config is None:
+        config = ModelConfig()
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig or None, got {type(config).__name__}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown ModelConfig field(s) {unknown}; allowed: {sorted(known)}")
+    # replace() builds a new config, so __post_init__ validates the merged values.
+    return replace(config, **overrides)
+
+
+def _make_blocks(cfg: ModelConfig, channels: Sequence[int]) -> list[nn.Sequential]:
+    blocks = []
+    in_channels = cfg.in_channels
+    for (depth, stride, dilation), out_channels, p in zip(
+        _BLOCK_LAYOUT, channels, cfg.dropout, strict=True
+    ):
+        layers = []
+        for i in range(depth):
+            last = i == depth - 1
+            layers.append(
+                ConvBlock(
+                    in_channels if i == 0 else out_channels,  # only the first changes channels
+                    out_channels,
+                    stride=stride if last else 1,
+                    dilation=dilation if last else 1,
+                    dropout=p,
+                    activation=cfg.activation,
+                    norm=cfg.norm,
+                    gn_groups=cfg.gn_groups,
+                )
+            )
+        blocks.append(nn.Sequential(*layers))
+        in_channels = out_channels
+    return blocks
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _parts(model: BasicCNNModel) -> Iterator[tuple[str, nn.Module, bool]]:
+    """(name, module, active) for every part; the noise counts as active when std > 0."""
+    k = model.active_blocks
+    yield "noise", model.noise, model.noise.std > 0
+    for i, block in enumerate(model.blocks, start=1):
+        yield f"block{i}", block, i <= k
+    for i, head in enumerate(model.heads, start=1):
+        yield f"head{i}", head, i == k
+    yield "classifier", model.classifier, True
+
+
+@torch.no_grad()
+def _output_shapes(model: BasicCNNModel, input_size: int) -> dict[str, tuple[int, ...]]:
+    """Per-sample output shape of every part for a square input, all blocks included."""
+    ref = next(model.parameters())
+    x = ref.new_zeros(1, model.config.in_channels, input_size, input_size)
+    was_training = model.training
+    model.eval()  # no noise, no dropout, no BatchNorm statistics updates
+    try:
+        shapes = {"noise": tuple(model.noise(x).shape[1:])}
+        for i, (block, head) in enumerate(zip(model.blocks, model.heads, strict=True), start=1):
+            x = block(x)
+            features = head(x)
+            shapes[f"block{i}"] = tuple(x.shape[1:])
+            shapes[f"head{i}"] = tuple(features.shape[1:])
+        shapes["classifier"] = tuple(model.classifier(features).shape[1:])
+    finally:
+        model.train(was_training)
+    return shapes
+
+
+def model_summary(model: BasicCNNModel, input_size: int | None = None) -> list[dict[str, Any]]:
+    """One row per part: name, params, trainable, active and output_shape.
+
+    Args:
+        model: the model to describe.
+        input_size: square input side for ``output_shape`` (per sample, batch dimension left
+            out); ``None`` uses ``model.config.input_size``, 0 skips the shapes (``None``).
+    """
+    size = model.config.input_size if input_size is None else input_size
+    shapes = _output_shapes(model, size) if size else {}
+    rows = []
+    for name, module, active in _parts(model):
+        params = list(module.parameters())
+        rows.append(
+            {
+                "name": name,
+                "params": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+                "active": active,
+                "output_shape": shapes.get(name),
+            }
+        )
+    return rows
+
+
+_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("part", "<"),
+    ("params", ">"),
+    ("trainable", ">"),
+    ("active", "<"),
+    ("output shape", "<"),
+)
+
+
+def _cells(row: Mapping[str, Any]) -> list[str]:
+    shape = row.get("output_shape")
+    shape_text = "x".join(str(d) for d in shape) if shape else "-"
+    active = "yes" if row["active"] else "no"
+    return [str(row["name"]), f"{row['params']:,}", f"{row['trainable']:,}", active, shape_text]
+
+
+def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Render summary rows as a plain-text table with a totals line (safe for logs)."""
+    header = [title for title, _ in _COLUMNS]
+    body = [_cells(row) for row in rows]
+    total = sum(int(row["params"]) for row in rows)
+    trainable = sum(int(row["trainable"]) for row in rows)
+    footer = ["total", f"{total:,}", f"{trainable:,}", "", ""]
+    table = [header, *body, footer]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+
+    def render(line: Sequence[str]) -> str:
+        cells = (f"{c:{align}{w}}" for c, (_, align), w in zip(line, _COLUMNS, widths, strict=True))
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([render(header), rule, *map(render, body), rule, render(footer)])

@@ -1,0 +1,358 @@
+"""Tests for models.basic_cnn_model: shapes, unfreezing, init, noise, summary and validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.basic_cnn_model import (
+    BasicCNNModel,
+    ConvBlock,
+    ModelConfig,
+    TrainOnlyNoise,
+    format_summary,
+    model_summary,
+    scaled_channels,
+)
+
+TINY = 0.125  # channels 8 / 64 / 32: fast on CPU
+PART_NAMES = ["noise", "block1", "block2", "block3", "head1", "head2", "head3", "classifier"]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_model(**overrides) -> BasicCNNModel:
+    overrides.setdefault("width", TINY)
+    return BasicCNNModel(**overrides)
+
+
+def ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+def batch(model: BasicCNNModel, size: int = 28, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, model.config.in_channels, size, size)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("size", [28, 64])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_output_shape(in_channels: int, size: int, depth: int, norm: str) -> None:
+    model = tiny_model(in_channels=in_channels, num_classes=5, norm=norm, active_blocks=depth)
+    assert model.active_blocks == depth
+    out = model(batch(model, size))
+    assert out.shape == (2, 5)
+    model.eval()
+    assert model(batch(model, size, n=1)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "mish"])
+def test_activations_build_and_run(activation: str) -> None:
+    model = tiny_model(activation=activation, active_blocks=3)
+    assert model(batch(model)).shape == (2, model.config.num_classes)
+
+
+def test_conv_block_shortcut_kinds() -> None:
+    assert isinstance(ConvBlock(8, 8).shortcut, nn.Identity)
+    projected = ConvBlock(8, 16, stride=2, dilation=2)
+    assert isinstance(projected.shortcut, nn.Sequential)
+    assert projected(torch.randn(2, 8, 15, 15)).shape == (2, 16, 8, 8)
+    assert isinstance(ConvBlock(8, 8, stride=2).shortcut, nn.Sequential)
+
+
+def test_channels_follow_width_and_groups_fit() -> None:
+    assert [scaled_channels(c, 1.0) for c in (64, 512, 256)] == [64, 512, 256]
+    assert [scaled_channels(c, TINY) for c in (64, 512, 256)] == [8, 64, 32]
+    assert scaled_channels(64, 0.01) == 8
+    model = tiny_model(width=0.1875, gn_groups=16)  # 64 * 0.1875 = 12 channels
+    norm = model.blocks[0][0].norm
+    assert isinstance(norm, nn.GroupNorm) and norm.num_channels == 16
+    assert norm.num_groups == math.gcd(16, 16)
+    model = BasicCNNModel(width=0.375, gn_groups=16)  # block 1: 24 channels -> gcd 8
+    assert model.blocks[0][0].norm.num_groups == 8
+
+
+def test_wrong_input_channels_rejected() -> None:
+    model = tiny_model(in_channels=1)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        model(torch.randn(2, 3, 28, 28))
+
+
+# --------------------------------------------------------------------------- unfreezing
+
+
+def _count_calls(model: BasicCNNModel) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    modules = {f"block{i}": b for i, b in enumerate(model.blocks, 1)}
+    modules |= {f"head{i}": h for i, h in enumerate(model.heads, 1)}
+    for name, module in modules.items():
+        calls[name] = 0
+
+        def hook(_module, _inputs, _output, name: str = name) -> None:
+            calls[name] += 1
+
+        module.register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_inactive_blocks_skipped_and_get_no_grad(depth: int) -> None:
+    model = tiny_model(active_blocks=depth)
+    calls = _count_calls(model)
+    model(batch(model)).sum().backward()
+    for k in range(1, 4):
+        assert calls[f"block{k}"] == (1 if k <= depth else 0)
+        assert calls[f"head{k}"] == (1 if k == depth else 0)
+        block_grads = [p.grad for p in model.blocks[k - 1].parameters()]
+        head_grads = [p.grad for p in model.heads[k - 1].parameters()]
+        if k <= depth:
+            assert all(g is not None for g in block_grads)
+        else:
+            assert all(g is None for g in block_grads)
+            assert all(not p.requires_grad for p in model.blocks[k - 1].parameters())
+        assert all((g is not None) == (k == depth) for g in head_grads)
+    assert all(p.grad is not None for p in model.classifier.parameters())
+
+
+def test_freeze_blocks_until_sets_requires_grad() -> None:
+    model = tiny_model()
+    for k in (2, 3, 1, 3):
+        model.freeze_blocks_until(k)
+        assert model.active_blocks == k
+        for i in range(1, 4):
+            assert all(p.requires_grad == (i <= k) for p in model.blocks[i - 1].parameters())
+            assert all(p.requires_grad == (i == k) for p in model.heads[i - 1].parameters())
+        assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+def test_parameter_groups_are_disjoint_and_cover_the_model() -> None:
+    model = tiny_model()
+    groups = [model.initial_parameters(), model.new_parameters(2), model.new_parameters(3)]
+    group_ids = [ids(g) for g in groups]
+    assert all(
+        len(g) == len(s) for g, s in zip(groups, group_ids, strict=True)
+    )  # no duplicates inside
+    assert not group_ids[0] & group_ids[1]
+    assert not group_ids[0] & group_ids[2]
+    assert not group_ids[1] & group_ids[2]
+    assert set().union(*group_ids) == ids(model.parameters())
+    expected_new = ids(model.blocks[1].parameters()) | ids(model.heads[1].parameters())
+    assert group_ids[1] == expected_new
+
+
+def test_trainable_parameters_lie_in_activated_groups() -> None:
+    model = tiny_model()
+    activated = ids(model.initial_parameters())
+    assert ids(p for p in model.parameters() if p.requires_grad) <= activated
+    for k in (2, 3):
+        model.freeze_blocks_until(k)
+        activated |= ids(model.new_parameters(k))
+        trainable = ids(p for p in model.parameters() if p.requires_grad)
+        assert trainable <= activated
+        assert ids(model.new_parameters(k)) & trainable == ids(model.new_parameters(k))
+
+
+def test_optimizer_growth_ends_with_the_trainable_parameters() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.initial_parameters(), lr=0.1)
+    for k in (2, 3):
+        model.freeze_blocks_until(k)
+        optimizer.add_param_group({"params": model.new_parameters(k), "lr": 0.01})
+    in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(in_optimizer) == len(ids(in_optimizer))
+    assert ids(in_optimizer) == ids(model.parameters())
+    trainable = ids(p for p in model.parameters() if p.requires_grad)
+    assert ids(p for p in in_optimizer if p.requires_grad) == trainable
+    # One step at full depth runs and moves only trainable weights.
+    frozen_head = model.heads[0].norm.weight.detach().clone()
+    model(batch(model)).sum().backward()
+    optimizer.step()
+    assert torch.equal(model.heads[0].norm.weight, frozen_head)
+
+
+@pytest.mark.parametrize("bad", [0, 4, -1, 1.5, "2", True, None])
+def test_freeze_blocks_until_rejects_bad_k(bad) -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"1\.\.3") as info:
+        model.freeze_blocks_until(bad)
+    assert repr(bad) in str(info.value)
+    assert model.active_blocks == 1
+    with pytest.raises(ValueError, match=r"1\.\.3"):
+        model.new_parameters(bad)
+
+
+# --------------------------------------------------------------------------- noise, determinism
+
+
+def test_train_only_noise_inert_in_eval_and_active_in_train() -> None:
+    noise = TrainOnlyNoise(0.5)
+    x = torch.randn(4, 3, 8, 8)
+    noise.eval()
+    assert torch.equal(noise(x), x)
+    noise.train()
+    noisy = noise(x)
+    assert not torch.equal(noisy, x)
+    assert 0.3 < (noisy - x).std().item() < 0.7
+    assert torch.equal(TrainOnlyNoise(0.0).train()(x), x)
+    with pytest.raises(ValueError, match="std"):
+        TrainOnlyNoise(-1.0)
+
+
+def test_eval_outputs_are_deterministic() -> None:
+    model = tiny_model(active_blocks=3, noise_std=0.5).eval()
+    x = batch(model, n=3)
+    assert torch.equal(model(x), model(x))
+
+
+def test_model_applies_noise_first_in_training() -> None:
+    model = tiny_model(noise_std=0.5)
+    seen: list[torch.Tensor] = []
+    model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    x = batch(model)
+    model.train()(x)
+    model.eval()(x)
+    assert not torch.equal(seen[0], x)
+    assert torch.equal(seen[1], x)
+
+
+# --------------------------------------------------------------------------- initialisation
+
+
+def test_kaiming_init_of_a_wide_conv() -> None:
+    model = BasicCNNModel(width=0.5, in_channels=1)
+    conv = model.blocks[1][1].conv  # 256 -> 256, 3x3
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    expected = math.sqrt(2.0 / fan_out)
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.15)
+    assert abs(conv.weight.mean().item()) < 0.1 * expected
+
+
+def test_linear_biases_zero_and_norms_unit() -> None:
+    model = tiny_model(norm="batch")
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            assert torch.count_nonzero(m.bias) == 0
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+        if isinstance(m, nn.Conv2d):
+            assert m.bias is None
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_summary_counts_and_trainable_change() -> None:
+    model = tiny_model()
+    rows = model_summary(model)
+    assert [r["name"] for r in rows] == PART_NAMES
+    assert sum(r["params"] for r in rows) == sum(p.numel() for p in model.parameters())
+    trainable_1 = sum(r["trainable"] for r in rows)
+    assert trainable_1 == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["block2"]["trainable"] == 0 and not by_name["block2"]["active"]
+    assert by_name["head1"]["active"] and by_name["classifier"]["active"]
+
+    model.freeze_blocks_until(2)
+    after = {r["name"]: r for r in model_summary(model)}
+    assert sum(r["trainable"] for r in after.values()) != trainable_1
+    assert after["block2"]["trainable"] == after["block2"]["params"] > 0
+    assert after["head1"]["trainable"] == 0 and not after["head1"]["active"]
+    assert after["head2"]["active"] and not after["block3"]["active"]
+
+
+def test_summary_output_shapes() -> None:
+    model = tiny_model(in_channels=1, num_classes=4)
+    shapes = {r["name"]: r["output_shape"] for r in model_summary(model, input_size=28)}
+    assert shapes["noise"] == (1, 28, 28)
+    assert shapes["block1"] == (8, 14, 14)
+    assert shapes["block2"] == (64, 7, 7)
+    assert shapes["block3"] == (32, 4, 4)
+    assert shapes["head1"] == shapes["head3"] == (64,)
+    assert shapes["classifier"] == (4,)
+    assert model.training  # the summary restores the mode
+    assert all(r["output_shape"] is None for r in model_summary(model, input_size=0))
+
+
+def test_format_summary_lists_every_part_and_totals() -> None:
+    model = tiny_model()
+    rows = model_summary(model)
+    text = format_summary(rows)
+    for name in PART_NAMES:
+        assert name in text
+    total = sum(p.numel() for p in model.parameters())
+    assert "total" in text and f"{total:,}" in text
+
+
+# --------------------------------------------------------------------------- config, dropout
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("in_channels", 2),
+        ("in_channels", 3.0),
+        ("num_classes", 1),
+        ("input_size", 27),
+        ("activation", "relu"),
+        ("width", 0),
+        ("width", -0.5),
+        ("width", float("nan")),
+        ("norm", "layer"),
+        ("gn_groups", 0),
+        ("noise_std", -0.1),
+        ("dropout", (0.1, 0.2)),
+        ("dropout", (0.1, 0.2, 1.0)),
+        ("active_blocks", 4),
+        ("active_blocks", 0),
+    ],
+)
+def test_config_validation_names_field_and_value(field: str, value) -> None:
+    with pytest.raises(ValueError, match=field) as info:
+        BasicCNNModel(**{field: value})
+    assert repr(value) in str(info.value)
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{field: value})
+
+
+def test_config_messages_list_allowed_values() -> None:
+    with pytest.raises(ValueError, match=r"'silu' \| 'gelu' \| 'mish'"):
+        BasicCNNModel(activation="tanh")
+    with pytest.raises(ValueError, match=r"1 \| 3"):
+        BasicCNNModel(in_channels=4)
+
+
+def test_config_and_overrides_combine() -> None:
+    config = ModelConfig(in_channels=1, num_classes=3, width=TINY)
+    model = BasicCNNModel(config, num_classes=6, dropout=[0.0, 0.1, 0.2])
+    assert model.config.in_channels == 1 and model.config.num_classes == 6
+    assert config.num_classes == 3  # the caller's config is left alone
+    assert model.dropout_rates() == pytest.approx([0.0, 0.1, 0.2])
+    with pytest.raises(TypeError, match="colour"):
+        BasicCNNModel(colour=3)
+
+
+def test_default_dropout_rates() -> None:
+    assert tiny_model().dropout_rates() == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_set_dropout_changes_every_dropout_of_the_block() -> None:
+    model = tiny_model()
+    model.set_dropout(2, 0.5)
+    rates = [[m.p for m in b.modules() if isinstance(m, nn.Dropout2d)] for b in model.blocks]
+    assert rates[1] == [0.5, 0.5, 0.5]
+    assert rates[0] == [0.1, 0.1] and rates[2] == [0.3, 0.3, 0.3]
+    assert model.dropout_rates() == pytest.approx([0.1, 0.5, 0.3])
+    with pytest.raises(ValueError, match="p"):
+        model.set_dropout(1, 1.0)
+    with pytest.raises(ValueError, match=r"1\.\.3"):
+        model.set_dropout(4, 0.1)
