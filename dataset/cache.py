@@ -1,0 +1,426 @@
+"""The ``data_npy/<dataset>/`` cache that training reads.
+
+Layout of one cache folder::
+
+    train_images.npy  val_images.npy  test_images.npy   uint8 (N, H, W, C)
+    train_labels.npy  val_labels.npy  test_labels.npy   int64 (N,)
+    files.json                                           original file of each image, if known
+    meta.json                                            written last: no meta.json, no cache
+
+A build writes into a hidden temporary folder beside the cache and renames it into place, so an
+interrupted build leaves either the previous cache or none, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dataset import medmnist
+from dataset.errors import DataError
+from dataset.leakage import find_duplicates, image_hashes
+from dataset.sources import SPLITS, RawSplits, read_folder, read_npz
+
+CACHE_VERSION = 1
+DEFAULT_ROOT = Path("data_npy")
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """A built cache: its folder and the contents of its ``meta.json``."""
+
+    path: Path
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["class_names"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.meta["image_shape"][2])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_shape"][0])
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.meta["mean"])
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.meta["std"])
+
+    def counts(self, split: str) -> list[int]:
+        """Images per class in ``split``."""
+        return list(self.meta["counts"][split])
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.load(self.path / f"{split}_labels.npy")
+
+    def images(self, split: str) -> np.ndarray:
+        """The split's images, memory-mapped read-only: ``(N, H, W, C)`` uint8."""
+        return np.load(self.path / f"{split}_images.npy", mmap_mode="r")
+
+
+# ----------------------------------------------------------------- small helpers
+
+
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (kept, held out) with ``fraction`` of every class held out.
+
+    Args:
+        labels: ``(N,)`` class of each item.
+        fraction: share held out, in (0, 1).
+        seed: seed of the permutation.
+        groups: optional ``(N,)`` group id of each item; a group goes wholly to one side, so
+            exact duplicates never straddle the split. Its class is its first member's.
+
+    Each class with at least two groups gives at least one to the held-out part, so small
+    classes still appear there. Both index arrays are sorted.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
+    if groups is None:
+        groups = np.arange(len(labels))
+    _, first, member_of = np.unique(groups, return_index=True, return_inverse=True)
+    group_label = labels[first]
+    rng = np.random.default_rng(seed)
+    held_groups = []
+    for c in np.unique(group_label):
+        g = rng.permutation(np.flatnonzero(group_label == c))
+        k = int(round(len(g) * fraction))
+        if len(g) >= 2:
+            k = min(max(k, 1), len(g) - 1)
+        held_groups.append(g[:k])
+    held = (
+        np.isin(member_of, np.concatenate(held_groups))
+        if held_groups
+        else np.zeros(len(labels), bool)
+    )
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 ``(N, H, W, C)`` images on the 0..1 scale."""
+    c = images.shape[-1]
+    total = np.zeros(c)
+    total_sq = np.zeros(c)
+    count = 0
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start : start + chunk], dtype=np.float64) / 255.0
+        total += block.sum(axis=(0, 1, 2))
+        total_sq += (block**2).sum(axis=(0, 1, 2))
+        count += block.shape[0] * block.shape[1] * block.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return mean.round(6).tolist(), std.round(6).tolist()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _folder_listing_sha256(root: Path) -> str:
+    # Names, sizes and modification times: a changed, added or removed file changes the hash.
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------- reading caches
+
+
+def load_cache(path: str | Path) -> CacheInfo:
+    """Open a built cache folder; a folder without a complete ``meta.json`` is refused."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(
+            path,
+            "no cache here (meta.json missing); build it with: python -m dataset prepare SOURCE",
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(meta_path, f"unreadable cache metadata: {exc}") from exc
+    if meta.get("version") != CACHE_VERSION:
+        raise DataError(
+            meta_path, f"cache version {meta.get('version')} is not {CACHE_VERSION}; rebuild it"
+        )
+    for split in SPLITS:
+        for kind in ("images", "labels"):
+            if not (path / f"{split}_{kind}.npy").is_file():
+                raise DataError(path, f"cache file {split}_{kind}.npy is missing; rebuild it")
+    return CacheInfo(path, meta)
+
+
+# ----------------------------------------------------------------- building caches
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # "medmnist" | "npz" | "folder"
+    path: Path
+    name: str
+    url: str | None = None
+    md5: str | None = None
+    class_names: tuple[str, ...] | None = None
+
+
+def _resolve(source: str | Path, root: Path, progress: bool) -> _Source:
+    p = Path(source)
+    if p.is_dir():
+        return _Source("folder", p, p.resolve().name)
+    if p.suffix.lower() == ".npz" or p.is_file():
+        if not p.is_file():
+            raise DataError(p, "file not found")
+        return _Source("npz", p, p.stem)
+    parsed = medmnist.parse_name(str(source))
+    if parsed is None:
+        raise DataError(
+            source,
+            "not a folder, an .npz file or a MedMNIST name (one of: "
+            + ", ".join(sorted(medmnist.MEDMNIST))
+            + ", optionally with _64, _128 or _224)",
+        )
+    flag, size = parsed
+    info = medmnist.require_single_label(flag)
+    path = medmnist.fetch(flag, size, root, progress=progress)
+    return _Source(
+        "medmnist", path, f"{flag}_{size}", info.urls[size], info.md5[size], info.class_names
+    )
+
+
+def _source_checksum(src: _Source, old_meta: dict | None) -> dict:
+    """Checksum of the source; skips re-hashing a file whose size and mtime are unchanged."""
+    if src.kind == "folder":
+        return {"listing_sha256": _folder_listing_sha256(src.path)}
+    st = src.path.stat()
+    stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    old = (old_meta or {}).get("source", {})
+    if (
+        old.get("path") == str(src.path.resolve())
+        and old.get("stat") == stat
+        and "sha256" in old.get("checksum", {})
+    ):
+        digest = old["checksum"]["sha256"]
+    else:
+        digest = file_sha256(src.path)
+    checksum = {"sha256": digest}
+    if src.md5:
+        checksum["md5"] = src.md5
+    return {"stat": stat, **checksum}
+
+
+def _fingerprint(checksum: dict, params: dict) -> str:
+    blob = json.dumps(
+        {
+            "checksum": {k: v for k, v in checksum.items() if k != "stat"},
+            "params": params,
+            "version": CACHE_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare(
+    source: str | Path,
+    root: str | Path = DEFAULT_ROOT,
+    *,
+    name: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    image_size: int | None = None,
+    strict_size: bool = False,
+    drop_leaked_test: bool = False,
+    rebuild: bool = False,
+    progress: bool = True,
+) -> tuple[CacheInfo, bool]:
+    """Build (or reuse) the cache of ``source`` under ``root/<name>/``.
+
+    Args:
+        source: a MedMNIST name (``bloodmnist``, ``bloodmnist_64``), an ``.npz`` path or an
+            image folder.
+        root: the cache root, ``data_npy/`` by default.
+        name: the cache folder's name; by default the file or folder name, or ``flag_size``.
+        val_fraction: the share of train carved out, stratified, when the source has no val.
+        test_fraction: the same for test, for a folder without split folders only.
+        seed: the seed of those carved splits (recorded in ``meta.json``).
+        image_size / strict_size: for folders, see :func:`dataset.sources.read_folder`.
+        drop_leaked_test: drop test images whose exact pixels also occur in train or val.
+        rebuild: build even if an up-to-date cache exists.
+
+    Returns:
+        The cache, and whether it was (re)built now. A cache is reused only if its source
+        checksum and these parameters are unchanged.
+    """
+    for label, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < frac < 0.5:
+            raise DataError(None, f"{label} must be in (0, 0.5), got {frac}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    src = _resolve(source, root, progress)
+    name = name or src.name
+    out = root / name
+    old_meta = _try_meta(out)
+    params = {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "image_size": image_size,
+        "strict_size": strict_size,
+        "drop_leaked_test": drop_leaked_test,
+    }
+    checksum = _source_checksum(src, old_meta)
+    fingerprint = _fingerprint(checksum, params)
+    if not rebuild and old_meta and old_meta.get("fingerprint") == fingerprint:
+        try:
+            return load_cache(out), False
+        except DataError:
+            pass  # damaged: fall through and rebuild
+
+    raw, split_info = _read_source(src, params)
+    leakage = find_duplicates(raw.images, raw.labels)
+    if drop_leaked_test:
+        _drop_leaked_test(raw, leakage)
+        leakage = find_duplicates(raw.images, raw.labels)
+    meta = _make_meta(name, src, raw, checksum, params, fingerprint, split_info, leakage.summary())
+    _write_atomically(raw, meta, out)
+    return load_cache(out), True
+
+
+def _try_meta(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_source(src: _Source, params: dict) -> tuple[RawSplits, dict]:
+    seed = params["seed"]
+    split_info = {"seed": seed, "val": "source", "test": "source"}
+    if src.kind == "folder":
+        raw, has_splits = read_folder(
+            src.path, image_size=params["image_size"], strict_size=params["strict_size"]
+        )
+        if not has_splits:
+            _carve(raw, "train", "test", params["test_fraction"], seed)
+            split_info.update(test="carved from all images", test_fraction=params["test_fraction"])
+        if "test" not in raw.images:
+            raise DataError(src.path, "split 'test' has no images (add a test/ or Testing/ folder)")
+    else:
+        raw = read_npz(src.path, list(src.class_names) if src.class_names else None)
+    if "val" not in raw.images:
+        # Seeded +1 so that a folder's test and val carving draw different permutations.
+        _carve(raw, "train", "val", params["val_fraction"], seed + 1)
+        split_info.update(val="carved from train", val_fraction=params["val_fraction"])
+    return raw, split_info
+
+
+def _carve(raw: RawSplits, src: str, dst: str, fraction: float, seed: int) -> None:
+    # Copies of one image stay together, so the carved split does not leak into the other.
+    digests = np.array(image_hashes(raw.images[src]), dtype="S16")
+    keep, held = stratified_split(raw.labels[src], fraction, seed, groups=digests)
+    files = raw.files.get(src)
+    raw.images[dst], raw.labels[dst] = raw.images[src][held], raw.labels[src][held]
+    raw.images[src], raw.labels[src] = raw.images[src][keep], raw.labels[src][keep]
+    if files is not None:
+        raw.files[dst] = [files[i] for i in held]
+        raw.files[src] = [files[i] for i in keep]
+
+
+def _drop_leaked_test(raw: RawSplits, leakage) -> None:
+    leaked = set(leakage.leaked_indices.get("test", []))
+    if not leaked:
+        return
+    keep = np.array([i for i in range(len(raw.labels["test"])) if i not in leaked], dtype=np.int64)
+    raw.images["test"], raw.labels["test"] = raw.images["test"][keep], raw.labels["test"][keep]
+    if "test" in raw.files:
+        raw.files["test"] = [raw.files["test"][i] for i in keep]
+    raw.notes.append(f"dropped {len(leaked)} test image(s) whose pixels also occur in train or val")
+
+
+def _make_meta(name, src, raw, checksum, params, fingerprint, split_info, leakage) -> dict:
+    n = len(raw.class_names)
+    mean, std = channel_stats(raw.images["train"])
+    source = {
+        "kind": src.kind,
+        "path": str(src.path.resolve()),
+        "checksum": {k: v for k, v in checksum.items() if k != "stat"},
+    }
+    if "stat" in checksum:
+        source["stat"] = checksum["stat"]
+    if src.url:
+        source["url"] = src.url
+    return {
+        "version": CACHE_VERSION,
+        "name": name,
+        "class_names": raw.class_names,
+        "image_shape": list(raw.images["train"].shape[1:]),
+        "counts": {s: np.bincount(raw.labels[s], minlength=n).tolist() for s in SPLITS},
+        "mean": mean,
+        "std": std,
+        "source": source,
+        "params": params,
+        "split": split_info,
+        "fingerprint": fingerprint,
+        "leakage": leakage,
+        "notes": raw.notes,
+    }
+
+
+def _write_atomically(raw: RawSplits, meta: dict, out: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for split in SPLITS:
+            np.save(tmp / f"{split}_images.npy", np.ascontiguousarray(raw.images[split]))
+            np.save(tmp / f"{split}_labels.npy", raw.labels[split].astype(np.int64))
+        if raw.files:
+            (tmp / "files.json").write_text(json.dumps(raw.files))
+        # meta.json last: its presence is what makes the folder a loadable cache.
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _fsync_dir(tmp)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "cache")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())

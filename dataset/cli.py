@@ -1,0 +1,205 @@
+"""``python -m dataset prepare|inspect|check SOURCE``: build a cache and report on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from dataset.cache import DEFAULT_ROOT, CacheInfo, load_cache, prepare
+from dataset.errors import DataError
+from dataset.leakage import LeakageReport, find_duplicates
+from dataset.sources import SPLITS
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say how a source becomes a cache (shared with the training script)."""
+    parser.add_argument(
+        "--root", type=Path, default=DEFAULT_ROOT, help="cache root (default: data_npy)"
+    )
+    parser.add_argument("--name", help="cache folder name (default: from the source)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of train carved out as val when the source has none (default 0.1)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="share carved out as test for a folder without split folders (default 0.2)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of carved splits (default 0)")
+    parser.add_argument("--image-size", type=int, help="folders: resize every image to this size")
+    parser.add_argument(
+        "--strict-size",
+        action="store_true",
+        help="folders: refuse images of another size instead of resizing",
+    )
+    parser.add_argument(
+        "--drop-leaked-test",
+        action="store_true",
+        help="drop test images whose pixels also occur in train or val",
+    )
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rebuild the cache even if it is up to date"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no download progress bar")
+
+
+def open_source(args: argparse.Namespace) -> tuple[CacheInfo, bool, float]:
+    """The cache for ``args.source``: an existing cache name under the root, or built from it."""
+    start = time.perf_counter()
+    existing = Path(args.root) / str(args.source)
+    looks_like_name = not Path(args.source).exists() and (existing / "meta.json").is_file()
+    if looks_like_name and not args.rebuild:
+        return load_cache(existing), False, time.perf_counter() - start
+    cache, built = prepare(
+        args.source,
+        args.root,
+        name=args.name,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        image_size=args.image_size,
+        strict_size=args.strict_size,
+        drop_leaked_test=args.drop_leaked_test,
+        rebuild=args.rebuild,
+        progress=not args.no_progress,
+    )
+    return cache, built, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------- reports
+
+
+def print_summary(console: Console, cache: CacheInfo, built: bool, seconds: float) -> None:
+    meta = cache.meta
+    verb = "built" if built else "up to date"
+    console.print(f"[bold cyan]{cache.name}[/] [dim]({verb} in {seconds:.1f} s: {cache.path})[/]")
+    src = meta["source"]
+    console.print(
+        f"source: {src.get('url') or src['path']} [dim]({src['kind']}, "
+        + ", ".join(f"{k} {v[:12]}" for k, v in src["checksum"].items())
+        + ")[/]"
+    )
+    table = Table(title="images per split and class", title_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("class")
+    for split in SPLITS:
+        table.add_column(split, justify="right")
+    for i, name in enumerate(cache.class_names):
+        table.add_row(str(i), name, *(str(meta["counts"][s][i]) for s in SPLITS))
+    table.add_row("", "[bold]total", *(f"[bold]{sum(meta['counts'][s])}" for s in SPLITS))
+    console.print(table)
+    h, w, c = meta["image_shape"]
+    stats = ", ".join(f"{m:.4f}/{s:.4f}" for m, s in zip(cache.mean, cache.std, strict=True))
+    console.print(f"images: {h}x{w}, {c} channel(s), uint8; train mean/std per channel: {stats}")
+    split = meta["split"]
+    if split.get("val") != "source":
+        console.print(
+            f"val: {split['val']} (fraction {split['val_fraction']}, seed {split['seed']})"
+        )
+    if split.get("test") != "source":
+        console.print(
+            f"test: {split['test']} (fraction {split['test_fraction']}, seed {split['seed']})"
+        )
+    for note in meta.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def print_leakage(
+    console: Console, leak: dict, report: LeakageReport | None = None, files=None
+) -> None:
+    within = ", ".join(f"{s} {n}" for s, n in leak["within"].items())
+    across = ", ".join(
+        f"{k} {n} ({leak['across_distinct'][k]} distinct)" for k, n in leak["across"].items()
+    )
+    dirty = any(leak["within"].values()) or leak["across"]
+    style = "yellow" if dirty else "green"
+    console.print(
+        f"[{style}]exact duplicates[/]: within splits: {within or 'none'}; "
+        f"across splits: [{'red' if leak['across'] else 'green'}]{across or 'none'}[/]; "
+        f"label conflicts: {leak['label_conflicts']}"
+    )
+    for split, n in leak["leaked"].items():
+        console.print(
+            f"[yellow]{split}: {n} image(s) ({leak['leaked_distinct'][split]} distinct) also "
+            f"occur in an earlier split: {split} scores are optimistic.[/]"
+        )
+    if leak["leaked"].get("test"):
+        console.print(
+            "[yellow]`--drop-leaked-test` rebuilds the cache without those test images.[/]"
+        )
+    if report and report.worst:
+        table = Table(
+            title="worst pairs (label conflicts first, then across splits)", title_justify="left"
+        )
+        for col in ("image A", "label A", "image B", "label B"):
+            table.add_column(col)
+        for pair in report.worst:
+            row = []
+            for split, idx, label in (pair.a, pair.b):
+                name = files[split][idx] if files and split in files else ""
+                row += [f"{split}[{idx}] {name}", str(label)]
+            style = "red" if pair.label_conflict else None
+            table.add_row(*row, style=style)
+        console.print(table)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    cache, built, seconds = open_source(args)
+    if args.command in ("prepare", "inspect"):
+        print_summary(console, cache, built, seconds)
+    if args.command in ("prepare", "check"):
+        report = None
+        if args.command == "check":
+            splits = {s: cache.images(s) for s in SPLITS}
+            report = find_duplicates(
+                splits, {s: cache.labels(s) for s in SPLITS}, max_examples=args.examples
+            )
+        files_path = cache.path / "files.json"
+        files = json.loads(files_path.read_text()) if files_path.is_file() else None
+        print_leakage(console, cache.meta["leakage"], report, files)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dataset", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    helps = {
+        "prepare": "build the cache (download if needed); print counts, statistics and duplicates",
+        "inspect": "print counts per split and class, image shape and channel statistics",
+        "check": "print the exact-duplicate (leakage) report with the worst pairs",
+    }
+    for command, text in helps.items():
+        p = sub.add_parser(command, help=text, description=text)
+        p.add_argument(
+            "source",
+            help="MedMNIST name (bloodmnist, bloodmnist_64), .npz file, image folder, "
+            "or a cache name under --root",
+        )
+        add_source_arguments(p)
+        if command == "check":
+            p.add_argument("--examples", type=int, default=10, help="pairs to list (default 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        return run(args, console)
+    except DataError as exc:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Readers for the sources users bring: a MedMNIST-layout ``.npz`` and an image-folder tree.
+
+Each reader validates what it reads and returns a :class:`RawSplits`: uint8 NHWC images and
+int64 labels per split. Problems raise :class:`~dataset.errors.DataError` with a one-line message
+that names the file (or folder) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dataset.errors import DataError
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+# Folder names that mark a split, lower-cased; anything else under the root is a class folder.
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+@dataclass
+class RawSplits:
+    """Validated arrays of one source, before the cache is written.
+
+    Args:
+        images: split name -> uint8 array ``(N, H, W, C)``; ``val`` may be missing.
+        labels: split name -> int64 array ``(N,)`` with values in ``0..C-1``.
+        class_names: one name per class, index = label.
+        files: split name -> the original file of each image, where the source knows it.
+        notes: things the reader changed or noticed (resized images, say), for the report.
+    """
+
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    class_names: list[str]
+    files: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def read_npz(path: str | Path, class_names: list[str] | None = None) -> RawSplits:
+    """Read and validate a MedMNIST-layout ``.npz``.
+
+    Args:
+        path: the file. Keys ``train_images``, ``train_labels``, ``test_images``,
+            ``test_labels`` are required; ``val_images``/``val_labels`` are optional (an empty
+            val split counts as absent); ``class_names`` and ``{split}_files`` are used if there.
+        class_names: names to use when the file carries none (a MedMNIST flag knows its own).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(
+            path, f"not a readable .npz archive (truncated or corrupt?): {exc}"
+        ) from exc
+    with archive:
+        keys = set(archive.files)
+        required = ["train_images", "train_labels", "test_images", "test_labels"]
+        if "val_images" in keys or "val_labels" in keys:
+            required += ["val_images", "val_labels"]
+        missing = [k for k in required if k not in keys]
+        if missing:
+            raise DataError(
+                path, f"missing key {missing[0]!r} (keys present: {', '.join(sorted(keys))})"
+            )
+        arrays = {k: _read_member(archive, path, k) for k in required}
+        names = _read_member(archive, path, "class_names") if "class_names" in keys else None
+        files = {
+            s: [str(f) for f in _read_member(archive, path, f"{s}_files")]
+            for s in SPLITS
+            if f"{s}_files" in keys
+        }
+
+    images: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        if f"{split}_images" not in arrays:
+            continue
+        img = _check_images(arrays[f"{split}_images"], path, f"{split}_images")
+        lab = _check_labels(arrays[f"{split}_labels"], path, f"{split}_labels", len(img))
+        if len(img) == 0:
+            if split == "val":
+                continue  # an empty val split is carved from train later
+            raise DataError(path, f"split {split!r} is empty ({split}_images has 0 images)")
+        images[split], labels[split] = img, lab
+    _check_same_shape(images, path)
+
+    if names is not None:
+        class_names = [str(n) for n in names]
+    elif class_names is None:
+        class_names = _names_from_files(files, labels) or _names_from_labels(labels)
+    _check_label_range(labels, len(class_names), path)
+    files = {s: f for s, f in files.items() if s in images and len(f) == len(images[s])}
+    return RawSplits(images=images, labels=labels, class_names=list(class_names), files=files)
+
+
+def _read_member(archive, path: Path, key: str) -> np.ndarray:
+    # Members are decompressed lazily, so a damaged member only shows up here.
+    try:
+        return archive[key]
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as exc:
+        raise DataError(path, f"key {key!r} cannot be read (truncated or corrupt?): {exc}") from exc
+
+
+def _check_images(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        raise DataError(path, f"{key} has dtype {arr.dtype}, expected uint8")
+    if arr.ndim == 3:
+        arr = arr[..., None]  # (N, H, W) -> (N, H, W, 1)
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise DataError(
+            path,
+            f"{key} has shape {tuple(arr.shape)}, expected (N, H, W) or (N, H, W, C) with C 1 or 3",
+        )
+    return arr
+
+
+def _check_labels(arr: np.ndarray, path: Path, key: str, n_images: int) -> np.ndarray:
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]  # MedMNIST stores (N, 1)
+    if arr.ndim != 1:
+        raise DataError(
+            path,
+            f"{key} has shape {tuple(arr.shape)}, expected (N,) or (N, 1) "
+            "(multi-label data is not supported)",
+        )
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(path, f"{key} has dtype {arr.dtype}, expected an integer type")
+    if len(arr) != n_images:
+        raise DataError(path, f"{key} has {len(arr)} labels for {n_images} images")
+    return arr.astype(np.int64)
+
+
+def _check_same_shape(images: dict[str, np.ndarray], path: Path) -> None:
+    shapes = {s: tuple(a.shape[1:]) for s, a in images.items()}
+    if len(set(shapes.values())) > 1:
+        desc = ", ".join(f"{s} {shape}" for s, shape in shapes.items())
+        raise DataError(path, f"image shapes differ between splits: {desc}")
+
+
+def _check_label_range(labels: dict[str, np.ndarray], n_classes: int, path: Path) -> None:
+    for split, lab in labels.items():
+        bad = lab[(lab < 0) | (lab >= n_classes)]
+        if len(bad):
+            raise DataError(
+                path,
+                f"{split}_labels has value {int(bad[0])} outside 0..{n_classes - 1} "
+                f"({len(bad)} such labels, {n_classes} classes)",
+            )
+
+
+def _names_from_labels(labels: dict[str, np.ndarray]) -> list[str]:
+    n = int(labels["train"].max()) + 1 if len(labels["train"]) else 0
+    return [str(i) for i in range(n)]
+
+
+def _names_from_files(
+    files: dict[str, list[str]], labels: dict[str, np.ndarray]
+) -> list[str] | None:
+    """Class names from ``class/filename`` entries, when every label maps to one folder."""
+    if "train" not in files or len(files["train"]) != len(labels["train"]):
+        return None
+    folder_of: dict[int, set[str]] = {}
+    for f, y in zip(files["train"], labels["train"].tolist(), strict=True):
+        if "/" not in f:
+            return None
+        folder_of.setdefault(y, set()).add(f.split("/", 1)[0])
+    n = max(folder_of) + 1
+    if any(len(folder_of.get(y, ())) != 1 for y in range(n)):
+        return None
+    return [next(iter(folder_of[y])) for y in range(n)]
+
+
+# ------------------------------------------------------------------------ folder
+
+
+def read_folder(
+    root: str | Path,
+    *,
+    image_size: int | None = None,
+    strict_size: bool = False,
+) -> tuple[RawSplits, bool]:
+    """Read an image-folder tree with one sub-folder per class.
+
+    Either ``root/<split>/<class>/*`` with split folders named train/val/test (or
+    Training/Testing, case-insensitive), or ``root/<class>/*`` without them.
+
+    Args:
+        root: the top folder.
+        image_size: resize every image to this square size; ``None`` keeps the most common
+            size and resizes the others to it (reported in ``notes``).
+        strict_size: refuse mismatched sizes instead of resizing (the error names a file).
+
+    Returns:
+        The splits found, and whether the tree had split folders (if not, all images are in
+        ``train`` and the caller carves val and test).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "folder not found")
+    split_dirs = {
+        SPLIT_FOLDERS[d.name.lower()]: d for d in _subdirs(root) if d.name.lower() in SPLIT_FOLDERS
+    }
+    has_splits = bool(split_dirs)
+    if not has_splits:
+        split_dirs = {"train": root}
+    listing = {split: _list_classes(d) for split, d in split_dirs.items()}
+    class_names = sorted({c for classes in listing.values() for c in classes})
+    if len(class_names) < 2:
+        raise DataError(root, f"found {len(class_names)} class folder(s), need at least 2")
+
+    headers = {
+        split: [(p, _image_header(p)) for c in class_names for p in classes.get(c, [])]
+        for split, classes in listing.items()
+    }
+    mode = (
+        "L"
+        if all(m in ("L", "1", "I;16", "I", "LA") for hs in headers.values() for _, (m, _) in hs)
+        else "RGB"
+    )
+    sizes = Counter(size for hs in headers.values() for _, (_, size) in hs)
+    target = (image_size, image_size) if image_size else sizes.most_common(1)[0][0]
+    odd = [(p, s) for hs in headers.values() for p, (_, s) in hs if s != target]
+    if strict_size and odd:
+        (path, (w, h)) = odd[0]
+        raise DataError(
+            path,
+            f"image size {w}x{h} differs from {target[0]}x{target[1]} "
+            f"({len(odd)} such images; drop --strict-size to resize them)",
+        )
+
+    images, labels, files, resized = {}, {}, {}, 0
+    for split, classes in listing.items():
+        arrs, labs, names = [], [], []
+        for y, c in enumerate(class_names):
+            for p in classes.get(c, []):
+                arr, changed = _load_image(p, mode, target)
+                resized += changed
+                arrs.append(arr)
+                labs.append(y)
+                names.append(f"{c}/{p.name}")
+        if not arrs:
+            raise DataError(split_dirs[split], f"split {split!r} has no images")
+        images[split] = np.stack(arrs)
+        labels[split] = np.asarray(labs, dtype=np.int64)
+        files[split] = names
+    notes = []
+    if resized:
+        notes.append(
+            f"resized {resized} image(s) of other sizes to {target[0]}x{target[1]} (width x height)"
+        )
+    return RawSplits(images, labels, class_names, files, notes), has_splits
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _list_classes(split_dir: Path) -> dict[str, list[Path]]:
+    classes = {}
+    for d in _subdirs(split_dir):
+        found = sorted(
+            p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not found:
+            raise DataError(
+                d,
+                "class folder has no images (looked for "
+                + ", ".join(sorted(IMAGE_EXTENSIONS))
+                + ")",
+            )
+        classes[d.name] = found
+    if not classes:
+        raise DataError(split_dir, "no class folders found (expected one sub-folder per class)")
+    return classes
+
+
+def _image_header(path: Path) -> tuple[str, tuple[int, int]]:
+    # Image.open reads the header only: cheap, and enough to pick a common size and mode.
+    try:
+        with Image.open(path) as im:
+            return im.mode, im.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(path, f"unreadable image: {exc}") from exc
+
+
+def _load_image(path: Path, mode: str, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            changed = im.size != size
+            if changed:
+                im = im.resize(size, Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"unreadable image: {exc}") from exc
+    return (arr[..., None] if arr.ndim == 2 else arr), changed

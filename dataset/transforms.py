@@ -1,0 +1,70 @@
+"""Albumentations pipelines: normalisation for evaluation, augmentation for training.
+
+The training pipeline takes a ``strength`` in [0, 1] that scales every magnitude and probability,
+so a schedule can start gentle and ramp up. Which transforms are used depends on the modality,
+read from the channel count: colour microscopy (3 channels) is rotation- and flip-invariant and
+varies in stain colour; greyscale MRI slices keep their up-down orientation and vary in contrast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+from albumentations.pytorch import ToTensorV2
+
+
+def eval_transform(mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """uint8 HWC -> normalised float32 CHW tensor; no randomness."""
+    return A.Compose(
+        [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    )
+
+
+def train_transform(
+    mean: Sequence[float], std: Sequence[float], channels: int, strength: float = 1.0
+) -> A.Compose:
+    """Augmentation for training, then the same normalisation as :func:`eval_transform`.
+
+    Args:
+        mean, std: per-channel statistics of the training split (0..1 scale).
+        channels: 3 selects the colour-microscopy set, 1 the greyscale (MRI) set.
+        strength: 0 gives no augmentation, 1 the full set; values between scale it.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    s = strength
+    ops: list[A.BasicTransform] = []
+    if s > 0:
+        ops.append(A.HorizontalFlip(p=0.5 * s))
+        if channels == 3:
+            # Cells on a slide have no up or down: every right-angle rotation is a valid view.
+            ops += [A.VerticalFlip(p=0.5 * s), A.RandomRotate90(p=0.5 * s)]
+        ops.append(
+            A.Affine(
+                scale=(1 - 0.1 * s, 1 + 0.1 * s),
+                translate_percent=(-0.06 * s, 0.06 * s),
+                rotate=(-15 * s, 15 * s),
+                border_mode=0,
+                p=0.7 * s,
+            )
+        )
+        ops.append(
+            A.RandomBrightnessContrast(
+                brightness_limit=0.15 * s, contrast_limit=0.15 * s, p=0.5 * s
+            )
+        )
+        if channels == 3:
+            # Stain intensity and hue differ between slides and labs.
+            ops.append(
+                A.HueSaturationValue(
+                    hue_shift_limit=int(6 * s),
+                    sat_shift_limit=int(12 * s),
+                    val_shift_limit=0,
+                    p=0.4 * s,
+                )
+            )
+    ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(ops)

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny generated datasets, and the real ones in ../shared/data when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data, or a skip that says why the test cannot run."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"real dataset {path} is absent (../shared/data is not beside this checkout)")
+    return path
+
+
+def make_arrays(n: int, size: int = 8, channels: int = 3, classes: int = 3, seed: int = 0):
+    """``n`` random uint8 images ``(n, size, size, channels)`` and balanced labels ``(n,)``."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.int64) % classes
+    return images, labels
+
+
+@pytest.fixture
+def npz_factory(tmp_path):
+    """Write a MedMNIST-layout .npz; keyword arguments replace or drop (None) any key."""
+
+    def make(name: str = "tiny.npz", *, n=(30, 9, 12), size=8, channels=3, classes=3, **override):
+        arrays = {}
+        for seed, (split, count) in enumerate(zip(("train", "val", "test"), n, strict=True)):
+            images, labels = make_arrays(count, size, channels, classes, seed=seed + 1)
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+        arrays.update(override)
+        arrays = {k: v for k, v in arrays.items() if v is not None}
+        path = tmp_path / name
+        np.savez_compressed(path, **arrays)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def folder_factory(tmp_path):
+    """Write an image-folder tree: ``{split: {class: count}}`` or ``{class: count}``."""
+
+    def make(layout: dict, size=(8, 8), mode="RGB", name="images", ext=".png"):
+        root = tmp_path / name
+        rng = np.random.default_rng(0)
+
+        def write(folder: Path, count: int) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+                pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+                Image.fromarray(pixels, mode=None).convert(mode).save(folder / f"img{i}{ext}")
+
+        for key, value in layout.items():
+            if isinstance(value, dict):
+                for cls, count in value.items():
+                    write(root / key / cls, count)
+            else:
+                write(root / key, value)
+        return root
+
+    return make
