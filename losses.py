@@ -1,0 +1,105 @@
+"""Loss functions and class weighting for imbalanced medical datasets.
+
+- :func:`class_weights`: per-class loss weights from class counts, by inverse frequency or by the
+  effective number of samples (Cui et al., "Class-Balanced Loss Based on Effective Number of
+  Samples", CVPR 2019).
+- :func:`soft_target_cross_entropy`: cross-entropy against probability targets (Mixup, label
+  smoothing), with optional class weights.
+- :class:`FocalLoss`: Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHT_SCHEMES = ("none", "inverse", "effective")
+
+
+def class_weights(
+    counts: Sequence[int], scheme: str = "effective", beta: float = 0.999
+) -> torch.Tensor:
+    """Per-class weights, normalised to mean 1 over the classes present.
+
+    Args:
+        counts: training images per class.
+        scheme: ``"inverse"`` (1 / n_c), ``"effective"`` ((1 - beta) / (1 - beta^n_c)) or
+            ``"none"`` (all ones).
+        beta: the effective-number hyper-parameter in [0, 1); 0 gives equal weights, values
+            towards 1 approach inverse frequency.
+
+    A class with no images gets weight 0 (it never appears as a target).
+    """
+    if scheme not in WEIGHT_SCHEMES:
+        raise ValueError(f"scheme={scheme!r} is invalid; allowed: {', '.join(WEIGHT_SCHEMES)}")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta={beta} is invalid; allowed: a number in [0, 1)")
+    n = torch.as_tensor(list(counts), dtype=torch.float64)
+    if n.ndim != 1 or len(n) == 0 or (n < 0).any():
+        raise ValueError(f"counts={list(counts)} is invalid; allowed: non-negative class counts")
+    present = n > 0
+    w = torch.zeros_like(n)
+    if scheme == "none":
+        w[present] = 1.0
+    elif scheme == "inverse":
+        w[present] = 1.0 / n[present]
+    else:
+        w[present] = (1.0 - beta) / (1.0 - beta ** n[present])
+    w[present] = w[present] / w[present].mean()
+    return w.float()
+
+
+def soft_target_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (B, C) against probability ``targets`` (B, C).
+
+    With ``weight`` (C,), each sample's loss is weighted by its target's expected class weight
+    and the mean is taken over those weights, matching ``F.cross_entropy(weight=...)`` for
+    one-hot targets.
+    """
+    logp = F.log_softmax(logits.float(), dim=1)  # (B, C)
+    if weight is None:
+        return -(targets * logp).sum(dim=1).mean()
+    w = weight.to(logp)
+    per_sample = -(targets * w * logp).sum(dim=1)  # (B,)
+    norm = (targets * w).sum(dim=1).sum()
+    return per_sample.sum() / norm.clamp_min(1e-12)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss: cross-entropy scaled by ``(1 - p_t)^gamma`` to focus on hard examples.
+
+    Args:
+        gamma: focusing parameter >= 0 (0 gives plain cross-entropy).
+        weight: optional per-class weights (C,).
+        label_smoothing: as in ``F.cross_entropy``, in [0, 1).
+    """
+
+    def __init__(
+        self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma={gamma} is invalid; allowed: a number >= 0")
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        ce = F.cross_entropy(
+            logits,
+            target,
+            weight=self.weight,
+            reduction="none",
+            label_smoothing=self.label_smoothing,
+        )  # (B,)
+        p_t = logits.softmax(dim=1).gather(1, target[:, None]).squeeze(1)  # (B,)
+        loss = (1.0 - p_t).pow(self.gamma) * ce
+        if self.weight is None:
+            return loss.mean()
+        return loss.sum() / self.weight[target].sum()

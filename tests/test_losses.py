@@ -1,0 +1,76 @@
+"""Class weights, soft-target cross-entropy and focal loss against their definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import FocalLoss, class_weights, soft_target_cross_entropy
+
+
+def test_inverse_frequency_weights():
+    w = class_weights([100, 50, 25], scheme="inverse")
+    assert torch.allclose(w, torch.tensor([1, 2, 4]) / (7 / 3))
+    assert w.mean().item() == pytest.approx(1.0)
+
+
+def test_effective_number_weights_between_equal_and_inverse():
+    counts = [1000, 100, 10]
+    beta = 0.99
+    w = class_weights(counts, scheme="effective", beta=beta)
+    raw = torch.tensor([(1 - beta) / (1 - beta**n) for n in counts])
+    assert torch.allclose(w, (raw / raw.mean()).float())
+    inv = class_weights(counts, scheme="inverse")
+    ratio_eff, ratio_inv = (w[2] / w[0]).item(), (inv[2] / inv[0]).item()
+    assert 1.0 < ratio_eff < ratio_inv  # milder than inverse frequency
+    assert torch.allclose(class_weights(counts, "effective", beta=0.0), torch.ones(3))
+
+
+def test_empty_class_gets_zero_weight():
+    w = class_weights([10, 0, 30], scheme="inverse")
+    assert w[1] == 0 and w[[0, 2]].mean().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scheme": "sqrt"}, "scheme='sqrt' is invalid"),
+        ({"beta": 1.0}, r"beta=1.0 is invalid; allowed: a number in \[0, 1\)"),
+    ],
+)
+def test_weight_arguments_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        class_weights([1, 2], **kwargs)
+
+
+def test_soft_target_equals_hard_for_one_hot():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    onehot = F.one_hot(y, 4).float()
+    assert torch.allclose(soft_target_cross_entropy(logits, onehot), F.cross_entropy(logits, y))
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    assert torch.allclose(
+        soft_target_cross_entropy(logits, onehot, w), F.cross_entropy(logits, y, weight=w)
+    )
+
+
+def test_soft_target_mixture_is_mixture_of_losses():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 3)
+    ya, yb, lam = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([2, 2, 0, 1, 1]), 0.3
+    mixed = lam * F.one_hot(ya, 3).float() + (1 - lam) * F.one_hot(yb, 3).float()
+    expected = lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
+    assert torch.allclose(soft_target_cross_entropy(logits, mixed), expected)
+
+
+def test_focal_loss_reduces_to_ce_and_downweights_easy():
+    torch.manual_seed(2)
+    logits, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    assert torch.allclose(FocalLoss(gamma=0.0)(logits, y), F.cross_entropy(logits, y))
+    easy = torch.tensor([[5.0, 0.0, 0.0]])
+    hard = torch.tensor([[0.0, 0.0, 0.0]])
+    t = torch.tensor([0])
+    ratio_easy = FocalLoss(2.0)(easy, t) / F.cross_entropy(easy, t)
+    ratio_hard = FocalLoss(2.0)(hard, t) / F.cross_entropy(hard, t)
+    assert ratio_easy < 0.01 < ratio_hard
