@@ -49,6 +49,12 @@ class NpyDataset(Dataset):
         image = np.array(self.images[index])  # copy one (H, W, C) image out of the map
         return self.transform(image=image)["image"], int(self.labels[index])
 
+    def reseed(self, seed: int) -> None:
+        """Seed the augmentation's random streams (Albumentations draws from its own generators,
+        not from numpy's or torch's global state, so seeding those is not enough)."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed % 2**32)
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_images"] = None  # each worker maps the file itself
