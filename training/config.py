@@ -1,0 +1,641 @@
+"""The training configuration: typed defaults -> preset -> YAML file -> command line, validated.
+
+Every setting lives in one :class:`TrainConfig` made of five sections (``data``, ``model``,
+``optim``, ``schedule``, ``run``). A run's configuration is resolved in layers, later ones winning:
+
+1. the dataclass defaults (the designed long GPU run);
+2. a preset from :data:`PRESETS` (``--preset cpu`` for a laptop run of minutes);
+3. a YAML file with the same nested section names (``--config FILE.yaml``);
+4. ``--set section.field=value`` overrides, values read as YAML (numbers, bools, lists);
+5. the shortcut flags (``--epochs``, ``--lr``, ...).
+
+Each field carries a rule (its allowed values in words plus a check), so one validator covers
+every field and every error message names the field path, the bad value and what is allowed::
+
+    optim.lr=-1.0 is invalid; allowed: a number > 0
+
+Public API:
+    DataConfig, ModelSection, OptimConfig, ScheduleConfig, RunConfig, TrainConfig, PRESETS,
+    ConfigError, load_config, validate_config, config_to_dict, config_from_dict, save_config,
+    format_config, build_parser, config_from_args.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from models.basic_cnn_model import ACTIVATIONS, NORMS, NUM_BLOCKS, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value, key, preset or file that cannot be used; the message is one line."""
+
+
+# --------------------------------------------------------------------------- field rules
+
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch accepts it too
+DEVICES_TEXT = "auto, cpu, cuda, cuda:N, mps"
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a field accepts: ``allowed`` in words (for messages) and ``ok`` to check a value.
+
+    ``ok`` only ever sees a value already coerced to the field's type.
+    """
+
+    allowed: str
+    ok: Callable[[Any], bool] = lambda value: True
+
+
+def _choice(*options: str) -> Rule:
+    return Rule(", ".join(options), lambda v: v in options)
+
+
+def _int_at_least(low: int, note: str = "") -> Rule:
+    return Rule(f"an int >= {low}{note}", lambda v: v >= low)
+
+
+def _int_between(low: int, high: int) -> Rule:
+    return Rule(f"an int in {low}..{high}", lambda v: low <= v <= high)
+
+
+POSITIVE = Rule("a number > 0", lambda v: v > 0)
+NON_NEGATIVE = Rule("a number >= 0", lambda v: v >= 0)
+RATE = Rule("a number in [0, 1)", lambda v: 0 <= v < 1)
+UNIT = Rule("a number in [0, 1]", lambda v: 0 <= v <= 1)
+BOOL = Rule("true or false")
+TEXT = Rule("a non-empty string", lambda v: bool(v.strip()))
+SEED = _int_between(0, MAX_SEED)
+
+
+def _rates(length: int) -> Rule:
+    return Rule(
+        f"a list of {length} numbers in [0, 1)",
+        lambda v: len(v) == length and all(0 <= p < 1 for p in v),
+    )
+
+
+def _field(default: Any, rule: Rule) -> Any:
+    """A dataclass field with its rule in the metadata (lists get a fresh copy per instance)."""
+    meta = {"rule": rule}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split, augmented and loaded.
+
+    Args:
+        source: a MedMNIST name (``bloodmnist``, ``bloodmnist_64``), an ``.npz`` path or an
+            image folder.
+        root: the cache root the source is converted into.
+        val_fraction: share of train carved out as validation when the source has none.
+        split_seed: seed of the carved splits.
+        drop_leaked_test: drop test images whose pixels also occur in train or val.
+        augment: apply training augmentation.
+        aug_strength: augmentation strength in [0, 1].
+        workers: DataLoader worker processes; -1 picks a number from the CPU count.
+        balanced_sampling: draw training batches with class-balanced sampling.
+    """
+
+    source: str = _field("bloodmnist", TEXT)
+    root: str = _field("data_npy", TEXT)
+    # dataset.cache.prepare accepts (0, 0.5); checking here fails before any data is touched.
+    val_fraction: float = _field(0.1, Rule("a number in (0, 0.5)", lambda v: 0 < v < 0.5))
+    split_seed: int = _field(0, SEED)
+    drop_leaked_test: bool = _field(False, BOOL)
+    augment: bool = _field(True, BOOL)
+    aug_strength: float = _field(1.0, UNIT)
+    workers: int = _field(-1, _int_at_least(-1, " (-1 = auto)"))
+    balanced_sampling: bool = _field(False, BOOL)
+
+
+@dataclass
+class ModelSection:
+    """The network's shape; the dataset fills in channels, classes and image size.
+
+    Args:
+        width: channel multiplier > 0.
+        norm: normalisation inside the conv blocks, "group" or "batch".
+        activation: "silu", "gelu" or "mish".
+        gn_groups: GroupNorm groups.
+        noise_std: std of the Gaussian input noise in training mode.
+        dropout: Dropout2d rates of blocks 1, 2 and 3, each in [0, 1).
+        active_blocks: blocks active at the start of training.
+    """
+
+    width: float = _field(1.0, POSITIVE)
+    norm: str = _field("group", _choice(*NORMS))
+    activation: str = _field("silu", _choice(*ACTIVATIONS))
+    gn_groups: int = _field(8, _int_at_least(1))
+    noise_std: float = _field(0.05, NON_NEGATIVE)
+    dropout: list[float] = _field([0.1, 0.2, 0.3], _rates(NUM_BLOCKS))
+    active_blocks: int = _field(1, _int_between(1, NUM_BLOCKS))
+
+    def to_model_config(self, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
+        """The :class:`ModelConfig` of this section for a dataset's channels, classes and size."""
+        return ModelConfig(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            input_size=input_size,
+            activation=self.activation,
+            width=self.width,
+            norm=self.norm,
+            gn_groups=self.gn_groups,
+            noise_std=self.noise_std,
+            dropout=tuple(self.dropout),
+            active_blocks=self.active_blocks,
+        )
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (AdamW) and the loss.
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay.
+        betas: Adam's two moment coefficients.
+        batch_size: images per optimizer step.
+        accumulation: micro-batches accumulated per optimizer step.
+        clip_grad: max gradient norm; 0 turns clipping off.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+    """
+
+    lr: float = _field(1e-3, POSITIVE)
+    weight_decay: float = _field(0.05, NON_NEGATIVE)
+    betas: list[float] = _field([0.9, 0.999], _rates(2))
+    batch_size: int = _field(128, _int_at_least(1))
+    accumulation: int = _field(1, _int_at_least(1))
+    clip_grad: float = _field(1.0, Rule("a number >= 0 (0 = off)", lambda v: v >= 0))
+    label_smoothing: float = _field(0.0, RATE)
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule: linear warmup, then cosine decay to ``min_lr``.
+
+    Args:
+        warmup_epochs: epochs of linear warmup.
+        min_lr: the learning rate the cosine decays to, at most ``optim.lr``.
+    """
+
+    warmup_epochs: int = _field(5, _int_at_least(0))
+    min_lr: float = _field(1e-5, NON_NEGATIVE)
+
+
+@dataclass
+class RunConfig:
+    """How and where the run executes.
+
+    Args:
+        epochs: epochs to train.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        amp: mixed precision, "auto" (bf16/fp16 on CUDA, off elsewhere), "off", "fp16", "bf16".
+        seed: seed of torch, numpy and random.
+        deterministic: ask torch for deterministic kernels (slower).
+        run_dir: output folder; "" means ``runs/<dataset>-<timestamp>``.
+        monitor: metric that picks the best checkpoint.
+        threads: torch CPU threads; 0 keeps torch's default.
+        progress: console progress, "auto", "bar", "plain" or "off".
+        tensorboard: write TensorBoard event files.
+    """
+
+    epochs: int = _field(60, _int_at_least(1))
+    device: str = _field("auto", Rule(DEVICES_TEXT, lambda v: bool(_DEVICE_RE.fullmatch(v))))
+    amp: str = _field("auto", _choice("auto", "off", "fp16", "bf16"))
+    seed: int = _field(0, SEED)
+    deterministic: bool = _field(False, BOOL)
+    run_dir: str = _field("", Rule("a folder path, or '' for runs/<dataset>-<timestamp>"))
+    monitor: str = _field("val_acc", _choice("val_acc", "val_macro_f1", "val_loss"))
+    threads: int = _field(0, _int_at_least(0, " (0 = torch default)"))
+    progress: str = _field("auto", _choice("auto", "bar", "plain", "off"))
+    tensorboard: bool = _field(True, BOOL)
+
+
+@dataclass
+class TrainConfig:
+    """The whole training configuration; build it with :func:`load_config`.
+
+    Args:
+        data, model, optim, schedule, run: the sections.
+        preset: name of the preset the run started from ("" for none).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = ""
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelSection,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "run": RunConfig,
+}
+
+# Nested overrides on the defaults. "full" is the defaults themselves (full width, 60 epochs,
+# group norm, batch 128); "cpu" is narrow and short so a laptop finishes in minutes.
+PRESETS: dict[str, dict] = {
+    "full": {},
+    "cpu": {
+        "model": {"width": 0.25, "norm": "batch"},
+        "optim": {"batch_size": 128, "lr": 3e-3},
+        "schedule": {"warmup_epochs": 1},
+        "run": {"epochs": 8, "amp": "off"},
+        "data": {"workers": 0},
+    },
+}
+
+
+# --------------------------------------------------------------------------- types and checks
+
+
+class _BadType(Exception):
+    """A value that cannot be coerced to its field's type."""
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    # get_type_hints resolves the string annotations that `from __future__ import annotations`
+    # leaves on the dataclass fields.
+    return get_type_hints(SECTIONS[section])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _to_float(value: Any) -> float:
+    # Strings are accepted because YAML 1.1 reads "1e-3" (no dot) as a string, not a float.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _BadType from None
+    if not _is_number(value) or not math.isfinite(value):
+        raise _BadType
+    return float(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise _BadType from None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not _is_number(value) or not isinstance(value, int):
+        raise _BadType
+    return value
+
+
+def _to_str(value: Any) -> str:
+    if value is None:  # an empty YAML value, e.g. "run_dir:"
+        return ""
+    if isinstance(value, str):
+        return value
+    if _is_number(value):
+        return str(value)
+    raise _BadType
+
+
+def _to_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _BadType
+    return value
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    float: _to_float,
+    int: _to_int,
+    str: _to_str,
+    bool: _to_bool,
+}
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    if kind in _SCALARS:
+        return _SCALARS[kind](value)
+    # The only container type in the sections is list[float].
+    if not isinstance(value, (list, tuple)):
+        raise _BadType
+    return [_to_float(item) for item in value]
+
+
+def _invalid(path: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{path}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check_section(name: str, section: Any) -> None:
+    """Coerce every field of one section to its type in place, then check its rule."""
+    kinds = _field_types(name)
+    for f in fields(section):
+        path, rule = f"{name}.{f.name}", f.metadata["rule"]
+        raw = getattr(section, f.name)
+        try:
+            value = _coerce(raw, kinds[f.name])
+        except _BadType:
+            raise _invalid(path, raw, rule.allowed) from None
+        if not rule.ok(value):
+            raise _invalid(path, value, rule.allowed)
+        setattr(section, f.name, value)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check every field (normalising types in place, e.g. an int lr becomes a float).
+
+    Raises:
+        ConfigError: naming the first bad field, its value and the allowed values.
+    """
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        if not isinstance(section, SECTIONS[name]):
+            raise ConfigError(f"{name} must be a {SECTIONS[name].__name__}, got {section!r}")
+        _check_section(name, section)
+    if cfg.schedule.min_lr > cfg.optim.lr:
+        allowed = f"a number in [0, optim.lr={cfg.optim.lr!r}]"
+        raise _invalid("schedule.min_lr", cfg.schedule.min_lr, allowed)
+    if cfg.preset and cfg.preset not in PRESETS:
+        raise _invalid("preset", cfg.preset, ", ".join(PRESETS) + " or ''")
+
+
+# --------------------------------------------------------------------------- layering
+
+
+def _field_names(section: str) -> list[str]:
+    return [f.name for f in fields(SECTIONS[section])]
+
+
+def _unknown_key(path: str, allowed: Sequence[str], origin: str) -> ConfigError:
+    where = f" in {origin}" if origin else ""
+    return ConfigError(f"unknown config key '{path}'{where}; allowed: {', '.join(allowed)}")
+
+
+def _check_key(section: str, key: str, origin: str) -> None:
+    if section not in SECTIONS:
+        raise _unknown_key(f"{section}.{key}", [f"{name}.*" for name in SECTIONS], origin)
+    if key not in _field_names(section):
+        allowed = [f"{section}.{name}" for name in _field_names(section)]
+        raise _unknown_key(f"{section}.{key}", allowed, origin)
+
+
+def _merge(tree: dict, layer: Mapping[str, Any], origin: str) -> None:
+    """Copy a nested ``{section: {field: value}}`` mapping onto ``tree``, rejecting unknown keys.
+
+    A top-level ``preset`` key is skipped: callers that honour it read it themselves.
+    """
+    for section, values in layer.items():
+        if section == "preset":
+            continue
+        if section not in SECTIONS:
+            raise _unknown_key(str(section), [*SECTIONS, "preset"], origin)
+        if values is None:  # an empty section in YAML ("model:")
+            continue
+        if not isinstance(values, Mapping):
+            where = f" in {origin}" if origin else ""
+            raise ConfigError(f"'{section}'{where} must be a mapping of fields, got {values!r}")
+        for key, value in values.items():
+            _check_key(section, str(key), origin)
+            tree[section][key] = copy.deepcopy(value)
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """Split ``section.field=value`` and read the value as YAML (``3``, ``true``, ``[1, 2]``)."""
+    path, sep, text = item.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not sep or not dot:
+        raise ConfigError(f"override {item!r} is invalid; expected section.field=value")
+    _check_key(section, key, "overrides")
+    if _field_types(section)[key] is str:
+        # Keep text as typed for string fields, so "yes", "null" or "123" stay strings.
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        return section, key, value if isinstance(value, str) else text.strip()
+    try:
+        return section, key, yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}={text!r} is invalid; the value is not valid YAML") from None
+
+
+def _preset_layer(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"preset={name!r} is invalid; allowed: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {str(path)!r}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return dict(data)
+
+
+def _build(tree: Mapping[str, Any], preset: str) -> TrainConfig:
+    sections = {name: cls(**tree[name]) for name, cls in SECTIONS.items()}
+    cfg = TrainConfig(**sections, preset=preset)
+    validate_config(cfg)
+    return cfg
+
+
+def _resolve(
+    preset: str,
+    yaml_path: str | Path | None,
+    overrides: Sequence[str],
+    values: Mapping[str, Any],
+) -> TrainConfig:
+    """Defaults -> preset -> YAML -> ``overrides`` strings -> typed ``values`` (path -> value)."""
+    tree = config_to_dict(TrainConfig())
+    layer = _read_yaml(Path(yaml_path)) if yaml_path is not None else {}
+    # An explicit preset beats the file's "preset:" key, as the command line beats the file.
+    preset = preset or str(layer.get("preset") or "")
+    if preset:
+        _merge(tree, _preset_layer(preset), f"preset {preset!r}")
+    _merge(tree, layer, str(yaml_path))
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        tree[section][key] = value
+    for path, value in values.items():
+        section, _, key = path.partition(".")
+        _check_key(section, key, "")
+        tree[section][key] = value
+    return _build(tree, preset)
+
+
+def load_config(
+    preset: str = "",
+    yaml_path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> TrainConfig:
+    """Resolve a configuration: defaults -> preset -> YAML file -> ``section.field=value``.
+
+    Args:
+        preset: a key of :data:`PRESETS`, or "" for the file's ``preset:`` key or none.
+        yaml_path: a YAML file with the section names as top-level keys (and optionally
+            ``preset``); unknown keys are errors.
+        overrides: ``section.field=value`` strings, values read as YAML.
+
+    Raises:
+        ConfigError: an unknown preset, key or file, or an invalid value.
+    """
+    return _resolve(preset, yaml_path, overrides, {})
+
+
+# --------------------------------------------------------------------------- dicts and files
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """The configuration as nested plain dicts, lists and scalars (fit for YAML and checkpoints)."""
+    return asdict(cfg)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
+    """Rebuild a validated configuration from :func:`config_to_dict` output.
+
+    Fields missing from ``d`` keep their defaults, so configs stored by older versions still
+    load; the ``preset`` key is kept as a label only (its overrides are not applied again).
+    """
+    tree = config_to_dict(TrainConfig())
+    _merge(tree, d, "stored config")
+    preset = d.get("preset") or ""
+    if not isinstance(preset, str):
+        raise _invalid("preset", preset, ", ".join(PRESETS) + " or ''")
+    return _build(tree, preset)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Block-style mappings with inline lists: one field per line, ``dropout: [0.1, 0.2, 0.3]``."""
+
+
+_ConfigDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, True)
+)
+
+
+def format_config(cfg: TrainConfig) -> str:
+    """The configuration as readable YAML, in field order, one field per line."""
+    return yaml.dump(
+        config_to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False
+    )
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the configuration as YAML; a crash mid-write never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("# resolved training configuration\n")
+            handle.write(format_config(cfg))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- command line
+
+# Shortcut flag (argparse dest) -> field path; applied after every --set.
+SHORTCUTS: dict[str, str] = {
+    "data": "data.source",
+    "epochs": "run.epochs",
+    "batch_size": "optim.batch_size",
+    "lr": "optim.lr",
+    "seed": "run.seed",
+    "device": "run.device",
+    "run_dir": "run.run_dir",
+    "workers": "data.workers",
+    "deterministic": "run.deterministic",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training command line; returned so other scripts can reuse or extend it."""
+    parser = argparse.ArgumentParser(
+        prog="python models/train.py",
+        description="Train the progressive-unfreezing CNN. Settings resolve as: defaults -> "
+        "--preset -> --config file -> --set overrides -> the shortcut flags below.",
+        epilog="example: python models/train.py --preset cpu --data bloodmnist "
+        "--set model.dropout=[0.1,0.2,0.3] --epochs 3",
+    )
+    add = parser.add_argument
+    add("--config", metavar="FILE.yaml", help="YAML file with data/model/optim/schedule/run")
+    add("--preset", metavar="NAME", choices=list(PRESETS), help=f"one of {', '.join(PRESETS)}")
+    add("--data", metavar="SOURCE", help="MedMNIST name, .npz file or image folder (data.source)")
+    add("--epochs", type=int, metavar="N", help="epochs to train (run.epochs)")
+    add("--batch-size", type=int, metavar="N", help="images per step (optim.batch_size)")
+    add("--lr", type=float, metavar="LR", help="peak learning rate (optim.lr)")
+    add("--seed", type=int, metavar="N", help="random seed (run.seed)")
+    add("--device", metavar="DEVICE", help=f"{DEVICES_TEXT} (run.device)")
+    add("--run-dir", metavar="DIR", help="output folder (run.run_dir)")
+    add("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    add("--deterministic", action="store_true", default=None, help="slower, repeatable kernels")
+    add("--no-amp", action="store_true", help="no mixed precision (run.amp=off)")
+    add("--workers", type=int, metavar="N", help="DataLoader workers, -1 = auto (data.workers)")
+    add(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any field, e.g. --set run.epochs=3 (repeatable)",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Resolve the configuration from parsed :func:`build_parser` arguments.
+
+    ``--set`` overrides come first, then the shortcut flags, so ``--epochs`` beats
+    ``--set run.epochs=...``. ``args.resume`` is left for the caller.
+    """
+    values = {
+        path: getattr(args, dest)
+        for dest, path in SHORTCUTS.items()
+        if getattr(args, dest, None) is not None
+    }
+    if getattr(args, "no_amp", False):
+        values["run.amp"] = "off"
+    return _resolve(
+        getattr(args, "preset", None) or "",
+        getattr(args, "config", None),
+        getattr(args, "overrides", None) or [],
+        values,
+    )
