@@ -1,0 +1,263 @@
+"""Checkpoints: atomic writes, safe loading, and clear refusals of ones that do not fit."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.basic_cnn_model import BasicCNNModel
+from training.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    restore_model,
+    save_checkpoint,
+)
+
+CLASSES = ["benign", "malignant", "normal"]
+
+
+def tiny_model(**overrides) -> BasicCNNModel:
+    torch.manual_seed(0)
+    return BasicCNNModel(**{"width": 0.125, "num_classes": 3, "in_channels": 1, **overrides})
+
+
+def payload(model: BasicCNNModel | None = None, **extra) -> dict:
+    model = model or tiny_model()
+    config = dataclasses.asdict(model.config)
+    config["dropout"] = list(config["dropout"])
+    return {
+        "format": FORMAT,
+        "epoch": 3,
+        "step": 42,
+        "model": model.state_dict(),
+        "model_config": config,
+        "active_blocks": model.active_blocks,
+        "class_names": list(CLASSES),
+        "mean": [0.5],
+        "std": [0.25],
+        "best": {"metric": "val_macro_f1", "value": 0.75, "epoch": 2},
+        **extra,
+    }
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def assert_one_line_naming(error: pytest.ExceptionInfo, *parts: str) -> None:
+    message = str(error.value)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, message
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_keeps_every_entry(tmp_path):
+    original = payload()
+    path = tmp_path / "runs" / "last.pt"  # the folder does not exist yet
+    save_checkpoint(original, path)
+    loaded = load_checkpoint(path)
+    assert files_in(path.parent) == ["last.pt"]
+    assert loaded.keys() == original.keys()
+    for key, tensor in original["model"].items():
+        assert torch.equal(loaded["model"][key], tensor)
+    assert {k: v for k, v in loaded.items() if k != "model"} == {
+        k: v for k, v in original.items() if k != "model"
+    }
+
+
+def test_saving_a_value_that_safe_loading_would_refuse_fails_before_writing(tmp_path):
+    path = tmp_path / "last.pt"
+    with pytest.raises(TypeError, match=r"payload\['rng'\]\['numpy'\] \(numpy.ndarray\)"):
+        save_checkpoint(payload(rng={"numpy": np.zeros(3)}), path)
+    assert files_in(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+def _touch(path: str) -> None:
+    Path(path).write_text("unpickling ran code")
+
+
+class Sneaky:
+    """Unpickling an instance calls ``_touch``: the kind of payload weights_only must refuse."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return _touch, (self.marker,)
+
+
+def test_a_file_with_pickled_objects_is_refused_without_running_them(tmp_path):
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "model": {}, "extra": Sneaky(marker)}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert_one_line_naming(error, str(path), "_touch", "weights_only")
+    assert not marker.exists()
+
+
+@dataclasses.dataclass
+class Settings:
+    lr: float = 0.1
+
+
+def test_a_file_with_a_dataclass_is_refused(tmp_path):
+    path = tmp_path / "dc.pt"
+    torch.save({"format": FORMAT, "model": {}, "config": Settings()}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert_one_line_naming(error, str(path), "Settings")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@pytest.mark.parametrize("interrupt", [OSError("No space left on device"), KeyboardInterrupt()])
+def test_a_write_killed_halfway_keeps_the_previous_checkpoint(tmp_path, monkeypatch, interrupt):
+    path = tmp_path / "last.pt"
+    save_checkpoint(payload(epoch=1), path)
+    real_save = torch.save
+
+    def half_then_fail(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)  # what a kill mid-write leaves behind
+        raise interrupt
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(type(interrupt)):
+        save_checkpoint(payload(epoch=2), path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert files_in(tmp_path) == ["last.pt"]
+
+
+# --------------------------------------------------------------------------- unreadable files
+
+
+def _truncated(path: Path) -> None:
+    save_checkpoint(payload(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        _truncated,
+        lambda p: p.write_bytes(b""),
+        lambda p: p.write_text("not a checkpoint"),
+        lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+    ],
+    ids=["truncated", "empty", "text", "random-bytes"],
+)
+def test_a_corrupt_file_gives_one_line_naming_the_path(tmp_path, write):
+    path = tmp_path / "bad.pt"
+    write(path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert_one_line_naming(error, str(path), "cannot be loaded")
+
+
+def test_a_missing_file_or_a_folder_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"weights": torch.ones(2)}, r"lacks key\(s\) \['format', 'model'\]"),
+        ({"format": FORMAT}, r"lacks key\(s\) \['model'\]"),
+        (torch.ones(2), "holds a Tensor, expected a dict"),
+        ({"format": 99, "model": {}}, "has format 99; this version reads format 1"),
+    ],
+)
+def test_a_file_that_is_not_our_checkpoint_is_refused(tmp_path, content, message):
+    path = tmp_path / "other.pt"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("width", 0.25), ("norm", "batch"), ("in_channels", 3), ("num_classes", 4)],
+)
+def test_another_architecture_is_refused_naming_the_field_and_both_values(field, value):
+    ckpt = payload()
+    current = {**ckpt["model_config"], field: value}
+    with pytest.raises(CheckpointError) as error:
+        check_compatible(ckpt, current, CLASSES)
+    old = ckpt["model_config"][field]
+    assert_one_line_naming(error, f"{field}: checkpoint {old!r} vs current {value!r}")
+
+
+def test_another_class_list_is_refused_naming_the_classes():
+    ckpt = payload()
+    with pytest.raises(CheckpointError) as error:
+        check_compatible(ckpt, ckpt["model_config"], ["benign", "malignant", "cyst"])
+    assert_one_line_naming(error, "class_names", "only in checkpoint: ['normal']", "'cyst'")
+    with pytest.raises(CheckpointError, match="another order"):
+        check_compatible(ckpt, ckpt["model_config"], list(reversed(CLASSES)))
+
+
+def test_runtime_fields_may_differ():
+    ckpt = payload()
+    model = tiny_model(dropout=(0.0, 0.0, 0.0), active_blocks=2, noise_std=0.0, input_size=64)
+    check_compatible(ckpt, model.config, CLASSES)  # a ModelConfig works as well as a dict
+
+
+# --------------------------------------------------------------------------- restoring
+
+
+def test_restore_model_sets_the_depth_and_the_weights(tmp_path):
+    trained = tiny_model()
+    trained.freeze_blocks_until(2)
+    with torch.no_grad():
+        trained.classifier.weight.add_(1.0)
+    save_checkpoint(payload(trained), tmp_path / "last.pt")
+    fresh = tiny_model()
+    restore_model(fresh, load_checkpoint(tmp_path / "last.pt"))
+    assert fresh.active_blocks == 2
+    assert all(p.requires_grad for p in fresh.blocks[1].parameters())
+    for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_restore_model_summarises_shape_mismatches():
+    ckpt = payload(tiny_model(width=0.25))
+    with pytest.raises(CheckpointError) as error:
+        restore_model(tiny_model(), ckpt)
+    assert_one_line_naming(
+        error, "shape mismatches (checkpoint vs model)", "blocks.0.0.conv.weight"
+    )
+
+
+def test_restore_model_summarises_missing_and_unexpected_keys():
+    ckpt = payload()
+    ckpt["model"]["extra.weight"] = ckpt["model"].pop("classifier.weight")
+    with pytest.raises(CheckpointError) as error:
+        restore_model(tiny_model(), ckpt)
+    assert_one_line_naming(error, "missing keys 1: classifier.weight", "unexpected keys 1")
+
+
+def test_restore_model_refuses_a_bad_depth():
+    with pytest.raises(CheckpointError, match="active_blocks"):
+        restore_model(tiny_model(), payload(active_blocks=7))

@@ -1,0 +1,297 @@
+"""Write checkpoints atomically, read them safely, and refuse ones that do not fit the model.
+
+A checkpoint is a plain dict (see ``FORMAT``) saved with ``torch.save``. It is read back with
+``weights_only=True``, so loading never runs code from the file; in exchange the dict may hold
+only tensors, dicts, lists, tuples, sets, str, bytes, numbers, bool and None (plus torch sizes,
+dtypes and devices). :func:`save_checkpoint` checks that before writing, so a stray numpy array
+fails at save time rather than at resume.
+
+Public API:
+    CheckpointError, FORMAT, ARCH_FIELDS, save_checkpoint, load_checkpoint, check_compatible,
+    restore_model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: version of the checkpoint layout this module writes and reads.
+FORMAT = 1
+#: ModelConfig fields that decide the parameters' shapes or what they compute; a checkpoint
+#: must match them. dropout, noise_std, input_size and active_blocks change during or between
+#: runs without changing what the weights mean, so they are not compared.
+ARCH_FIELDS: tuple[str, ...] = (
+    "in_channels",
+    "num_classes",
+    "activation",
+    "width",
+    "norm",
+    "gn_groups",
+)
+
+_SAFE_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype)
+_MAX_LISTED = 5
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, unsafe or does not fit the model; one-line message."""
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _unsafe_entry(obj: Any, where: str) -> str | None:
+    """The key path of the first value ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(obj, (torch.Tensor, torch.device, *_SAFE_LEAVES)):
+        return None
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            found = _unsafe_entry(key, f"{where} key {key!r}") or _unsafe_entry(
+                value, f"{where}[{key!r}]"
+            )
+            if found:
+                return found
+        return None
+    if isinstance(obj, (list, tuple, set)):
+        for i, value in enumerate(obj):
+            found = _unsafe_entry(value, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    return f"{where} ({type(obj).__module__}.{type(obj).__qualname__})"
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """Write ``payload`` to ``path`` atomically: the file is either the old one or the new one.
+
+    The dict goes to a temporary file in the same folder, is flushed to disk, then renamed onto
+    ``path``. On any failure (including Ctrl-C) the temporary file is removed and a previous
+    file at ``path`` is left untouched. Missing parent folders are created.
+
+    Raises:
+        TypeError: when the payload holds a value that weights-only loading would refuse.
+    """
+    path = Path(path)
+    bad = _unsafe_entry(payload, "payload")
+    if bad:
+        raise TypeError(
+            f"cannot save checkpoint {path}: {bad} is not allowed; a checkpoint may hold only "
+            "tensors, dicts, lists, tuples, str, numbers, bool and None"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable on POSIX; Windows cannot open folders, which is harmless.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = _ANSI.sub("", text).strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _describe_load_error(error: BaseException) -> str:
+    message = str(error)
+    unsupported = _UNSUPPORTED_GLOBAL.search(message)
+    if unsupported:
+        return (
+            f"it refers to {unsupported.group(1)} (custom code, refused by safe weights_only "
+            "loading); a checkpoint may hold only tensors and plain containers"
+        )
+    detail = _one_line(message)
+    name = type(error).__name__
+    if not detail:  # EOFError and friends carry no message
+        return f"it is not a readable torch checkpoint ({name}; empty or truncated file?)"
+    return f"it is not a readable torch checkpoint ({name}: {detail})"
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` and check its outline.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors go, as for ``torch.load``.
+
+    Raises:
+        CheckpointError: when the file is missing, corrupt, holds non-weights objects, is not a
+            dict with "format" and "model", or has an unknown format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {problem}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for bad files; all mean "unreadable"
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded: {_describe_load_error(error)}"
+        ) from error
+    _check_outline(ckpt, path)
+    return ckpt
+
+
+def _check_outline(ckpt: Any, path: Path) -> None:
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict with 'format' "
+            "and 'model'"
+        )
+    missing = [key for key in ("format", "model") if key not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks key(s) {missing}; is it a checkpoint of this project? "
+            f"(keys found: {sorted(map(str, ckpt))[:_MAX_LISTED]})"
+        )
+    if ckpt["format"] != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {ckpt['format']!r}; this version reads format {FORMAT}"
+        )
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def _as_dict(config: Any) -> dict:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    return dict(config)
+
+
+def _shorten(values: Sequence[Any]) -> str:
+    shown = ", ".join(repr(v) for v in values[:_MAX_LISTED])
+    more = f", ... ({len(values)} in all)" if len(values) > _MAX_LISTED else ""
+    return f"[{shown}{more}]"
+
+
+def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    missing = "<absent>"
+    diffs = []
+    for name in ARCH_FIELDS:
+        old, new = saved.get(name, missing), current.get(name, missing)
+        if old != new:
+            diffs.append(f"{name}: checkpoint {old!r} vs current {new!r}")
+    return diffs
+
+
+def _class_difference(saved: Sequence[str], current: Sequence[str]) -> str | None:
+    saved, current = list(saved), list(current)
+    if saved == current:
+        return None
+    if sorted(saved) == sorted(current):
+        return (
+            f"class_names: same classes in another order ({_shorten(saved)} vs {_shorten(current)})"
+        )
+    only_saved = [c for c in saved if c not in current]
+    only_current = [c for c in current if c not in saved]
+    return (
+        f"class_names: checkpoint {_shorten(saved)} vs current {_shorten(current)} "
+        f"(only in checkpoint: {_shorten(only_saved)}, only in current: {_shorten(only_current)})"
+    )
+
+
+def check_compatible(ckpt: dict, model_config: Mapping[str, Any], class_names: list[str]) -> None:
+    """Refuse a checkpoint whose architecture or class list differs from the current run's.
+
+    Args:
+        ckpt: a dict from :func:`load_checkpoint`.
+        model_config: the current ModelConfig fields (a dict, or the ModelConfig itself).
+        class_names: the current dataset's class names, in label order.
+
+    Raises:
+        CheckpointError: naming every differing field (see ``ARCH_FIELDS``) with both values.
+    """
+    saved_config = ckpt.get("model_config")
+    if not isinstance(saved_config, Mapping):
+        raise CheckpointError("checkpoint has no 'model_config' dict; cannot check compatibility")
+    problems = _config_differences(saved_config, _as_dict(model_config))
+    saved_classes = ckpt.get("class_names")
+    if saved_classes is None:
+        problems.append("class_names: absent from the checkpoint")
+    else:
+        class_problem = _class_difference(saved_classes, class_names)
+        if class_problem:
+            problems.append(class_problem)
+    if problems:
+        raise CheckpointError(f"checkpoint does not fit this run: {'; '.join(problems)}")
+
+
+# --------------------------------------------------------------------------- restoring
+
+
+def _state_differences(model: nn.Module, state: Mapping[str, Any]) -> str:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+    ]
+    parts = [
+        f"{label} {len(keys)}: {', '.join(map(str, keys[:_MAX_LISTED]))}"
+        + (", ..." if len(keys) > _MAX_LISTED else "")
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (checkpoint vs model)", mismatched),
+        )
+        if keys
+    ]
+    return "; ".join(parts)
+
+
+def restore_model(model: nn.Module, ckpt: dict) -> None:
+    """Set the model's depth to the checkpoint's ``active_blocks`` and load its weights.
+
+    Raises:
+        CheckpointError: when ``active_blocks`` is invalid, or the state dict does not fit,
+            summarising the first few missing, unexpected and mismatched keys.
+    """
+    try:
+        model.freeze_blocks_until(ckpt.get("active_blocks"))
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint active_blocks cannot be applied: {_one_line(str(error))}"
+        ) from error
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as error:
+        summary = _state_differences(model, ckpt["model"]) or _one_line(str(error))
+        raise CheckpointError(f"checkpoint weights do not fit the model: {summary}") from error
