@@ -1,0 +1,380 @@
+"""What a training run prints: a header, per-epoch progress and results, notices, a summary.
+
+:class:`ConsoleCallback` renders with ``rich``. On a terminal it shows a live progress bar per
+epoch; in a log file or CI (``plain`` mode) it prints a few progress lines per epoch and never a
+cursor-moving escape sequence. Only the main process (``trainer.is_main``) prints.
+
+Public API:
+    ConsoleCallback, warn, resolve_mode, counts_table, model_table, settings_grid, summary_grid,
+    MODES.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from models.basic_cnn_model import model_summary
+from training.events import Callback
+
+MODES: tuple[str, ...] = ("auto", "bar", "plain", "off")
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+
+# Fractions of an epoch at which plain mode reports progress: at most three lines, plus the
+# epoch's result line, keeps a log readable however many batches an epoch has.
+PLAIN_MILESTONES: tuple[float, ...] = (0.25, 0.5, 0.75)
+
+# Border and title style of a notice, by kind; unknown kinds fall back to "info".
+NOTICE_STYLES: dict[str, tuple[str, str]] = {
+    "stage": ("magenta", "bold cyan"),
+    "intervention": ("yellow", "bold yellow"),
+    "warning": ("yellow", "bold yellow"),
+    "error": ("red", "bold red"),
+    "info": ("blue", "bold"),
+}
+
+
+def resolve_mode(mode: str, console: Console) -> str:
+    """``"bar"``, ``"plain"`` or ``"off"``: ``"auto"`` becomes a bar only on a terminal."""
+    if mode not in MODES:
+        raise ValueError(f"progress mode={mode!r} is invalid; allowed: {' | '.join(MODES)}")
+    if mode == "auto":
+        return "bar" if console.is_terminal else "plain"
+    return mode
+
+
+def warn(console: Console, text: str) -> None:
+    """Print a start-up warning in yellow (e.g. "no GPU found: ...")."""
+    console.print(Text.assemble(("warning: ", "bold yellow"), (text, "yellow")))
+
+
+# ------------------------------------------------------------------------------ formatting
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {sec:02d}s" if hours else f"{minutes}m {sec:02d}s"
+
+
+def _metric(name: str, value: Any) -> str:
+    """Losses with 4 decimals, accuracies and F1 as percentages; "-" when missing."""
+    if value is None or not isinstance(value, (int, float)):
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4f}" if name.endswith("loss") else f"{100 * value:.2f}%"
+
+
+def _lower_is_better(monitor: str) -> bool:
+    return monitor.endswith("loss")
+
+
+def _lr_text(lr: Any) -> str:
+    rates = list(lr) if isinstance(lr, (list, tuple)) else [lr]
+    if not rates or rates[0] is None:
+        return "-"
+    extra = f" [{len(rates)} groups]" if len(rates) > 1 else ""
+    return f"{float(rates[0]):.2e}{extra}"
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "off" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _device_text(device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    name = str(device)
+    # Only ask CUDA for the card's name when the run is on CUDA: the CPU path makes no CUDA call.
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    return f"{name}, AMP {_dtype_name(amp_dtype)}"
+
+
+def _previous_value(history: Sequence[Mapping], epoch: int, monitor: str) -> float | None:
+    """The monitored value of the last epoch before ``epoch`` in the history, if any."""
+    earlier = [m for m in history if isinstance(m.get("epoch"), int) and m["epoch"] < epoch]
+    return earlier[-1].get(monitor) if earlier else None
+
+
+def _monitor_style(value: Any, previous: Any, is_best: bool, monitor: str) -> str:
+    """Green for a new best, red when worse than the previous epoch, else the default."""
+    if is_best:
+        return "bold green"
+    if isinstance(value, (int, float)) and isinstance(previous, (int, float)):
+        worse = value > previous if _lower_is_better(monitor) else value < previous
+        if worse:
+            return "red"
+    return ""
+
+
+# ---------------------------------------------------------------------------- header parts
+
+
+def counts_table(cache: Any) -> Table:
+    """Images per class (rows) and split (columns), with a total row."""
+    table = Table(title=f"dataset {cache.name}", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("class")
+    for split in SPLIT_NAMES:
+        table.add_column(split, justify="right")
+    columns = [cache.counts(split) for split in SPLIT_NAMES]
+    for i, name in enumerate(cache.class_names):
+        table.add_row(name, *(f"{col[i]:,}" for col in columns))
+    table.add_section()
+    table.add_row("total", *(f"{sum(col):,}" for col in columns), style="bold")
+    return table
+
+
+def model_table(model: torch.nn.Module) -> Table:
+    """Trainable and total parameters of every part of the model, and which parts are active."""
+    rows = model_summary(model, 0)
+    table = Table(title="model", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("part")
+    table.add_column("trainable", justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("active")
+    for row in rows:
+        style = "" if row["active"] else "dim"
+        active = "yes" if row["active"] else "no"
+        table.add_row(
+            row["name"], f"{row['trainable']:,}", f"{row['params']:,}", active, style=style
+        )
+    table.add_section()
+    trainable = sum(r["trainable"] for r in rows)
+    total = sum(r["params"] for r in rows)
+    table.add_row("total", f"{trainable:,}", f"{total:,}", "", style="bold")
+    return table
+
+
+def settings_grid(trainer: Any) -> Table:
+    """Key-value lines: device, data, batch, epochs, monitor, run folder."""
+    cfg, cache = trainer.config, trainer.cache
+    batch, accumulation = cfg.optim.batch_size, cfg.optim.accumulation
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    size = f"{cache.image_size}x{cache.image_size}x{cache.channels}"
+    rows = [
+        ("device", _device_text(trainer.device, trainer.amp_dtype)),
+        ("data", f"{cache.name} ({cfg.data.source}), images {size}"),
+        ("batch", f"{batch} x {accumulation} accumulation = {batch * accumulation} per step"),
+        ("epochs", f"{cfg.run.epochs}, {trainer.batches_per_epoch:,} batches each"),
+        ("monitor", cfg.run.monitor),
+        ("run dir", str(trainer.run_dir)),
+    ]
+    for key, value in rows:
+        grid.add_row(key, Text(str(value)))
+    return grid
+
+
+# ------------------------------------------------------------------------------- callback
+
+
+class ConsoleCallback(Callback):
+    """Print the run: header, per-epoch progress, one result line per epoch, notices, summary.
+
+    Args:
+        console: where to print; a new ``rich.console.Console()`` (stdout) by default.
+        mode: "auto" (a live bar on a terminal, plain lines otherwise), "bar", "plain"
+            (at most three progress lines per epoch, for logs and CI) or "off" (nothing per
+            batch; the header, epoch lines, notices and summary are still printed).
+    """
+
+    def __init__(self, console: Console | None = None, mode: str = "auto") -> None:
+        self.console = console if console is not None else Console()
+        self.mode = resolve_mode(mode, self.console)
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._reset_epoch(0, 0)
+
+    # -- plumbing
+
+    def _reset_epoch(self, epoch: int, total: int) -> None:
+        self._epoch, self._total = epoch, total
+        self._seen, self._loss_sum = 0, 0.0
+        self._started = time.perf_counter()
+        marks = {math.ceil(total * q) for q in PLAIN_MILESTONES}
+        # The last batch is left out: the epoch's result line follows right after it.
+        self._milestones = sorted(m for m in marks if 0 < m < total)
+
+    def close(self) -> None:
+        """Stop a live bar (restoring the cursor); for a trainer's ``finally`` after a crash."""
+        self._stop_bar()
+
+    def _stop_bar(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress, self._task = None, None
+
+    @property
+    def _framed_text(self) -> bool:
+        # Panels are for terminals; a log gets '=' frames that survive any viewer.
+        return self.mode == "plain" or not self.console.is_terminal
+
+    def _epochs_text(self, trainer: Any, epoch: int) -> str:
+        return f"{epoch}/{trainer.config.run.epochs}"
+
+    # -- hooks
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if not trainer.is_main:
+            return
+        self.console.rule(Text("training", style="bold"))
+        self.console.print(settings_grid(trainer))
+        self.console.print(counts_table(trainer.cache))
+        self.console.print(model_table(trainer.model))
+        if trainer.start_epoch > 1:
+            self.console.print(Text(f"resuming at epoch {trainer.start_epoch}", style="bold cyan"))
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        if not trainer.is_main:
+            return
+        self._stop_bar()
+        self._reset_epoch(epoch, trainer.batches_per_epoch)
+        if self.mode != "bar":
+            return
+        self._progress = Progress(
+            TextColumn("epoch {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,  # the epoch's result line takes the bar's place
+        )
+        self._task = self._progress.add_task(
+            self._epochs_text(trainer, epoch), total=self._total, loss="-"
+        )
+        self._progress.start()
+
+    def on_batch_end(self, trainer: Any, batch: int, loss: float, stepped: bool) -> None:
+        if not trainer.is_main or self.mode == "off":
+            return
+        # Counting calls rather than trusting ``batch`` keeps the bar right whatever its base.
+        self._seen += 1
+        self._loss_sum += float(loss)
+        running = f"{self._loss_sum / self._seen:.4f}"
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, loss=running)
+        elif self.mode == "plain" and self._milestones and self._seen >= self._milestones[0]:
+            while self._milestones and self._seen >= self._milestones[0]:
+                self._milestones.pop(0)
+            self._print_progress_line(trainer, running)
+
+    def _print_progress_line(self, trainer: Any, running: str) -> None:
+        share = 100 * self._seen / max(self._total, 1)
+        elapsed = _duration(time.perf_counter() - self._started)
+        line = (
+            f"  epoch {self._epochs_text(trainer, self._epoch)}  {share:3.0f}%  "
+            f"batch {self._seen}/{self._total}  loss {running}  {elapsed}"
+        )
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
+        if not trainer.is_main:
+            return
+        self._stop_bar()
+        # soft_wrap: one epoch, one line, also in a log read by grep.
+        self.console.print(self.epoch_line(trainer, metrics), soft_wrap=True)
+
+    def epoch_line(self, trainer: Any, metrics: Mapping[str, Any]) -> Text:
+        """The epoch's result line; the monitored metric is coloured and a new best marked."""
+        epoch = int(metrics.get("epoch", trainer.epoch))
+        monitor = trainer.best.get("metric") or trainer.config.run.monitor
+        is_best = trainer.best.get("epoch") == epoch and trainer.best.get("value") is not None
+        previous = _previous_value(trainer.history, epoch, monitor)
+        style = _monitor_style(metrics.get(monitor), previous, is_best, monitor)
+
+        def field(label: str, key: str) -> tuple[str, str]:
+            return f"{label} {_metric(key, metrics.get(key))}", style if key == monitor else ""
+
+        speed = metrics.get("images_per_s")
+        parts: list[tuple[str, str] | str] = [
+            (f"epoch {self._epochs_text(trainer, epoch)}", "bold"),
+            "  train ",
+            field("loss", "train_loss"),
+            " ",
+            field("acc", "train_acc"),
+            "  val ",
+            field("loss", "val_loss"),
+            " ",
+            field("acc", "val_acc"),
+            " ",
+            field("f1", "val_macro_f1"),
+            f"  lr {_lr_text(metrics.get('lr'))}",
+            f"  blocks {metrics.get('active_blocks', '-')}",
+            f"  {_duration(float(metrics.get('epoch_s') or 0.0))}",
+            f"  {speed:,.0f} img/s" if isinstance(speed, (int, float)) else "",
+        ]
+        if is_best:
+            parts.append(("  (best)", "bold green"))
+        return Text.assemble(*parts)
+
+    def on_notice(self, trainer: Any, kind: str, title: str, lines: list[str]) -> None:
+        if not trainer.is_main:
+            return
+        if self._framed_text:
+            self._print_framed(kind, title, lines)
+            return
+        border, title_style = NOTICE_STYLES.get(kind, NOTICE_STYLES["info"])
+        body = Text("\n".join(lines)) if lines else Text(kind, style="dim")
+        panel = Panel(body, title=Text(title, style=title_style), border_style=border, expand=True)
+        self.console.print(panel)
+
+    def _print_framed(self, kind: str, title: str, lines: Sequence[str]) -> None:
+        width = min(self.console.width, 100)
+        text = [
+            "=" * width,
+            f"  {title}" if kind == "stage" else f"  {kind.upper()}: {title}",
+            "-" * width,
+            *(f"  {line}" for line in lines),
+            "=" * width,
+        ]
+        self.console.print("\n".join(text), markup=False, highlight=False, soft_wrap=True)
+
+    def on_fit_end(self, trainer: Any, summary: dict) -> None:
+        if not trainer.is_main:
+            return
+        self._stop_bar()
+        stopped = summary.get("stopped")
+        headline = f"training stopped: {stopped}" if stopped else "training finished"
+        self.console.rule(Text(headline, style="bold"))
+        self.console.print(summary_grid(summary))
+
+
+def summary_grid(summary: Mapping[str, Any]) -> Table:
+    """Best epoch and value, total time, stop reason and where the run's files are."""
+    monitor = summary.get("monitor") or "metric"
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    rows = [
+        ("best epoch", str(summary.get("best_epoch") or "-")),
+        (f"best {monitor}", _metric(monitor, summary.get("best_value"))),
+        ("total time", _duration(float(summary.get("seconds") or 0.0))),
+    ]
+    if summary.get("stopped"):
+        rows.append(("stopped", str(summary["stopped"])))
+    rows += [(name, str(path)) for name, path in (summary.get("files") or {}).items()]
+    for key, value in rows:
+        grid.add_row(key, Text(value))
+    return grid
