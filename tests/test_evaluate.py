@@ -1,0 +1,337 @@
+"""Test-set evaluation: metrics on hand-made logits, a run's weight sets, and the test.py script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import asdict
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch.utils.data import DataLoader, TensorDataset
+
+from dataset.cache import prepare
+from models.basic_cnn_model import BasicCNNModel, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["alpha", "beta", "gamma"]
+# The checkpoint's statistics differ from the cache's, so a test can tell which were used.
+CKPT_MEAN, CKPT_STD = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+REPORT_KEYS = {
+    "accuracy",
+    "macro_f1",
+    "balanced_accuracy",
+    "nll",
+    "per_class",
+    "confusion_matrix",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_npz(path: Path, class_names=CLASSES, n=(40, 10, 12), seed=0) -> Path:
+    """A MedMNIST-layout .npz of random 28x28 RGB images with balanced labels."""
+    rng = np.random.default_rng(seed)
+    arrays = {"class_names": np.array(class_names)}
+    for split, count in zip(("train", "val", "test"), n, strict=True):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (count, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.arange(count, dtype=np.int64) % len(class_names)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def make_checkpoint(cache, seed: int, epoch: int) -> dict:
+    torch.manual_seed(seed)
+    config = ModelConfig(num_classes=3, width=0.125, norm="batch", active_blocks=1)
+    model = BasicCNNModel(config)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+    return {
+        "format": 1,
+        "epoch": epoch,
+        "step": epoch * 4,
+        "model": model.state_dict(),
+        "model_config": {**asdict(config), "dropout": list(config.dropout)},
+        "active_blocks": 2,  # deeper than the config's 1: restoring must apply it
+        "optimizer": {},
+        "scheduler": {},
+        "stepper": {},
+        "callbacks": {},
+        "rng": {},
+        "config": {"data": {"source": str(cache.meta["source"]["path"]), "split_seed": 0}},
+        "class_names": list(CLASSES),
+        "mean": list(CKPT_MEAN),
+        "std": list(CKPT_STD),
+        "data": {
+            "name": cache.name,
+            "cache": str(cache.path),
+            "source": cache.meta["source"]["path"],
+        },
+        "best": {"metric": "val_macro_f1", "value": 0.5, "epoch": epoch},
+    }
+
+
+def make_run(base: Path) -> Path:
+    """``base/runs/tiny`` with best.pt and swa.pt, trained (so to speak) on ``base/tiny.npz``."""
+    cache, _ = prepare(write_npz(base / "tiny.npz"), base / "data_npy", progress=False)
+    folder = base / "runs" / "tiny" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(make_checkpoint(cache, seed=0, epoch=7), folder / "best.pt")
+    torch.save(make_checkpoint(cache, seed=1, epoch=9), folder / "swa.pt")
+    return folder.parent
+
+
+def load_entry_script():
+    # Loaded from its path: "import test" would find the standard library's test package.
+    spec = importlib.util.spec_from_file_location("entry_test_script", ROOT / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def logits_for(preds, n_classes: int, seed: int = 0) -> torch.Tensor:
+    """Random logits whose argmax is ``preds``."""
+    noise = torch.randn(len(preds), n_classes, generator=torch.Generator().manual_seed(seed))
+    return noise + 10 * F.one_hot(torch.tensor(preds), n_classes).float()
+
+
+# --------------------------------------------------------------------------- the script run
+# The script needs ~8 s just to import torch, sklearn and albumentations on a small machine, so it
+# starts before the first test and runs beside the in-process tests; the last test collects it.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def script_run(tmp_path_factory):
+    run_dir = make_run(tmp_path_factory.mktemp("script"))
+    proc = subprocess.Popen(
+        [sys.executable, "test.py", "--run-dir", str(run_dir), "--batch-size", "5"],
+        cwd=ROOT,
+        # One compute thread: the script shares two cores with this process, on tiny tensors.
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    yield run_dir, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def ev(script_run):
+    """``training.evaluate``, imported once the script has started: it pulls in scikit-learn and
+    albumentations (~3 s), which then overlap with the script's own start-up."""
+    return importlib.import_module("training.evaluate")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_perfect_predictions_score_one(ev):
+    labels = torch.tensor([0, 1, 2, 2, 1, 0, 0])
+    metrics = ev.classification_metrics(logits_for(labels.tolist(), 3), labels, CLASSES)
+    assert metrics["accuracy"] == metrics["macro_f1"] == metrics["balanced_accuracy"] == 1.0
+    assert metrics["confusion_matrix"] == [[3, 0, 0], [0, 2, 0], [0, 0, 2]]
+    assert [c["support"] for c in metrics["per_class"]] == [3, 2, 2]
+    assert [c["class"] for c in metrics["per_class"]] == CLASSES
+
+
+def test_constructed_confusion_gives_exact_scores(ev):
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    logits = logits_for([0, 1, 0, 1, 2, 2], 3, seed=3)
+    metrics = ev.classification_metrics(logits, labels, CLASSES)
+    assert metrics["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    recall = [2 / 3, 1 / 2, 1.0]
+    precision = [1.0, 1 / 2, 1 / 2]
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall, strict=True)]
+    assert metrics["balanced_accuracy"] == pytest.approx(sum(recall) / 3)
+    assert metrics["macro_f1"] == pytest.approx(sum(f1) / 3)
+    for row, p, r, f in zip(metrics["per_class"], precision, recall, f1, strict=True):
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((p, r, f))
+    assert metrics["nll"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    json.dumps(metrics)  # plain Python types only
+
+
+def test_absent_class_keeps_every_shape(ev):
+    labels = torch.tensor([0, 0, 1, 1])
+    names = ["a", "b", "c", "d"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no sklearn warning about the missing classes
+        metrics = ev.classification_metrics(logits_for([0, 3, 1, 1], 4), labels, names)
+    assert metrics["confusion_matrix"] == [[1, 0, 0, 1], [0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert [c["support"] for c in metrics["per_class"]] == [2, 2, 0, 0]
+    assert metrics["per_class"][3]["precision"] == 0.0
+    assert metrics["balanced_accuracy"] == pytest.approx((1 / 2 + 1) / 2)  # present classes only
+
+
+def test_metrics_reject_logits_of_the_wrong_width(ev):
+    with pytest.raises(ValueError, match=r"expected \(N, 3\)"):
+        ev.classification_metrics(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), CLASSES)
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_predict_returns_cpu_float_logits_in_eval_mode(ev, amp_dtype):
+    torch.manual_seed(0)
+    model = BasicCNNModel(num_classes=3, width=0.125, norm="batch", noise_std=0.5).train()
+    x, y = torch.randn(7, 3, 28, 28), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    logits, labels = ev.predict(
+        model, DataLoader(TensorDataset(x, y), batch_size=3), "cpu", amp_dtype
+    )
+    assert logits.dtype == torch.float32 and logits.shape == (7, 3) and logits.device.type == "cpu"
+    assert labels.dtype == torch.int64 and labels.tolist() == y.tolist()
+    assert model.training  # the caller's mode comes back
+    with torch.no_grad():
+        expected = model.eval()(x)  # eval: no input noise, running BatchNorm statistics
+    tol = 1e-5 if amp_dtype is None else 0.1
+    torch.testing.assert_close(logits, expected, atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------- finding weights
+
+
+def test_find_weights_prefers_best_and_adds_swa(ev, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.pt").touch()
+    assert list(ev.find_weights(tmp_path)) == ["last"]
+    (folder / "best.pt").touch()
+    (folder / "swa.pt").touch()
+    assert list(ev.find_weights(tmp_path)) == ["best", "swa"]
+
+
+def test_find_weights_explains_a_missing_run(ev, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.find_weights(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="train first with python models/train.py"):
+        ev.find_weights(tmp_path)
+
+
+def test_latest_run_picks_the_newest_checkpoint(ev, tmp_path):
+    for i, name in enumerate(["old", "new", "empty"]):
+        folder = tmp_path / name / "checkpoints"
+        folder.mkdir(parents=True)
+        if name != "empty":
+            (folder / "last.pt").touch()
+            os.utime(folder / "last.pt", (1000 + i, 1000 + i))
+    assert ev.latest_run(tmp_path) == tmp_path / "new"
+    with pytest.raises(FileNotFoundError, match="no run with checkpoints"):
+        ev.latest_run(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------- a run in process
+
+
+def test_evaluate_run_scores_each_weight_set_with_checkpoint_statistics(ev, tmp_path):
+    run_dir = make_run(tmp_path)
+    report = ev.evaluate_run(run_dir, device="cpu", batch_size=5)
+    assert list(report["weights"]) == ["best", "swa"]
+    assert report["n_test"] == 12 and report["class_names"] == CLASSES
+    assert report["checkpoints"]["swa"]["epoch"] == 9
+
+    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    model = ev.build_model(ckpt)
+    assert model.active_blocks == 2
+    images = torch.from_numpy(np.load(tmp_path / "data_npy" / "tiny" / "test_images.npy"))
+    x = (images.float() / 255 - torch.tensor(CKPT_MEAN)) / torch.tensor(CKPT_STD)  # (N, H, W, C)
+    with torch.no_grad():
+        logits = model.eval()(x.permute(0, 3, 1, 2))
+    labels = torch.arange(12) % 3
+    expected = ev.classification_metrics(logits, labels, CLASSES)
+    assert report["weights"]["best"]["confusion_matrix"] == expected["confusion_matrix"]
+    assert report["weights"]["best"]["nll"] == pytest.approx(expected["nll"], rel=1e-4)
+    assert report["weights"]["swa"]["nll"] != pytest.approx(expected["nll"], rel=1e-4)
+
+
+def test_deleted_cache_is_rebuilt_from_the_source(ev, tmp_path):
+    run_dir = make_run(tmp_path)
+    shutil.rmtree(tmp_path / "data_npy" / "tiny")
+    report = ev.evaluate_run(run_dir, device="cpu")
+    assert report["n_test"] == 12
+    assert (tmp_path / "data_npy" / "tiny" / "meta.json").is_file()
+
+
+def test_data_override_with_the_same_classes(ev, tmp_path):
+    run_dir = make_run(tmp_path)
+    other = write_npz(tmp_path / "other.npz", n=(30, 9, 9), seed=5)
+    loader, cache = ev.test_loader(
+        torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True), str(other), 4, 0
+    )
+    assert cache.name == "other" and len(loader.dataset) == 9
+    image, _ = loader.dataset[0]
+    raw = torch.from_numpy(np.array(cache.images("test")[0])).float() / 255  # (H, W, C)
+    expected = (raw - torch.tensor(CKPT_MEAN)) / torch.tensor(CKPT_STD)
+    torch.testing.assert_close(image, expected.permute(2, 0, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_print_report_shows_every_weight_set(ev, tmp_path):
+    report = ev.evaluate_run(make_run(tmp_path), device="cpu")
+    out = StringIO()
+    ev.print_report(report, Console(file=out, width=200, color_system=None))
+    text = out.getvalue()
+    for word in ("macro-F1", "balanced accuracy", "NLL", "best (epoch 7)", "swa (epoch 9)"):
+        assert word in text
+    assert "confusion: best" in text and "confusion: swa" in text and "2 gamma" in text
+
+
+# --------------------------------------------------------------------------- the entry script
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+def test_script_refuses_data_with_other_classes(tmp_path, capsys):
+    run_dir = make_run(tmp_path)
+    other = write_npz(tmp_path / "other.npz", class_names=["x", "y", "z"])
+    code = load_entry_script().main(["--run-dir", str(run_dir), "--data", str(other)])
+    assert code == 2
+    err = one_line_error(capsys)
+    assert "['x', 'y', 'z']" in err and "['alpha', 'beta', 'gamma']" in err
+
+
+def test_script_reports_a_missing_run_dir(tmp_path, capsys):
+    code = load_entry_script().main(["--run-dir", str(tmp_path / "missing")])
+    assert code == 2
+    assert "does not exist" in one_line_error(capsys)
+
+
+def test_script_without_run_dir_and_no_runs_says_to_train(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert load_entry_script().main([]) == 2
+    assert "no run with checkpoints under runs/" in one_line_error(capsys)
+
+
+def test_script_end_to_end_writes_report_and_figure(script_run):
+    run_dir, proc = script_run
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    report = json.loads((run_dir / "test_report.json").read_text())
+    assert set(report["weights"]) == {"best", "swa"}
+    for metrics in report["weights"].values():
+        assert REPORT_KEYS <= set(metrics)
+        assert sum(map(sum, metrics["confusion_matrix"])) == report["n_test"] == 12
+    png = run_dir / "confusion_matrix.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (run_dir / "test_report.json", png):  # the usual mode, not a temp file's 0600
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert "test_report.json" in out and "macro-F1" in out

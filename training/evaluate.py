@@ -1,0 +1,458 @@
+"""Evaluate a run's saved weights on the test split: metrics, a rich report, JSON and a PNG.
+
+A run folder holds ``checkpoints/best.pt`` (and ``last.pt``, and ``swa.pt`` when SWA ran). Each
+weight set is rebuilt from its checkpoint alone (model config, depth, class names, the training
+set's mean/std) and scored on the test split of the cache the run trained on, or of another source
+with the same classes (``data=``).
+
+Public API:
+    predict, classification_metrics, build_model, test_loader, find_weights, latest_run,
+    evaluate_run, print_report, save_report, WEIGHT_FILES.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich import box
+from rich.columns import Columns
+from rich.console import Console
+from rich.table import Table
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dataset.cache import CacheInfo, load_cache, prepare
+from dataset.errors import DataError
+from dataset.npy_dataset import NpyDataset
+from dataset.transforms import eval_transform
+from models.basic_cnn_model import BasicCNNModel, ModelConfig
+from training.checkpoint import load_checkpoint, restore_model
+from training.data import resolve_workers
+from training.device import amp_dtype as resolve_amp_dtype
+from training.device import resolve_device
+
+#: weight-set name -> file under ``run_dir/checkpoints/``, in report order.
+WEIGHT_FILES: dict[str, str] = {"best": "best.pt", "last": "last.pt", "swa": "swa.pt"}
+REPORT_JSON = "test_report.json"
+REPORT_PNG = "confusion_matrix.png"
+# Keyword arguments of dataset.cache.prepare, by their name in the training config's data section.
+_PREPARE_ARGS: dict[str, str] = {
+    "val_fraction": "val_fraction",
+    "test_fraction": "test_fraction",
+    "split_seed": "seed",
+    "image_size": "image_size",
+    "strict_size": "strict_size",
+    "drop_leaked_test": "drop_leaked_test",
+}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` over ``loader`` in eval mode.
+
+    Args:
+        model: the network; moved to ``device``, and put back in its previous train/eval mode.
+        loader: yields ``(images, labels)`` batches.
+        device: where to compute.
+        amp_dtype: autocast dtype (``torch.float16``/``torch.bfloat16``), ``None`` for fp32.
+
+    Returns:
+        Logits ``(N, C)`` float32 and labels ``(N,)`` int64, both on the CPU.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.to(device).eval()
+    non_blocking = device.type == "cuda"
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    )
+    all_logits, all_labels = [], []
+    try:
+        for images, labels in loader:
+            with autocast:
+                logits = model(images.to(device, non_blocking=non_blocking))  # (B, C)
+            all_logits.append(logits.float().cpu())
+            all_labels.append(torch.as_tensor(labels, dtype=torch.int64))
+    finally:
+        model.train(was_training)
+    if not all_logits:
+        raise ValueError("predict: the loader yielded no batches (empty test split?)")
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, balanced accuracy, NLL, per-class scores and the confusion matrix.
+
+    Every score is computed over all ``len(class_names)`` classes, so a class absent from the
+    labels still has its row (support 0, scores 0) and the matrix stays ``C x C``.
+
+    Args:
+        logits: ``(N, C)`` raw scores.
+        labels: ``(N,)`` true class indices.
+        class_names: one name per class; ``C`` is its length.
+
+    Returns:
+        A JSON-ready dict: ``accuracy``, ``macro_f1``, ``balanced_accuracy``, ``nll`` (mean
+        cross-entropy of the logits), ``per_class`` (list of ``{class, precision, recall, f1,
+        support}``) and ``confusion_matrix`` (rows true, columns predicted).
+    """
+    n_classes = len(class_names)
+    if logits.ndim != 2 or logits.shape[1] != n_classes or len(logits) != len(labels):
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not fit "
+            f"{n_classes} classes; expected (N, {n_classes}) and (N,)"
+        )
+    logits = logits.detach().float().cpu()
+    labels = labels.detach().long().cpu()
+    y_true, y_pred = labels.numpy(), logits.argmax(dim=1).numpy()
+    classes = list(range(n_classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)
+        ),
+        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
+        "nll": float(F.cross_entropy(logits, labels)),
+        "per_class": [
+            {
+                "class": str(name),
+                "precision": float(p),
+                "recall": float(r),
+                "f1": float(f),
+                "support": int(s),
+            }
+            for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
+        ],
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+    }
+
+
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    # A class that is predicted but absent from y_true has no recall; sklearn leaves it out of
+    # the mean, which is what we want, and warns about it, which we do not.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(y_true, y_pred))
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+def build_model(ckpt: dict) -> BasicCNNModel:
+    """The checkpoint's network with its weights, at the depth it was saved at (on the CPU)."""
+    model = BasicCNNModel(ModelConfig(**ckpt["model_config"]))
+    restore_model(model, ckpt)
+    return model
+
+
+def _prepare_kwargs(ckpt: dict) -> dict[str, Any]:
+    """The cache-building options the run trained with, so a rebuild gives the same splits."""
+    data_cfg = (ckpt.get("config") or {}).get("data") or {}
+    return {arg: data_cfg[key] for key, arg in _PREPARE_ARGS.items() if key in data_cfg}
+
+
+def _checkpoint_cache(ckpt: dict) -> CacheInfo:
+    data = ckpt["data"]
+    cache_dir = Path(data["cache"])
+    try:
+        return load_cache(cache_dir)
+    except DataError:
+        # The cache was deleted or damaged since training: rebuild it where it was.
+        cache, _ = prepare(
+            data["source"], cache_dir.parent, name=cache_dir.name, **_prepare_kwargs(ckpt)
+        )
+        return cache
+
+
+def _check_compatible(cache: CacheInfo, ckpt: dict, source: str) -> None:
+    expected = list(ckpt["class_names"])
+    if cache.class_names != expected:
+        raise DataError(
+            source,
+            f"class names {cache.class_names} differ from the checkpoint's {expected}; "
+            "evaluate on data with the classes the model was trained on",
+        )
+    in_channels = ckpt["model_config"].get("in_channels")
+    if in_channels is not None and cache.channels != in_channels:
+        raise DataError(
+            source, f"images have {cache.channels} channel(s), the model expects {in_channels}"
+        )
+
+
+def test_loader(
+    ckpt: dict, data_override: str | None, batch_size: int, workers: int
+) -> tuple[DataLoader, CacheInfo]:
+    """A loader over the test split that the checkpoint's model can score.
+
+    Args:
+        ckpt: a checkpoint dict (see ``training.checkpoint``).
+        data_override: another source (MedMNIST name, ``.npz`` or folder) to test on instead of
+            the run's own cache; it must have the checkpoint's class names. Its cache is built
+            beside the run's cache.
+        batch_size: images per batch.
+        workers: DataLoader worker processes.
+
+    Images are normalised with the checkpoint's mean/std, the statistics the model was trained
+    with, not those of the (possibly different) test cache.
+    """
+    if data_override is None:
+        cache, source = _checkpoint_cache(ckpt), str(ckpt["data"]["source"])
+    else:
+        root = Path(ckpt["data"]["cache"]).parent
+        cache, source = prepare(data_override, root)[0], str(data_override)
+    _check_compatible(cache, ckpt, source)
+    dataset = NpyDataset(cache, "test", eval_transform(ckpt["mean"], ckpt["std"]))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return loader, cache
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def find_weights(run_dir: Path) -> dict[str, Path]:
+    """The weight sets of a run: ``best``, else ``last``; plus ``swa`` when present.
+
+    Raises:
+        FileNotFoundError: when the run folder or every checkpoint is missing.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    folder = run_dir / "checkpoints"
+    present = {n: folder / f for n, f in WEIGHT_FILES.items() if (folder / f).is_file()}
+    if "best" in present:
+        present.pop("last", None)  # last is the fallback for a run that never scored val
+    if not present:
+        raise FileNotFoundError(
+            f"no checkpoints in {folder}: train first with python models/train.py"
+        )
+    return present
+
+
+def latest_run(root: Path = Path("runs")) -> Path:
+    """The run folder under ``root`` whose newest checkpoint is the most recent.
+
+    Raises:
+        FileNotFoundError: when no folder under ``root`` has a checkpoint.
+    """
+    newest: dict[Path, float] = {}
+    for folder in Path(root).glob("*/checkpoints"):
+        times = [p.stat().st_mtime for p in folder.glob("*.pt")]
+        if times:
+            newest[folder.parent] = max(times)
+    if not newest:
+        raise FileNotFoundError(
+            f"no run with checkpoints under {root}/: train first with python models/train.py"
+        )
+    return max(newest, key=newest.__getitem__)
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    data: str | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    workers: int = -1,
+    amp: str = "off",
+) -> dict[str, Any]:
+    """Score every weight set of a run on the test split.
+
+    Args:
+        run_dir: the run folder (with ``checkpoints/``).
+        data: another source to test on (see :func:`test_loader`); ``None`` uses the run's.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        batch_size: images per batch, >= 1.
+        workers: DataLoader workers; -1 picks (none on the CPU, 4 on an accelerator).
+        amp: autocast mode "off", "auto", "fp16" or "bf16"; "off" gives exact fp32 scores.
+
+    Returns:
+        ``{"weights": {name: metrics}, "checkpoints": {name: {file, epoch}}, "dataset": name,
+        "class_names": [...], "n_test": int}`` with metrics from
+        :func:`classification_metrics`.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an int >= 1")
+    files = find_weights(run_dir)
+    dev = resolve_device(device)
+    dtype = resolve_amp_dtype(dev, amp)
+    ckpts = {name: load_checkpoint(path) for name, path in files.items()}
+    reference = next(iter(ckpts.values()))
+    loader, cache = test_loader(reference, data, batch_size, resolve_workers(workers, dev))
+    report: dict[str, Any] = {
+        "dataset": cache.name,
+        "class_names": list(reference["class_names"]),
+        "n_test": len(loader.dataset),
+        "checkpoints": {},
+        "weights": {},
+    }
+    for name, ckpt in ckpts.items():
+        # A weight set saved without metadata (an SWA model, say) borrows the reference's.
+        model = build_model({**reference, **ckpt})
+        logits, labels = predict(model, loader, dev, dtype)
+        report["weights"][name] = classification_metrics(logits, labels, report["class_names"])
+        report["checkpoints"][name] = {"file": str(files[name]), "epoch": ckpt.get("epoch")}
+    return report
+
+
+# --------------------------------------------------------------------------- printing
+
+
+_SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "accuracy"),
+    ("macro-F1", "macro_f1"),
+    ("balanced accuracy", "balanced_accuracy"),
+    ("NLL", "nll"),
+)
+
+
+def _weight_label(report: dict, name: str) -> str:
+    epoch = report.get("checkpoints", {}).get(name, {}).get("epoch")
+    return name if epoch is None else f"{name} (epoch {epoch})"
+
+
+def _summary_table(report: dict) -> Table:
+    table = Table(title="summary", box=box.SIMPLE_HEAD)
+    table.add_column("metric")
+    for name in report["weights"]:
+        table.add_column(_weight_label(report, name), justify="right")
+    for label, key in _SUMMARY_ROWS:
+        table.add_row(label, *(f"{m[key]:.4f}" for m in report["weights"].values()))
+    return table
+
+
+def _per_class_table(report: dict) -> Table:
+    table = Table(title="per class: precision / recall / F1", box=box.SIMPLE_HEAD)
+    table.add_column("class")
+    table.add_column("support", justify="right")
+    for name in report["weights"]:
+        for score in ("P", "R", "F1"):
+            table.add_column(f"{name} {score}", justify="right")
+    rows = zip(*(m["per_class"] for m in report["weights"].values()), strict=True)
+    for per_set in rows:
+        cells = [f"{c[k]:.3f}" for c in per_set for k in ("precision", "recall", "f1")]
+        table.add_row(per_set[0]["class"], str(per_set[0]["support"]), *cells)
+    return table
+
+
+def _confusion_table(report: dict, name: str) -> Table:
+    matrix = report["weights"][name]["confusion_matrix"]
+    table = Table(title=f"confusion: {name}", box=box.SIMPLE_HEAD)
+    table.add_column("true \\ pred")
+    for j in range(len(matrix)):
+        table.add_column(str(j), justify="right")
+    for i, (cls, row) in enumerate(zip(report["class_names"], matrix, strict=True)):
+        # The diagonal (correct predictions) in bold, so confusions stand out from hits.
+        cells = [f"[bold]{v}[/]" if i == j else str(v) for j, v in enumerate(row)]
+        table.add_row(f"{i} {cls}", *cells)
+    return table
+
+
+def print_report(report: dict, console: Console) -> None:
+    """Print the summary, per-class scores and confusion matrices, weight sets side by side."""
+    console.print(
+        f"[bold]test set[/]: {report['dataset']}, {report['n_test']} images", highlight=False
+    )
+    console.print(_summary_table(report))
+    console.print(_per_class_table(report))
+    console.print("confusion matrices: rows are the true class, column j the predicted class j")
+    console.print(Columns([_confusion_table(report, name) for name in report["weights"]]))
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
+    # A plain open (not mkstemp, which makes 0600 files) so the report gets the umask's mode;
+    # the pid keeps two evaluations of one run from writing the same temp file.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _plot_confusion(report: dict, path: Path) -> None:
+    # Figure without pyplot: the Agg canvas renders it, and no global backend state is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(report["weights"])
+    n_classes = len(report["class_names"])
+    side = max(4.0, 0.55 * n_classes + 2.5)
+    fig = Figure(figsize=(side * len(names), side), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names, strict=True):
+        matrix = np.asarray(report["weights"][name]["confusion_matrix"])
+        ax.imshow(matrix, cmap="Blues", vmin=0)
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for (i, j), count in np.ndenumerate(matrix):
+            colour = "white" if count > threshold else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=colour, fontsize=8)
+        ticks = range(n_classes)
+        ax.set_xticks(ticks, report["class_names"], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(ticks, report["class_names"], fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(
+            f"{_weight_label(report, name)}: acc {report['weights'][name]['accuracy']:.3f}"
+        )
+    fig.savefig(path, format="png", dpi=120, bbox_inches="tight", pad_inches=0.15)
+
+
+def save_report(report: dict, run_dir: Path) -> tuple[Path, Path]:
+    """Write ``test_report.json`` and ``confusion_matrix.png`` into ``run_dir``, atomically.
+
+    Returns:
+        The paths of the JSON report and of the figure.
+    """
+    run_dir = Path(run_dir)
+    json_path, png_path = run_dir / REPORT_JSON, run_dir / REPORT_PNG
+    text = json.dumps(report, indent=2) + "\n"
+    _write_atomically(json_path, lambda tmp: tmp.write_text(text))
+    _write_atomically(png_path, lambda tmp: _plot_confusion(report, tmp))
+    return json_path, png_path
