@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= bloodmnist
+ARGS ?=
 
 .PHONY: venv train data test lint bench
 
@@ -15,8 +16,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 venv: $(STAMP)
 
-## Build the default dataset's cache and print its report (training arrives with the engine).
-train: data
+## Train on the default dataset (BloodMNIST); pass options with ARGS="--preset cpu ...".
+train: $(STAMP)
+	$(PY) models/train.py $(ARGS)
 
 data: $(STAMP)
 	$(PY) -m dataset prepare $(DATA)
@@ -29,3 +31,4 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py
+	$(PY) bench/overhead.py

@@ -69,3 +69,19 @@ def folder_factory(tmp_path):
         return root
 
     return make
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    """28x28 RGB, 3 classes whose mean brightness differs, so a model can learn something."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 48), ("val", 12), ("test", 12)):
+        labels = np.arange(n) % 3
+        base = (labels * 70 + 30)[:, None, None, None]
+        images = np.clip(base + rng.integers(-25, 25, size=(n, 28, 28, 3)), 0, 255)
+        arrays[f"{split}_images"] = images.astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.astype(np.int64)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, **arrays)
+    return path

@@ -139,7 +139,8 @@ class ModelSection:
         gn_groups: GroupNorm groups.
         noise_std: std of the Gaussian input noise in training mode.
         dropout: Dropout2d rates of blocks 1, 2 and 3, each in [0, 1).
-        active_blocks: blocks active at the start of training.
+        active_blocks: blocks active at the start of training. 3 (the whole network) until the
+            progressive-unfreezing schedule exists to activate blocks during the run.
     """
 
     width: float = _field(1.0, POSITIVE)
@@ -148,7 +149,7 @@ class ModelSection:
     gn_groups: int = _field(8, _int_at_least(1))
     noise_std: float = _field(0.05, NON_NEGATIVE)
     dropout: list[float] = _field([0.1, 0.2, 0.3], _rates(NUM_BLOCKS))
-    active_blocks: int = _field(1, _int_between(1, NUM_BLOCKS))
+    active_blocks: int = _field(3, _int_between(1, NUM_BLOCKS))
 
     def to_model_config(self, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
         """The :class:`ModelConfig` of this section for a dataset's channels, classes and size."""

@@ -1,0 +1,106 @@
+"""Assemble a run from a config: device, data, model, features, trainer; and the run folder."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from models.basic_cnn_model import BasicCNNModel, ModelConfig
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.config import TrainConfig, config_from_dict, save_config
+from training.console import ConsoleCallback, warn
+from training.data import make_loaders, prepare_cache
+from training.device import amp_dtype, resolve_device
+from training.events import Callback
+from training.metrics_log import MetricsLogger
+from training.seeding import make_generator, seed_everything
+from training.trainer import Trainer
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch (``RANK`` as set by torchrun), or a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    name = Path(cfg.data.source.rstrip("/")).stem or "run"
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict]:
+    """The config and checkpoint of an earlier run, to continue it."""
+    path = Path(run_dir) / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
+    ckpt = load_checkpoint(path)
+    return config_from_dict(ckpt["config"]), ckpt
+
+
+def build_model(cfg: TrainConfig, cache) -> BasicCNNModel:
+    m = cfg.model
+    return BasicCNNModel(
+        ModelConfig(
+            in_channels=cache.channels,
+            num_classes=cache.num_classes,
+            input_size=cache.image_size,
+            activation=m.activation,
+            width=m.width,
+            norm=m.norm,
+            gn_groups=m.gn_groups,
+            noise_std=m.noise_std,
+            dropout=tuple(m.dropout),
+            active_blocks=m.active_blocks,
+        )
+    )
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    console: Console | None = None,
+    resume: dict | None = None,
+    extra_callbacks: list[Callback] | None = None,
+) -> Trainer:
+    """Everything a run needs, in the order that keeps it reproducible: seed, then build."""
+    console = console or Console()
+    is_main = is_main_process()
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    if device.type == "cpu" and not cfg.preset and is_main:
+        warn(
+            console,
+            "no GPU found: the default (full) settings are made for a GPU and will be "
+            "slow here; add --preset cpu for a narrow model and a short schedule",
+        )
+    cache = prepare_cache(cfg.data, progress=is_main)
+    model = build_model(cfg, cache).to(device)
+    loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed))
+    callbacks: list[Callback] = [
+        ConsoleCallback(console, cfg.run.progress),
+        MetricsLogger(run_dir, cfg.run.tensorboard),
+        *(extra_callbacks or []),
+    ]
+    trainer = Trainer(
+        cfg,
+        model=model,
+        cache=cache,
+        loaders=loaders,
+        device=device,
+        amp_dtype=amp_dtype(device, cfg.run.amp),
+        run_dir=run_dir,
+        callbacks=callbacks,
+        is_main=is_main,
+    )
+    if resume is not None:
+        trainer.load_state(resume)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return trainer

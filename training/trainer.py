@@ -1,0 +1,410 @@
+"""The training loop: owns the epoch and step counts, checkpoints and resume; features hook in.
+
+The loop is deliberately plain: per epoch it trains (forward, loss, :class:`GradStepper`),
+validates, writes ``checkpoints/last.pt`` (and ``best.pt`` on a new best), and calls the
+callbacks' hooks at each named event (see :mod:`training.events`). Everything a resumed run needs
+is in the checkpoint: model, optimizer, schedule, stepper (scaler and step count), every
+callback's state, the RNG states, the history and the position inside an interrupted epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dataset.cache import CacheInfo
+from models.basic_cnn_model import NUM_BLOCKS, BasicCNNModel
+from training.checkpoint import CheckpointError, check_compatible, restore_model, save_checkpoint
+from training.config import TrainConfig, config_to_dict
+from training.evaluate import classification_metrics, predict
+from training.events import Callback, StopTraining
+from training.schedule import LRSchedule, warmup_cosine
+from training.seeding import rng_state, set_rng_state
+from training.stepper import GradStepper, group_size, steps_per_epoch
+
+CHECKPOINT_FORMAT = 1
+LOWER_IS_BETTER = {"val_loss"}
+
+
+class Interrupted(Exception):  # noqa: N818 - control flow: a user asked the run to stop
+    """Raised inside the loop once the step in progress has finished after a SIGINT."""
+
+
+@dataclass
+class EpochProgress:
+    """Running sums of the epoch in progress; saved when a run is interrupted mid-epoch."""
+
+    epoch: int
+    batches_done: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def build_optimizer(model: BasicCNNModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with one parameter group per active block (block 1's group holds the classifier).
+
+    Groups are named ``block1``..``block3`` so that a block activated later joins as a group of
+    its own, with its own learning rate.
+    """
+    o = cfg.optim
+    groups = [{"params": model.initial_parameters(), "name": "block1"}]
+    groups += [
+        {"params": model.new_parameters(k), "name": f"block{k}"}
+        for k in range(2, model.active_blocks + 1)
+    ]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+class Trainer:
+    """Train a :class:`BasicCNNModel` on a cache with the features given as callbacks.
+
+    Args:
+        config: the resolved :class:`~training.config.TrainConfig`.
+        model: the model, already on ``device``.
+        cache: the dataset cache (class names, normalisation statistics).
+        loaders: ``{"train": ..., "val": ...}``; the train loader's ``generator`` is reseeded
+            each epoch so that an epoch's order does not depend on what ran before.
+        device: where to train.
+        amp_dtype: autocast dtype, or ``None`` for full precision.
+        run_dir: the run folder (``checkpoints/`` goes inside).
+        callbacks: the features, called in this order at every event.
+        is_main: ``False`` on ranks other than 0, which then write no files.
+        criterion: loss on (logits, targets); cross-entropy with the config's label smoothing
+            by default.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: BasicCNNModel,
+        cache: CacheInfo,
+        loaders: dict[str, DataLoader],
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        run_dir: Path,
+        callbacks: Sequence[Callback] = (),
+        is_main: bool = True,
+        criterion: nn.Module | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.cache = cache
+        self.loaders = loaders
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.run_dir = Path(run_dir)
+        self.callbacks = list(callbacks)
+        self.is_main = is_main
+        self.criterion = criterion or nn.CrossEntropyLoss(
+            label_smoothing=config.optim.label_smoothing
+        )
+        self.batches_per_epoch = len(loaders["train"])
+        self.optimizer = build_optimizer(model, config)
+        self.schedule = LRSchedule(self.optimizer, self._lr_factor())
+        self.stepper = GradStepper(
+            self.optimizer,
+            device=device,
+            amp_dtype=amp_dtype,
+            accumulation=config.optim.accumulation,
+            clip_grad=config.optim.clip_grad,
+            scheduler=self.schedule,
+        )
+        self.epoch = 0
+        self.start_epoch = 1
+        self.history: list[dict] = []
+        self.best: dict[str, Any] = {"metric": config.run.monitor, "value": None, "epoch": None}
+        self.stopped: str | None = None
+        self._progress: EpochProgress | None = None
+        self._interrupt_requested = False
+
+    # ----------------------------------------------------------------- public state
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self.stepper.step
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def notify(self, kind: str, title: str, lines: Sequence[str] = ()) -> None:
+        """Tell every callback that something happened (a stage change, an intervention)."""
+        for cb in self.callbacks:
+            cb.on_notice(self, kind, title, list(lines))
+
+    def activate_block(self, k: int) -> list[str]:
+        """Make blocks ``1..k`` active; each newly active block joins the optimizer as a group.
+
+        New groups start at the learning rate the schedule gives now. Returns the names of the
+        groups added; announces the stage change.
+        """
+        before = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        old = self.model.active_blocks
+        if not old < k <= NUM_BLOCKS:
+            raise ValueError(f"activate_block: k={k} is invalid; allowed: {old + 1}..{NUM_BLOCKS}")
+        self.model.freeze_blocks_until(k)
+        added = []
+        factor = self.schedule.factor(self.schedule.last_step)
+        for block in range(old + 1, k + 1):
+            base = self.config.optim.lr
+            self.optimizer.add_param_group(
+                {
+                    "params": self.model.new_parameters(block),
+                    "name": f"block{block}",
+                    "base_lr": base,
+                    "lr": base * factor,
+                }
+            )
+            added.append(f"block{block}")
+        after = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.notify(
+            "stage",
+            f"STAGE {k}: block {k} active",
+            [f"trainable parameters {before:,} -> {after:,}", f"new groups: {', '.join(added)}"],
+        )
+        return added
+
+    # ----------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train until ``run.epochs``; returns the summary given to ``on_fit_end``."""
+        start = time.perf_counter()
+        try:
+            self._emit("on_fit_start")
+            try:
+                with self._sigint_finishes_step():
+                    for epoch in range(self.start_epoch, self.config.run.epochs + 1):
+                        self._run_epoch(epoch)
+            except StopTraining as stop:
+                self.stopped = stop.reason
+            except Interrupted:
+                self.stopped = "interrupted"
+            summary = self._summary(time.perf_counter() - start)
+            self._emit("on_fit_end", summary)
+        finally:
+            for cb in self.callbacks:  # a live progress bar must give the terminal back
+                close = getattr(cb, "close", None)
+                if close is not None:
+                    close()
+        return summary
+
+    def _run_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._emit("on_epoch_start", epoch)
+        train = self._train_epoch(epoch)
+        metrics = {"epoch": epoch, **train, **self._validate()}
+        metrics["lr"] = [g["lr"] for g in self.optimizer.param_groups]
+        metrics["active_blocks"] = self.model.active_blocks
+        self._emit("on_validation_end", metrics)
+        improved = self._update_best(metrics)
+        self.history.append(metrics)
+        self._progress = None
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        self._emit("on_epoch_end", metrics)
+
+    def _seed_epoch(self, epoch: int) -> None:
+        # The epoch's shuffle and augmentation depend on (seed, epoch) only, so a resumed run
+        # draws the same batches as an uninterrupted one.
+        seed = self.config.run.seed * 100_003 + epoch
+        loader = self.loaders["train"]
+        if loader.generator is not None:
+            loader.generator.manual_seed(seed)
+        if hasattr(loader.dataset, "reseed"):
+            loader.dataset.reseed(seed)
+
+    def _train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        self._seed_epoch(epoch)
+        progress = self._progress if self._progress and self._progress.epoch == epoch else None
+        progress = progress or EpochProgress(epoch)
+        n, acc = self.batches_per_epoch, self.config.optim.accumulation
+        t0 = time.perf_counter() - progress.seconds
+        for b, (x, y) in enumerate(self.loaders["train"]):
+            if b < progress.batches_done:
+                continue  # already trained before an interruption; drawn again to keep RNG streams
+            x = x.to(self.device, non_blocking=True)  # (B, C, H, W)
+            y = y.to(self.device, non_blocking=True)  # (B,)
+            with self.stepper.autocast():
+                logits = self.model(x)  # (B, num_classes)
+                loss = self.criterion(logits, y)
+            stepped = self.stepper.backward(loss, group_size=group_size(b, n, acc))
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                self.notify(
+                    "warning", "non-finite loss", [f"epoch {epoch}, batch {b + 1}: {loss_value}"]
+                )
+            progress.batches_done = b + 1
+            progress.loss_sum += loss_value * len(y)
+            progress.correct += int((logits.detach().argmax(1) == y).sum())
+            progress.seen += len(y)
+            self._emit("on_batch_end", b, loss_value, stepped)
+            if stepped and self._interrupt_requested:
+                progress.seconds = time.perf_counter() - t0
+                self._progress = progress
+                self.save("last.pt")
+                raise Interrupted
+        seconds = time.perf_counter() - t0
+        return {
+            "train_loss": progress.loss_sum / max(1, progress.seen),
+            "train_acc": progress.correct / max(1, progress.seen),
+            "epoch_s": seconds,
+            "images_per_s": progress.seen / max(seconds, 1e-9),
+        }
+
+    def _validate(self) -> dict:
+        logits, labels = predict(self.model, self.loaders["val"], self.device, self.amp_dtype)
+        m = classification_metrics(logits, labels, self.cache.class_names)
+        return {"val_loss": m["nll"], "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"]}
+
+    def _update_best(self, metrics: dict) -> bool:
+        monitor = self.config.run.monitor
+        value = float(metrics[monitor])
+        old = self.best["value"]
+        better = old is None or (value < old if monitor in LOWER_IS_BETTER else value > old)
+        if better:
+            self.best = {"metric": monitor, "value": value, "epoch": metrics["epoch"]}
+        metrics["is_best"] = better
+        return better
+
+    def _lr_factor(self):
+        cfg = self.config
+        spe = steps_per_epoch(self.batches_per_epoch, cfg.optim.accumulation)
+        return partial(
+            warmup_cosine,
+            warmup_steps=spe * cfg.schedule.warmup_epochs,
+            total_steps=spe * cfg.run.epochs,
+            min_ratio=min(1.0, cfg.schedule.min_lr / cfg.optim.lr),
+        )
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    def _summary(self, seconds: float) -> dict:
+        ck = self.checkpoint_dir
+        files = {"run": str(self.run_dir), "last": str(ck / "last.pt")}
+        if (ck / "best.pt").exists():
+            files["best"] = str(ck / "best.pt")
+        return {
+            "best_epoch": self.best["epoch"],
+            "best_value": self.best["value"],
+            "monitor": self.best["metric"],
+            "seconds": seconds,
+            "stopped": self.stopped,
+            "files": files,
+        }
+
+    @contextmanager
+    def _sigint_finishes_step(self):
+        """First Ctrl-C: finish the optimizer step, save, stop. Second: stop at once."""
+
+        def handler(signum, frame):
+            if self._interrupt_requested:
+                raise KeyboardInterrupt
+            self._interrupt_requested = True
+            self.notify(
+                "warning", "interrupt received", ["finishing the current step, then saving last.pt"]
+            )
+
+        try:
+            previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
+        try:
+            yield
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def checkpoint_payload(self) -> dict:
+        """Everything needed to resume this run or to evaluate its weights."""
+        cfg = self.model.config
+        model_config = {**cfg.__dict__, "dropout": list(cfg.dropout)}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch if self._progress is None else self.epoch - 1,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "model_config": model_config,
+            "active_blocks": self.model.active_blocks,
+            "dropout_rates": self.model.dropout_rates(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "stepper": self.stepper.state_dict(),
+            "callbacks": {cb.key: cb.state_dict() for cb in self.callbacks},
+            "rng": rng_state(),
+            "config": config_to_dict(self.config),
+            "class_names": self.cache.class_names,
+            "mean": self.cache.mean,
+            "std": self.cache.std,
+            "data": {
+                "name": self.cache.name,
+                "cache": str(self.cache.path),
+                "source": self.config.data.source,
+            },
+            "best": dict(self.best),
+            "history": list(self.history),
+            "progress": None if self._progress is None else self._progress.as_dict(),
+        }
+
+    def save(self, name: str) -> Path | None:
+        """Write ``checkpoints/<name>`` atomically (rank 0 only)."""
+        if not self.is_main:
+            return None
+        path = self.checkpoint_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.checkpoint_payload(), path)
+        return path
+
+    def load_state(self, ckpt: dict) -> None:
+        """Restore a checkpoint written by :meth:`checkpoint_payload`, to continue exactly."""
+        model_config = {**self.model.config.__dict__, "dropout": list(self.model.config.dropout)}
+        check_compatible(ckpt, model_config, self.cache.class_names)
+        restore_model(self.model, ckpt)
+        for block, p in enumerate(ckpt.get("dropout_rates", []), start=1):
+            self.model.set_dropout(block, p)
+        # Rebuild the optimizer with the checkpoint's groups (one per active block) before
+        # loading its state, so group count and order match.
+        self.optimizer = build_optimizer(self.model, self.config)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"optimizer state does not fit this model: {exc}") from exc
+        self.schedule = LRSchedule(self.optimizer, self._lr_factor())
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        self.stepper.optimizer = self.optimizer
+        self.stepper.scheduler = self.schedule
+        self.stepper.load_state_dict(ckpt["stepper"])
+        states = ckpt.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.key in states:
+                cb.load_state_dict(states[cb.key])
+        self.history = list(ckpt.get("history", []))
+        self.best = dict(ckpt["best"])
+        progress = ckpt.get("progress")
+        self._progress = EpochProgress(**progress) if progress else None
+        self.start_epoch = self._progress.epoch if self._progress else int(ckpt["epoch"]) + 1
+        self.epoch = self.start_epoch - 1
+        set_rng_state(ckpt["rng"])
