@@ -261,3 +261,26 @@ def test_restore_model_summarises_missing_and_unexpected_keys():
 def test_restore_model_refuses_a_bad_depth():
     with pytest.raises(CheckpointError, match="active_blocks"):
         restore_model(tiny_model(), payload(active_blocks=7))
+
+
+def test_copy_checkpoint_is_atomic_and_readable(tmp_path, monkeypatch):
+    import shutil as shutil_mod
+    import stat
+
+    from training.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+
+    src, dst = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_checkpoint({"format": 1, "model": {"w": torch.ones(3)}}, src)
+    copy_checkpoint(src, dst)
+    assert torch.equal(load_checkpoint(dst)["model"]["w"], torch.ones(3))
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o644
+    save_checkpoint({"format": 1, "model": {"w": torch.zeros(3)}}, src)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil_mod, "copyfileobj", broken)
+    with pytest.raises(OSError):
+        copy_checkpoint(src, dst)
+    assert torch.equal(load_checkpoint(dst)["model"]["w"], torch.ones(3))  # previous copy intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

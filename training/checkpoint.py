@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 
 #: version of the checkpoint layout this module writes and reads.
 FORMAT = 1
+FILE_MODE = 0o644  # what a plain open() would give under the usual umask
 #: ModelConfig fields that decide the parameters' shapes or what they compute; a checkpoint
 #: must match them. dropout, noise_std, input_size and active_blocks change during or between
 #: runs without changing what the weights mean, so they are not compared.
@@ -97,12 +99,31 @@ def save_checkpoint(payload: dict, path: Path) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp_name, FILE_MODE)  # mkstemp creates 0600; a checkpoint is meant to be shared
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a written checkpoint file to ``dst`` atomically (temporary file, then rename)."""
+    dst = Path(dst)
+    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, open(src, "rb") as source:
+            shutil.copyfileobj(source, f, length=1 << 22)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, FILE_MODE)
+        os.replace(tmp_name, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(dst.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -25,7 +25,13 @@ from torch.utils.data import DataLoader
 
 from dataset.cache import CacheInfo
 from models.basic_cnn_model import NUM_BLOCKS, BasicCNNModel
-from training.checkpoint import CheckpointError, check_compatible, restore_model, save_checkpoint
+from training.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    copy_checkpoint,
+    restore_model,
+    save_checkpoint,
+)
 from training.config import TrainConfig, config_to_dict
 from training.evaluate import classification_metrics, predict
 from training.events import Callback, StopTraining
@@ -34,6 +40,7 @@ from training.seeding import rng_state, set_rng_state
 from training.stepper import GradStepper, group_size, steps_per_epoch
 
 CHECKPOINT_FORMAT = 1
+SYNC_EVERY = 25  # batches between reads of the loss on an accelerator
 LOWER_IS_BETTER = {"val_loss"}
 
 
@@ -217,9 +224,9 @@ class Trainer:
         improved = self._update_best(metrics)
         self.history.append(metrics)
         self._progress = None
-        self.save("last.pt")
-        if improved:
-            self.save("best.pt")
+        last = self.save("last.pt")
+        if improved and last is not None:
+            copy_checkpoint(last, self.checkpoint_dir / "best.pt")  # same content, no re-encoding
         self._emit("on_epoch_end", metrics)
 
     def _seed_epoch(self, epoch: int) -> None:
@@ -238,6 +245,13 @@ class Trainer:
         progress = self._progress if self._progress and self._progress.epoch == epoch else None
         progress = progress or EpochProgress(epoch)
         n, acc = self.batches_per_epoch, self.config.optim.accumulation
+        # Running sums stay on the device: reading a GPU value each batch would make the host wait
+        # for the GPU and stop it from queueing the next batch. The loss is read every batch on
+        # the CPU (free there) and every SYNC_EVERY batches elsewhere.
+        sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY
+        loss_sum = torch.tensor(progress.loss_sum, device=self.device)
+        correct = torch.tensor(progress.correct, device=self.device)
+        loss_value = float("nan")
         t0 = time.perf_counter() - progress.seconds
         for b, (x, y) in enumerate(self.loaders["train"]):
             if b < progress.batches_done:
@@ -248,28 +262,38 @@ class Trainer:
                 logits = self.model(x)  # (B, num_classes)
                 loss = self.criterion(logits, y)
             stepped = self.stepper.backward(loss, group_size=group_size(b, n, acc))
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                self.notify(
-                    "warning", "non-finite loss", [f"epoch {epoch}, batch {b + 1}: {loss_value}"]
-                )
+            loss_sum += loss.detach().float() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
             progress.batches_done = b + 1
-            progress.loss_sum += loss_value * len(y)
-            progress.correct += int((logits.detach().argmax(1) == y).sum())
             progress.seen += len(y)
+            if b % sync_every == 0 or b == n - 1:
+                loss_value = self._read_loss(loss, epoch, b)
             self._emit("on_batch_end", b, loss_value, stepped)
             if stepped and self._interrupt_requested:
-                progress.seconds = time.perf_counter() - t0
-                self._progress = progress
+                self._keep_progress(progress, loss_sum, correct, t0)
                 self.save("last.pt")
                 raise Interrupted
-        seconds = time.perf_counter() - t0
+        self._keep_progress(progress, loss_sum, correct, t0)
         return {
             "train_loss": progress.loss_sum / max(1, progress.seen),
             "train_acc": progress.correct / max(1, progress.seen),
-            "epoch_s": seconds,
-            "images_per_s": progress.seen / max(seconds, 1e-9),
+            "epoch_s": progress.seconds,
+            "images_per_s": progress.seen / max(progress.seconds, 1e-9),
         }
+
+    def _read_loss(self, loss: torch.Tensor, epoch: int, batch: int) -> float:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self.notify(
+                "warning", "non-finite loss", [f"epoch {epoch}, batch {batch + 1}: {value}"]
+            )
+        return value
+
+    def _keep_progress(self, progress, loss_sum, correct, t0: float) -> None:
+        progress.loss_sum = float(loss_sum)
+        progress.correct = int(correct)
+        progress.seconds = time.perf_counter() - t0
+        self._progress = progress
 
     def _validate(self) -> dict:
         logits, labels = predict(self.model, self.loaders["val"], self.device, self.amp_dtype)
