@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from models.basic_cnn_model import BasicCNNModel, ModelConfig
+from models.basic_cnn_model import BasicCNNModel
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig, config_from_dict, save_config
 from training.console import ConsoleCallback, warn
@@ -41,20 +41,9 @@ def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict]:
 
 
 def build_model(cfg: TrainConfig, cache) -> BasicCNNModel:
-    m = cfg.model
+    """The configured model, shaped for the cache's channels, classes and image size."""
     return BasicCNNModel(
-        ModelConfig(
-            in_channels=cache.channels,
-            num_classes=cache.num_classes,
-            input_size=cache.image_size,
-            activation=m.activation,
-            width=m.width,
-            norm=m.norm,
-            gn_groups=m.gn_groups,
-            noise_std=m.noise_std,
-            dropout=tuple(m.dropout),
-            active_blocks=m.active_blocks,
-        )
+        cfg.model.to_model_config(cache.channels, cache.num_classes, cache.image_size)
     )
 
 
