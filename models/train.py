@@ -15,6 +15,7 @@ from dataset.errors import DataError
 from training.build import build_trainer, default_run_dir, load_resume
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, build_parser, config_from_args, format_config
+from training.console import warn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             cfg, ckpt = load_resume(args.resume)
+            ignored = [k for k, v in vars(args).items() if k not in ("resume", "epochs") and v]
+            if ignored:
+                warn(console, f"ignored with --resume (the run's stored config is used): {ignored}")
             if args.epochs:
                 cfg.run.epochs = args.epochs  # allow extending a finished run
             run_dir = Path(args.resume)
