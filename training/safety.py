@@ -15,21 +15,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from training.checks import is_int, is_real
+
 Mode = Literal["max", "min"]
 MODES: tuple[str, ...] = ("max", "min")
 NON_FINITE = "non-finite"  # prefix of the reasons for a diverged run
 
 
 # --------------------------------------------------------------------------- validation helpers
-
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass, but True is never a sensible count.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _invalid(where: str, value: object, allowed: str) -> ValueError:
@@ -42,7 +35,7 @@ def _check_mode(where: str, mode: object) -> None:
 
 
 def _check_int_at_least(where: str, value: object, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise _invalid(where, value, f"an int >= {minimum}")
 
 
@@ -115,10 +108,10 @@ class RollbackPolicy:
         relative: bool = False,
         monitor: str = "val_acc",
     ) -> None:
-        if not _is_real(threshold) or threshold <= 0:
+        if not is_real(threshold) or threshold <= 0:
             raise _invalid("RollbackPolicy.threshold", threshold, "a finite float > 0")
         _check_int_at_least("RollbackPolicy.max_rollbacks", max_rollbacks, 0)
-        if not _is_real(lr_cut) or not 0 < lr_cut <= 1:
+        if not is_real(lr_cut) or not 0 < lr_cut <= 1:
             raise _invalid("RollbackPolicy.lr_cut", lr_cut, "a float in (0, 1]")
         _check_mode("RollbackPolicy.mode", mode)
         if not isinstance(relative, bool):
@@ -237,7 +230,7 @@ class EarlyStopping:
         monitor: str = "val_acc",
     ) -> None:
         _check_int_at_least("EarlyStopping.patience", patience, 1)
-        if not _is_real(min_delta) or min_delta < 0:
+        if not is_real(min_delta) or min_delta < 0:
             raise _invalid("EarlyStopping.min_delta", min_delta, "a finite float >= 0")
         _check_mode("EarlyStopping.mode", mode)
         _check_int_at_least("EarlyStopping.not_before_epoch", not_before_epoch, 0)

@@ -19,21 +19,13 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from models.basic_cnn_model import NUM_BLOCKS
+from training.checks import is_int, is_real
 
 FIRST_LATE_BLOCK = 2  # block 1 is active from the start
 WARMUP_START = 0.1  # a new group's lr factor at the moment it joins, when warmup is on
 
 
 # --------------------------------------------------------------------------- validation helpers
-
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass, but True is never a sensible epoch.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _invalid(where: str, value: object, allowed: str) -> ValueError:
@@ -52,7 +44,7 @@ def _as_schedule(activate_at: Mapping[int, int] | Sequence[tuple[int, int]]) -> 
         schedule = {block: epoch for block, epoch in pairs}
     except (TypeError, ValueError):
         raise _invalid("activate_at", activate_at, allowed) from None
-    if not all(_is_int(block) for block in schedule):
+    if not all(is_int(block) for block in schedule):
         raise _invalid("activate_at", activate_at, allowed)
     if len(schedule) != len(pairs):
         raise _invalid("activate_at", activate_at, "each block at most once")
@@ -101,15 +93,15 @@ class UnfreezeSchedule:
         # None stands for the defaults so that no mutable default is shared between instances.
         activate_at = {2: 15, 3: 30} if activate_at is None else activate_at
         lr_mult = {2: 1.0, 3: 1.0} if lr_mult is None else lr_mult
-        if plateau_patience is not None and (not _is_int(plateau_patience) or plateau_patience < 1):
+        if plateau_patience is not None and (not is_int(plateau_patience) or plateau_patience < 1):
             raise _invalid("plateau_patience", plateau_patience, "None or an int >= 1")
-        if not _is_int(min_gap) or min_gap < 1:
+        if not is_int(min_gap) or min_gap < 1:
             raise _invalid("min_gap", min_gap, "an int >= 1")
         if mode not in ("max", "min"):
             raise _invalid("mode", mode, "'max' | 'min'")
-        if not _is_real(old_group_decay) or not 0 < old_group_decay <= 1:
+        if not is_real(old_group_decay) or not 0 < old_group_decay <= 1:
             raise _invalid("old_group_decay", old_group_decay, "a float in (0, 1]")
-        if not _is_real(warmup_epochs) or warmup_epochs < 0:
+        if not is_real(warmup_epochs) or warmup_epochs < 0:
             raise _invalid("warmup_epochs", warmup_epochs, "a finite float >= 0")
         self.activate_at = _as_schedule(activate_at)
         self.plateau_patience = plateau_patience
@@ -133,7 +125,7 @@ class UnfreezeSchedule:
             raise _invalid("activate_at", self.activate_at, allowed)
         previous = 0
         for block, epoch in self.activate_at.items():
-            if not _is_int(epoch) or epoch < previous + self.min_gap:
+            if not is_int(epoch) or epoch < previous + self.min_gap:
                 allowed = f"an int >= {previous + self.min_gap} (min_gap={self.min_gap} after "
                 allowed += "the start)" if previous == 0 else f"block {block - 1} at {previous})"
                 raise _invalid(f"activate_at[{block}]", epoch, allowed)
@@ -144,9 +136,9 @@ class UnfreezeSchedule:
         if not isinstance(lr_mult, Mapping):
             raise _invalid("lr_mult", lr_mult, "a dict block -> multiplier")
         for block, mult in lr_mult.items():
-            if not _is_int(block) or not FIRST_LATE_BLOCK <= block <= NUM_BLOCKS:
+            if not is_int(block) or not FIRST_LATE_BLOCK <= block <= NUM_BLOCKS:
                 raise _invalid("lr_mult key", block, f"a block in {FIRST_LATE_BLOCK}..{NUM_BLOCKS}")
-            if not _is_real(mult) or mult <= 0:
+            if not is_real(mult) or mult <= 0:
                 raise _invalid(f"lr_mult[{block}]", mult, "a finite float > 0")
         return {block: float(mult) for block, mult in sorted(lr_mult.items())}
 
@@ -159,7 +151,7 @@ class UnfreezeSchedule:
         runs now. Returning a block records the activation (``last_activation_epoch``,
         ``last_reason``), so the caller must activate it.
         """
-        if not _is_int(active_blocks) or not 1 <= active_blocks <= NUM_BLOCKS:
+        if not is_int(active_blocks) or not 1 <= active_blocks <= NUM_BLOCKS:
             raise _invalid("decide: active_blocks", active_blocks, f"an int in 1..{NUM_BLOCKS}")
         self._track(metric)
         block = active_blocks + 1
@@ -207,9 +199,9 @@ class UnfreezeSchedule:
         The warmup factor rises linearly from 0.1 at activation to 1 after ``warmup_epochs``
         (fractions of an epoch allowed, for per-step use); it is 1 when warmup is off.
         """
-        if not _is_int(block) or not 1 <= block <= NUM_BLOCKS:
+        if not is_int(block) or not 1 <= block <= NUM_BLOCKS:
             raise _invalid("group_lr_factor: block", block, f"an int in 1..{NUM_BLOCKS}")
-        if not _is_real(epochs_since_activation) or epochs_since_activation < 0:
+        if not is_real(epochs_since_activation) or epochs_since_activation < 0:
             raise _invalid(
                 "group_lr_factor: epochs_since_activation", epochs_since_activation, "a float >= 0"
             )
@@ -224,9 +216,9 @@ class UnfreezeSchedule:
 
         Each activation after ``block``'s own multiplies its rate by the decay once.
         """
-        if not _is_int(active_blocks) or not 1 <= active_blocks <= NUM_BLOCKS:
+        if not is_int(active_blocks) or not 1 <= active_blocks <= NUM_BLOCKS:
             raise _invalid("old_group_factor: active_blocks", active_blocks, f"1..{NUM_BLOCKS}")
-        if not _is_int(block) or not 1 <= block <= active_blocks:
+        if not is_int(block) or not 1 <= block <= active_blocks:
             raise _invalid("old_group_factor: block", block, f"an int in 1..{active_blocks}")
         return self.old_group_decay ** (active_blocks - block)
 
@@ -238,7 +230,7 @@ class UnfreezeSchedule:
         Epochs are rounded half up and kept at least 1 (and ``min_gap``) apart, so the scaled
         schedule is valid whatever the factor.
         """
-        if not _is_real(factor) or factor <= 0:
+        if not is_real(factor) or factor <= 0:
             raise _invalid("scaled: factor", factor, "a finite float > 0")
         min_gap = max(1, _round_half_up(self.min_gap * factor))
         activate_at, previous = {}, 0
