@@ -1,0 +1,143 @@
+"""Temperature scaling recovers a known temperature; ECE, NLL and the reliability diagram."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.calibration import (
+    T_MAX,
+    T_MIN,
+    calibration_report,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability_bins,
+    reliability_diagram,
+)
+
+
+def calibrated(n: int = 20000, classes: int = 5, seed: int = 0):
+    """Logits z and labels drawn from softmax(z), so z is calibrated by construction."""
+    g = torch.Generator().manual_seed(seed)
+    z = 2.0 * torch.randn(n, classes, generator=g)
+    y = torch.multinomial(z.softmax(dim=1), 1, generator=g).squeeze(1)
+    return z, y
+
+
+@pytest.fixture(scope="module")
+def data():
+    return calibrated()
+
+
+@pytest.mark.parametrize("scale, expected", [(2.5, 2.5), (0.5, 0.5), (1.0, 1.0)])
+def test_fit_recovers_known_temperature(data, scale, expected):
+    z, y = data
+    t = fit_temperature(z * scale, y)
+    assert t == pytest.approx(expected, rel=0.1)
+    # The fitted T is a minimum of the NLL: nudging it either way does worse.
+    assert nll(z * scale, y, t) <= min(nll(z * scale, y, t * 1.05), nll(z * scale, y, t / 1.05))
+
+
+def test_fit_accepts_float32_logits_on_any_dtype_and_clamps_degenerate_sets():
+    # All predictions right and well separated: NLL keeps falling as T -> 0, so T hits the floor.
+    z = torch.tensor([[5.0, 0.0], [0.0, 5.0], [4.0, -1.0]], dtype=torch.float16)
+    assert fit_temperature(z, torch.tensor([0, 1, 0])) == T_MIN
+    # All predictions wrong: NLL keeps falling as T -> inf, so T hits the ceiling.
+    assert fit_temperature(z.float(), torch.tensor([1, 0, 1])) == T_MAX
+
+
+def test_ece_small_when_calibrated_and_large_when_overconfident(data):
+    z, y = data
+    assert expected_calibration_error(z, y) < 0.02
+    over = z * 2.5
+    before = expected_calibration_error(over, y)
+    assert before > 0.05
+    after = expected_calibration_error(over / fit_temperature(over, y), y)
+    assert after < 0.02 and after < before
+
+
+def test_ece_hand_computed():
+    # 3 bins on [0, 1]: confidences 0.9, 0.8, 0.9 fall in bin 3, 0.55 in bin 2.
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 0, 1])  # correct, wrong, correct, correct
+    bins = reliability_bins(probs, labels, n_bins=3, from_logits=False)
+    assert bins["count"] == [0, 1, 3]
+    assert bins["confidence"][0] is None and bins["accuracy"][0] is None
+    assert bins["confidence"][1:] == pytest.approx([0.55, (0.9 + 0.8 + 0.9) / 3])
+    assert bins["accuracy"][1:] == pytest.approx([1.0, 2 / 3])
+    assert bins["edges"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    # bin 2: |1 - 0.55| * 1/4; bin 3: |2/3 - 2.6/3| * 3/4
+    expected = 0.45 / 4 + abs(2 / 3 - 2.6 / 3) * 3 / 4
+    assert bins["ece"] == pytest.approx(expected)
+    ece = expected_calibration_error(probs, labels, n_bins=3, from_logits=False)
+    assert ece == pytest.approx(expected)
+    # The same probabilities given as logits (log-probs) give the same ECE.
+    assert expected_calibration_error(probs.log(), labels, n_bins=3) == pytest.approx(expected)
+
+
+def test_nll_matches_cross_entropy():
+    z, y = calibrated(n=50, seed=1)
+    assert nll(z, y) == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
+    assert nll(z, y, 2.0) == pytest.approx(F.cross_entropy(z / 2, y).item(), rel=1e-6)
+
+
+def test_report_before_and_after(data):
+    z, y = data
+    over = z * 2.5
+    t = fit_temperature(over, y)
+    report = calibration_report(over, y, t)
+    assert set(report) == {"temperature", "nll_before", "nll_after", "ece_before", "ece_after"}
+    assert report["temperature"] == t
+    assert report["nll_after"] < report["nll_before"]
+    assert report["ece_after"] < report["ece_before"]
+    assert report["nll_after"] == pytest.approx(nll(over, y, t))
+
+
+def test_diagram_is_png_and_leaves_no_temp_files(tmp_path, data):
+    z, y = data
+    over = z[:2000] * 2.5
+    bins = reliability_bins(z[:2000], y[:2000], n_bins=10)
+    curves = {"before": (over, y[:2000]), "after": (over / 2.5, y[:2000]), "given": bins}
+    path = reliability_diagram(curves, tmp_path / "reliability.png", n_bins=10)
+    assert path == tmp_path / "reliability.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["reliability.png"]
+
+
+def test_diagram_failure_keeps_old_file_and_cleans_up(tmp_path):
+    path = tmp_path / "reliability.png"
+    path.write_bytes(b"old")
+    with pytest.raises(ValueError, match="allowed: at least one"):
+        reliability_diagram({}, path)
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        reliability_diagram({"x": (torch.full((2, 2), float("nan")), torch.tensor([0, 1]))}, path)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda z, y: nll(z, y, 0.0), r"temperature=0.0 is invalid; allowed: a number > 0"),
+        (lambda z, y: fit_temperature(z, y, max_iter=0), r"max_iter=0 is invalid"),
+        (lambda z, y: reliability_bins(z, y, n_bins=0), r"n_bins=0 is invalid; allowed: an int"),
+        (lambda z, y: nll(z[:, :1], y), r"logits have shape \(4, 1\); allowed: \(N, C\)"),
+        (lambda z, y: nll(z, y[:3]), r"labels have shape \(3,\); allowed: \(4,\)"),
+        (lambda z, y: nll(z, y + 2), r"labels span \[2, 4\]; allowed: \[0, 2\]"),
+    ],
+)
+def test_arguments_checked(call, match):
+    z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=match):
+        call(z, y)
+
+
+def test_fit_is_fast_on_cpu(data):
+    import time
+
+    z, y = data
+    fit_temperature(z[:10], y[:10])  # the first optimizer in a process imports torch._dynamo
+    start = time.perf_counter()
+    fit_temperature(z * 2.5, y)
+    assert time.perf_counter() - start < 2.0
