@@ -1,14 +1,18 @@
 """Albumentations pipelines: normalisation for evaluation, augmentation for training.
 
 The training pipeline takes a ``strength`` in [0, 1] that scales every magnitude and probability,
-so a schedule can start gentle and ramp up. Which transforms are used depends on the modality,
-read from the channel count: colour microscopy (3 channels) is rotation- and flip-invariant and
-varies in stain colour; greyscale MRI slices keep their up-down orientation and vary in contrast.
+so a schedule can start gentle and ramp up: :func:`augment_strength` gives the strength of an
+epoch and :class:`StrengthRamp` holds that schedule as a picklable value. Which transforms are
+used depends on the modality, read from the channel count: colour microscopy (3 channels) is
+rotation- and flip-invariant and varies in stain colour; greyscale MRI slices keep their up-down
+orientation and vary in contrast.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import albumentations as A
 from albumentations.pytorch import ToTensorV2
@@ -68,3 +72,61 @@ def train_transform(
             )
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
     return A.Compose(ops)
+
+
+# --------------------------------------------------------------------------- strength schedule
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def augment_strength(epoch: int, start: float, final: float, ramp_epochs: int) -> float:
+    """Augmentation strength of an epoch: ``start`` at epoch 1, rising linearly to ``final``.
+
+    Epoch ``1 + ramp_epochs`` and every later one get ``final``; ``ramp_epochs=0`` gives
+    ``final`` from the start. ``start`` may also be above ``final`` (a falling ramp).
+
+    Args:
+        epoch: the epoch, counted from 1.
+        start: strength at epoch 1, in [0, 1].
+        final: strength once the ramp is over, in [0, 1].
+        ramp_epochs: epochs the ramp takes, an int >= 0.
+    """
+    if not _is_int(epoch) or epoch < 1:
+        raise ValueError(f"epoch={epoch!r} is invalid; allowed: an int >= 1")
+    for name, value in (("start", start), ("final", final)):
+        if not _is_real(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} strength={value!r} is invalid; allowed: a number in [0, 1]")
+    if not _is_int(ramp_epochs) or ramp_epochs < 0:
+        raise ValueError(f"ramp_epochs={ramp_epochs!r} is invalid; allowed: an int >= 0")
+    if epoch >= 1 + ramp_epochs:
+        return float(final)
+    fraction = (epoch - 1) / ramp_epochs
+    return float(start + (final - start) * fraction)
+
+
+@dataclass(frozen=True)
+class StrengthRamp:
+    """The strength schedule of :func:`augment_strength` as a picklable value.
+
+    Args:
+        start: strength at epoch 1, in [0, 1].
+        final: strength from epoch ``1 + ramp_epochs`` on, in [0, 1].
+        ramp_epochs: epochs of the linear ramp, an int >= 0 (0 = ``final`` throughout).
+    """
+
+    start: float
+    final: float
+    ramp_epochs: int
+
+    def __post_init__(self) -> None:
+        augment_strength(1, self.start, self.final, self.ramp_epochs)  # validates the fields
+
+    def __call__(self, epoch: int) -> float:
+        """Strength of ``epoch`` (counted from 1)."""
+        return augment_strength(epoch, self.start, self.final, self.ramp_epochs)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from dataset.cache import prepare
 from dataset.npy_dataset import NpyDataset
-from dataset.transforms import eval_transform, train_transform
+from dataset.transforms import StrengthRamp, eval_transform, train_transform
 
 
 @pytest.fixture
@@ -85,3 +85,49 @@ def test_full_strength_changes_images():
 def test_transform_arguments_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         train_transform([0.5], [0.2], **kwargs)
+
+
+def test_reseed_restarts_the_augmentation_stream(cache):
+    ds = NpyDataset(cache, "train", train_transform(cache.mean, cache.std, 3, strength=1.0))
+
+    def first_items(seed: int) -> torch.Tensor:
+        ds.reseed(seed)
+        return torch.stack([ds[i][0] for i in range(6)])
+
+    a = first_items(5)
+    assert torch.equal(a, first_items(5))  # the same seed again gives the same augmentations
+    assert not torch.equal(a, first_items(6))
+    ds.set_epoch(2)  # a new epoch restarts the stream too, from (seed, epoch)
+    b = first_items(5)
+    assert not torch.equal(a, b)
+    assert torch.equal(b, first_items(5))
+
+
+def test_epoch_state_defaults_and_survives_pickling(cache):
+    ds = NpyDataset(cache, "train")
+    assert ds.epoch == 1 and ds.strength is None
+    ds.set_epoch(4)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone.epoch == 4 and len(pickle.dumps(ds)) < 20_000
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda ds: ds.set_epoch(0), r"epoch=0 is invalid; allowed: an int >= 1"),
+        (lambda ds: ds.set_epoch(True), r"epoch=True is invalid"),
+        (lambda ds: ds.reseed(1.5), r"seed=1.5 is invalid; allowed: an int"),
+    ],
+)
+def test_epoch_and_seed_checked(cache, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(NpyDataset(cache, "train"))
+
+
+def test_strength_schedule_arguments_checked(cache):
+    ramp = StrengthRamp(0.2, 1.0, 3)
+    with pytest.raises(ValueError, match="transform_for_strength and ramp go together"):
+        NpyDataset(cache, "train", ramp=ramp)
+    with pytest.raises(ValueError, match="either transform or transform_for_strength"):
+        NpyDataset(cache, "train", eval_transform(cache.mean, cache.std), ramp=ramp,
+                   transform_for_strength=lambda s: None)  # fmt: skip
