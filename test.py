@@ -1,7 +1,8 @@
 """Evaluate a trained run on the test split: ``python test.py [--run-dir runs/NAME]``.
 
-Scores the run's best (or last) and SWA weights, prints the report, and writes
-``test_report.json`` and ``confusion_matrix.png`` into the run folder.
+Scores the run's best (or last) and SWA weights side by side, each also divided by its fitted
+temperature where its checkpoint has one, prints the report, and writes ``test_report.json``,
+``confusion_matrix.png`` and ``reliability.png`` into the run folder.
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
             amp=args.amp,
         )
         print_report(report, console)
-        json_path, png_path = save_report(report, run_dir)
+        written = save_report(report, run_dir)
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
         message = " ".join(f"error: {exc}".split())
         # soft_wrap keeps the message on one line whatever the terminal width.
         Console(stderr=True).print(Text(message, style="red"), soft_wrap=True)
         return 2
-    console.print(f"wrote {json_path} and {png_path}", highlight=False, soft_wrap=True)
+    names = [str(path) for path in written]
+    console.print(f"wrote {', '.join(names[:-1])} and {names[-1]}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Test-set evaluation: metrics on hand-made logits, a run's weight sets, and the test.py script."""
+"""Test-set evaluation: metrics on hand-made logits, a run's weight sets (with and without a
+fitted temperature), and the test.py script."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,6 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dataset.cache import prepare
 from models.basic_cnn_model import BasicCNNModel, ModelConfig
+from training import calibration
+from training.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["alpha", "beta", "gamma"]
@@ -34,7 +38,10 @@ REPORT_KEYS = {
     "nll",
     "per_class",
     "confusion_matrix",
+    "ece",
+    "temperature",
 }
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,13 +91,22 @@ def make_checkpoint(cache, seed: int, epoch: int) -> dict:
     }
 
 
-def make_run(base: Path) -> Path:
-    """``base/runs/tiny`` with best.pt and swa.pt, trained (so to speak) on ``base/tiny.npz``."""
+def make_run(base: Path, temperatures: dict | None = None) -> Path:
+    """``base/runs/tiny`` with best.pt and swa.pt, trained (so to speak) on ``base/tiny.npz``.
+
+    Args:
+        base: the folder to build in.
+        temperatures: weight set ("best", "swa") -> the value its checkpoint gets under
+            "temperature"; a set not named has no such key, as in a run from before calibration.
+    """
     cache, _ = prepare(write_npz(base / "tiny.npz"), base / "data_npy", progress=False)
     folder = base / "runs" / "tiny" / "checkpoints"
     folder.mkdir(parents=True)
-    torch.save(make_checkpoint(cache, seed=0, epoch=7), folder / "best.pt")
-    torch.save(make_checkpoint(cache, seed=1, epoch=9), folder / "swa.pt")
+    for name, seed, epoch in (("best", 0, 7), ("swa", 1, 9)):
+        ckpt = make_checkpoint(cache, seed=seed, epoch=epoch)
+        if name in (temperatures or {}):
+            ckpt["temperature"] = temperatures[name]
+        torch.save(ckpt, folder / f"{name}.pt")
     return folder.parent
 
 
@@ -115,7 +131,8 @@ def logits_for(preds, n_classes: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module", autouse=True)
 def script_run(tmp_path_factory):
-    run_dir = make_run(tmp_path_factory.mktemp("script"))
+    # best has a fitted temperature and swa none, so the script shows both cases.
+    run_dir = make_run(tmp_path_factory.mktemp("script"), {"best": 1.6})
     proc = subprocess.Popen(
         [sys.executable, "test.py", "--run-dir", str(run_dir), "--batch-size", "5"],
         cwd=ROOT,
@@ -237,9 +254,9 @@ def test_latest_run_picks_the_newest_checkpoint(ev, tmp_path):
 
 
 def test_evaluate_run_scores_each_weight_set_with_checkpoint_statistics(ev, tmp_path):
-    run_dir = make_run(tmp_path)
+    run_dir = make_run(tmp_path, {"best": 1.6})
     report = ev.evaluate_run(run_dir, device="cpu", batch_size=5)
-    assert list(report["weights"]) == ["best", "swa"]
+    assert list(report["weights"]) == ["best", "best+T", "swa"]
     assert report["n_test"] == 12 and report["class_names"] == CLASSES
     assert report["checkpoints"]["swa"]["epoch"] == 9
 
@@ -255,6 +272,11 @@ def test_evaluate_run_scores_each_weight_set_with_checkpoint_statistics(ev, tmp_
     assert report["weights"]["best"]["confusion_matrix"] == expected["confusion_matrix"]
     assert report["weights"]["best"]["nll"] == pytest.approx(expected["nll"], rel=1e-4)
     assert report["weights"]["swa"]["nll"] != pytest.approx(expected["nll"], rel=1e-4)
+    scaled = report["weights"]["best+T"]
+    assert scaled["nll"] == pytest.approx(calibration.nll(logits, labels, 1.6), rel=1e-4)
+    assert scaled["ece"] == pytest.approx(
+        calibration.expected_calibration_error(logits / 1.6, labels), abs=1e-4
+    )
 
 
 def test_deleted_cache_is_rebuilt_from_the_source(ev, tmp_path):
@@ -279,13 +301,151 @@ def test_data_override_with_the_same_classes(ev, tmp_path):
 
 
 def test_print_report_shows_every_weight_set(ev, tmp_path):
-    report = ev.evaluate_run(make_run(tmp_path), device="cpu")
+    report = ev.evaluate_run(make_run(tmp_path, {"best": 1.6}), device="cpu")
     out = StringIO()
     ev.print_report(report, Console(file=out, width=200, color_system=None))
     text = out.getvalue()
-    for word in ("macro-F1", "balanced accuracy", "NLL", "best (epoch 7)", "swa (epoch 9)"):
+    for word in ("macro-F1", "balanced accuracy", "NLL", "ECE", "best (epoch 7)", "swa (epoch 9)"):
         assert word in text
     assert "confusion: best" in text and "confusion: swa" in text and "2 gamma" in text
+    # Side by side in report order: best, best+T, swa (swa.pt has no temperature: no swa+T).
+    lines = text.splitlines()
+    top = next(i for i, line in enumerate(lines) if "best+T" in line)  # the +T header's 1st line
+    bottom = lines[top + 1]
+    assert bottom.index("best (epoch 7)") < lines[top].index("best+T") < bottom.index("swa (ep")
+    assert bottom.index("best (epoch 7)") < bottom.index("T=1.60") < bottom.index("swa (ep")
+    assert "swa+T" not in text
+    assert "swa: temperature not fitted (swa.pt has no 'temperature')" in text
+    assert "best: temperature not fitted" not in text
+    # T changes no prediction, so the per-class scores and matrices are the weight sets' own.
+    assert "confusion: best+T" not in text and "best+T F1" not in text
+
+
+# --------------------------------------------------------------------------- temperature rows
+
+
+@pytest.mark.parametrize(
+    ("temperatures", "rows"),
+    [
+        ({}, ["best", "swa"]),
+        ({"best": 1.6}, ["best", "best+T", "swa"]),
+        ({"swa": 0.7}, ["best", "swa", "swa+T"]),
+        ({"best": 1.6, "swa": 2}, ["best", "best+T", "swa", "swa+T"]),
+    ],
+)
+def test_scaled_rows_appear_exactly_for_checkpoints_with_a_temperature(
+    ev, tmp_path, temperatures, rows
+):
+    report = ev.evaluate_run(make_run(tmp_path, temperatures), device="cpu")
+    assert list(report["weights"]) == rows
+    for name in ("best", "swa"):
+        assert report["checkpoints"][name]["temperature"] == temperatures.get(name)
+        assert report["weights"][name]["temperature"] == 1.0
+        if name in temperatures:
+            scaled = report["weights"][f"{name}+T"]
+            assert scaled["temperature"] == temperatures[name]
+            assert scaled["scaled_from"] == name
+    for metrics in report["weights"].values():
+        assert REPORT_KEYS <= set(metrics)
+        assert metrics["ece"] == metrics["reliability"]["ece"]
+        assert sum(metrics["reliability"]["count"]) == report["n_test"]
+
+
+def test_scaled_row_divides_the_same_logits_by_t(ev, tmp_path, monkeypatch):
+    """No second forward pass: the +T row rescores the weight set's own logits."""
+    gen = torch.Generator().manual_seed(4)
+    outputs = [3 * torch.randn(12, 3, generator=gen), 3 * torch.randn(12, 3, generator=gen)]
+    labels = torch.arange(12) % 3
+    calls = []
+
+    def fake_predict(model, loader, device, amp_dtype=None):
+        calls.append(model)
+        return outputs[len(calls) - 1], labels
+
+    monkeypatch.setattr(ev, "predict", fake_predict)
+    report = ev.evaluate_run(make_run(tmp_path, {"best": 2.5, "swa": 0.4}), device="cpu")
+    assert len(calls) == 2  # one per weight file, none for the +T rows
+    for (name, t), logits in zip((("best", 2.5), ("swa", 0.4)), outputs, strict=True):
+        plain, scaled = report["weights"][name], report["weights"][f"{name}+T"]
+        assert scaled["nll"] == calibration.nll(logits, labels, t)
+        assert plain["nll"] == calibration.nll(logits, labels)
+        assert scaled["nll"] != pytest.approx(plain["nll"])  # T really was applied
+        assert scaled["ece"] == calibration.expected_calibration_error(logits.double() / t, labels)
+        after = calibration.calibration_report(logits, labels, t)["ece_after"]  # float32 division
+        assert scaled["ece"] == pytest.approx(after, abs=1e-6)
+        assert plain["ece"] == calibration.expected_calibration_error(logits, labels, 15)
+        for key in ("accuracy", "macro_f1", "balanced_accuracy", "per_class", "confusion_matrix"):
+            assert scaled[key] == plain[key]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (0.0, "0.0"),
+        (-1.5, "-1.5"),
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        ("warm", "'warm'"),
+        (None, "None"),
+        (True, "True"),
+    ],
+)
+def test_bad_temperature_is_refused_naming_file_key_and_value(ev, tmp_path, value, shown):
+    run_dir = make_run(tmp_path, {"best": 1.5, "swa": value})
+    with pytest.raises(CheckpointError) as caught:
+        ev.evaluate_run(run_dir, device="cpu")
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1
+    assert str(run_dir / "checkpoints" / "swa.pt") in message
+    assert f"key 'temperature' is {shown};" in message
+    assert "allowed: a finite number > 0" in message
+
+
+def test_save_report_draws_one_reliability_curve_per_row(ev, tmp_path, monkeypatch):
+    run_dir = make_run(tmp_path, {"best": 1.6, "swa": 0.8})
+    report = ev.evaluate_run(run_dir, device="cpu")
+    drawn = {}
+
+    def spy(curves, path, n_bins=15):
+        drawn.update(curves)
+        return calibration.reliability_diagram(curves, path, n_bins)
+
+    monkeypatch.setattr(ev, "reliability_diagram", spy)
+    paths = ev.save_report(report, run_dir)
+    assert paths == (
+        run_dir / "test_report.json",
+        run_dir / "confusion_matrix.png",
+        run_dir / "reliability.png",
+    )
+    assert list(drawn) == ["best", "best+T (T=1.60)", "swa", "swa+T (T=0.80)"]
+    assert [c["ece"] for c in drawn.values()] == [m["ece"] for m in report["weights"].values()]
+    assert (run_dir / "reliability.png").read_bytes()[:8] == PNG_MAGIC
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left
+    saved = json.loads((run_dir / "test_report.json").read_text())
+    assert saved["checkpoints"]["swa"]["temperature"] == 0.8 and saved["ece_bins"] == 15
+    assert saved["weights"]["swa+T"]["ece"] == pytest.approx(report["weights"]["swa+T"]["ece"])
+    assert all(math.isfinite(m["ece"]) for m in saved["weights"].values())
+
+
+def test_report_from_before_calibration_still_prints_and_saves(ev, tmp_path):
+    run_dir = make_run(tmp_path)
+    report = ev.evaluate_run(run_dir, device="cpu")
+    report.pop("ece_bins")
+    for metrics in report["weights"].values():
+        for key in ("ece", "temperature", "reliability"):
+            metrics.pop(key)
+    for info in report["checkpoints"].values():
+        info.pop("temperature")
+    out = StringIO()
+    ev.print_report(report, Console(file=out, width=200, color_system=None))
+    text = out.getvalue()
+    assert "best (epoch 7)" in text and "NLL" in text and "confusion: swa" in text
+    assert "ECE" not in text and "temperature" not in text
+    assert ev.save_report(report, run_dir) == (
+        run_dir / "test_report.json",
+        run_dir / "confusion_matrix.png",
+    )
+    assert not (run_dir / "reliability.png").exists()
 
 
 # --------------------------------------------------------------------------- the entry script
@@ -306,6 +466,13 @@ def test_script_refuses_data_with_other_classes(tmp_path, capsys):
     assert "['x', 'y', 'z']" in err and "['alpha', 'beta', 'gamma']" in err
 
 
+def test_script_refuses_a_bad_temperature_in_one_line(tmp_path, capsys):
+    run_dir = make_run(tmp_path, {"best": -2.0})
+    assert load_entry_script().main(["--run-dir", str(run_dir)]) == 2
+    err = one_line_error(capsys)
+    assert "best.pt" in err and "'temperature' is -2.0" in err
+
+
 def test_script_reports_a_missing_run_dir(tmp_path, capsys):
     code = load_entry_script().main(["--run-dir", str(tmp_path / "missing")])
     assert code == 2
@@ -323,15 +490,19 @@ def test_script_end_to_end_writes_report_and_figure(script_run):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     report = json.loads((run_dir / "test_report.json").read_text())
-    assert set(report["weights"]) == {"best", "swa"}
+    assert list(report["weights"]) == ["best", "best+T", "swa"]
+    assert report["checkpoints"]["best"]["temperature"] == 1.6
+    assert report["checkpoints"]["swa"]["temperature"] is None
     for metrics in report["weights"].values():
         assert REPORT_KEYS <= set(metrics)
         assert sum(map(sum, metrics["confusion_matrix"])) == report["n_test"] == 12
-    png = run_dir / "confusion_matrix.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png, reliability = run_dir / "confusion_matrix.png", run_dir / "reliability.png"
+    for figure in (png, reliability):
+        assert figure.read_bytes()[:8] == PNG_MAGIC
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left
     umask = os.umask(0)
     os.umask(umask)
-    for path in (run_dir / "test_report.json", png):  # the usual mode, not a temp file's 0600
+    for path in (run_dir / "test_report.json", png, reliability):  # not a temp file's 0600
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask
-    assert "test_report.json" in out and "macro-F1" in out
+    assert "test_report.json" in out and "reliability.png" in out and "macro-F1" in out
+    assert "best+T" in out and "ECE" in out and "swa: temperature not fitted" in out

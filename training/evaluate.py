@@ -1,28 +1,33 @@
-"""Evaluate a run's saved weights on the test split: metrics, a rich report, JSON and a PNG.
+"""Evaluate a run's saved weights on the test split: metrics, a rich report, JSON and figures.
 
 A run folder holds ``checkpoints/best.pt`` (and ``last.pt``, and ``swa.pt`` when SWA ran). Each
 weight set is rebuilt from its checkpoint alone (model config, depth, class names, the training
 set's mean/std) and scored on the test split of the cache the run trained on, or of another source
 with the same classes (``data=``).
 
+A checkpoint with a ``"temperature"`` (fitted on the validation set, see
+``training.calibration``) also gets a ``<name>+T`` row: the same test logits divided by T, so
+accuracy and F1 are unchanged and only NLL and ECE move.
+
 Public API:
-    predict, classification_metrics, build_model, test_loader, find_weights, latest_run,
-    evaluate_run, print_report, save_report, WEIGHT_FILES.
+    predict, classification_metrics, scored_metrics, checkpoint_temperature, build_model,
+    test_loader, find_weights, latest_run, evaluate_run, print_report, save_report, WEIGHT_FILES,
+    ECE_BINS.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich import box
 from rich.columns import Columns
 from rich.console import Console
@@ -42,7 +47,8 @@ from dataset.errors import DataError
 from dataset.npy_dataset import NpyDataset
 from dataset.transforms import eval_transform
 from models.basic_cnn_model import BasicCNNModel, ModelConfig
-from training.checkpoint import load_checkpoint, restore_model
+from training.calibration import nll, reliability_bins, reliability_diagram
+from training.checkpoint import CheckpointError, load_checkpoint, restore_model
 from training.data import resolve_workers
 from training.device import amp_dtype as resolve_amp_dtype
 from training.device import resolve_device
@@ -51,6 +57,13 @@ from training.device import resolve_device
 WEIGHT_FILES: dict[str, str] = {"best": "best.pt", "last": "last.pt", "swa": "swa.pt"}
 REPORT_JSON = "test_report.json"
 REPORT_PNG = "confusion_matrix.png"
+RELIABILITY_PNG = "reliability.png"
+#: checkpoint key of the softmax temperature fitted on the validation set.
+TEMPERATURE_KEY = "temperature"
+#: suffix of the weight-set row whose logits are divided by the checkpoint's temperature.
+SCALED_SUFFIX = "+T"
+#: equal-width confidence bins of the ECE and the reliability diagram (Guo et al. use 15).
+ECE_BINS = 15
 # Keyword arguments of dataset.cache.prepare, by their name in the training config's data section.
 _PREPARE_ARGS: dict[str, str] = {
     "val_fraction": "val_fraction",
@@ -126,8 +139,12 @@ def classification_metrics(
 
     Returns:
         A JSON-ready dict: ``accuracy``, ``macro_f1``, ``balanced_accuracy``, ``nll`` (mean
-        cross-entropy of the logits), ``per_class`` (list of ``{class, precision, recall, f1,
-        support}``) and ``confusion_matrix`` (rows true, columns predicted).
+        cross-entropy of the logits, see ``training.calibration.nll``), ``per_class`` (list of
+        ``{class, precision, recall, f1, support}``) and ``confusion_matrix`` (rows true, columns
+        predicted).
+
+    Raises:
+        ValueError: on logits of the wrong shape, or with NaN or inf.
     """
     n_classes = len(class_names)
     if logits.ndim != 2 or logits.shape[1] != n_classes or len(logits) != len(labels):
@@ -148,7 +165,7 @@ def classification_metrics(
             f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)
         ),
         "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
-        "nll": float(F.cross_entropy(logits, labels)),
+        "nll": nll(logits, labels),
         "per_class": [
             {
                 "class": str(name),
@@ -161,6 +178,41 @@ def classification_metrics(
         ],
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
     }
+
+
+def scored_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    temperature: float = 1.0,
+) -> dict[str, Any]:
+    """:func:`classification_metrics` of ``softmax(logits / temperature)``, with calibration.
+
+    Dividing by T > 0 keeps every argmax, so the prediction scores come from ``logits`` as they
+    are and are the same for any T; NLL and the reliability bins use the scaled logits.
+
+    Args:
+        logits: ``(N, C)`` raw scores.
+        labels: ``(N,)`` true class indices.
+        class_names: one name per class.
+        temperature: the softmax temperature T, > 0; 1.0 leaves the logits as they are.
+
+    Returns:
+        The metrics of :func:`classification_metrics` with ``nll`` at T, plus ``ece`` (over
+        ``ECE_BINS`` bins), ``temperature`` (the T applied) and ``reliability`` (the
+        ``training.calibration.reliability_bins`` dict the ECE comes from).
+    """
+    metrics = classification_metrics(logits, labels, class_names)
+    scaled_nll = nll(logits, labels, temperature)  # first: it checks the temperature
+    # Divided in float64, as calibration.nll does, so NLL and ECE see the same scaled logits.
+    bins = reliability_bins(logits.detach().double().cpu() / temperature, labels, ECE_BINS)
+    metrics.update(
+        nll=scaled_nll,
+        ece=bins["ece"],
+        temperature=float(temperature),
+        reliability=bins,
+    )
+    return metrics
 
 
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -251,6 +303,26 @@ def test_loader(
 # --------------------------------------------------------------------------- a run
 
 
+def checkpoint_temperature(ckpt: Mapping, path: Path) -> float | None:
+    """The softmax temperature saved in a checkpoint, or None when it has none (not fitted).
+
+    Raises:
+        CheckpointError: when the value is not a finite number > 0; the message names the file,
+            the key and the value.
+    """
+    if TEMPERATURE_KEY not in ckpt:
+        return None
+    value = ckpt[TEMPERATURE_KEY]
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and value > 0):
+        shown = _one_line(repr(value))
+        shown = shown if len(shown) <= 60 else f"{shown[:57]}..."
+        raise CheckpointError(
+            f"checkpoint {path}: key {TEMPERATURE_KEY!r} is {shown}; allowed: a finite number > 0"
+        )
+    return float(value)
+
+
 def find_weights(run_dir: Path) -> dict[str, Path]:
     """The weight sets of a run: ``best``, else ``last``; plus ``swa`` when present.
 
@@ -309,9 +381,15 @@ def evaluate_run(
         amp: autocast mode "off", "auto", "fp16" or "bf16"; "off" gives exact fp32 scores.
 
     Returns:
-        ``{"weights": {name: metrics}, "checkpoints": {name: {file, epoch}}, "dataset": name,
-        "class_names": [...], "n_test": int}`` with metrics from
-        :func:`classification_metrics`.
+        ``{"weights": {row: metrics}, "checkpoints": {name: {file, epoch, temperature}},
+        "dataset": name, "class_names": [...], "n_test": int, "ece_bins": int}``. The rows are
+        each weight set (``temperature`` 1.0) followed, when its checkpoint has a temperature T,
+        by ``<name>+T`` (the same logits divided by T, with ``scaled_from``: the weight set);
+        metrics come from :func:`scored_metrics`. ``checkpoints[name]["temperature"]`` is the
+        saved T, or None when the checkpoint has none.
+
+    Raises:
+        CheckpointError: on an unreadable checkpoint or an invalid saved temperature.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an int >= 1")
@@ -319,12 +397,16 @@ def evaluate_run(
     dev = resolve_device(device)
     dtype = resolve_amp_dtype(dev, amp)
     ckpts = {name: load_checkpoint(path) for name, path in files.items()}
+    # Checked before any forward pass, so a bad value fails at once. Read from each file itself:
+    # a weight set never borrows another's temperature.
+    temperatures = {name: checkpoint_temperature(ckpts[name], files[name]) for name in ckpts}
     reference = next(iter(ckpts.values()))
     loader, cache = test_loader(reference, data, batch_size, resolve_workers(workers, dev))
     report: dict[str, Any] = {
         "dataset": cache.name,
         "class_names": list(reference["class_names"]),
         "n_test": len(loader.dataset),
+        "ece_bins": ECE_BINS,
         "checkpoints": {},
         "weights": {},
     }
@@ -332,9 +414,36 @@ def evaluate_run(
         # A weight set saved without metadata (an SWA model, say) borrows the reference's.
         model = build_model({**reference, **ckpt})
         logits, labels = predict(model, loader, dev, dtype)
-        report["weights"][name] = classification_metrics(logits, labels, report["class_names"])
-        report["checkpoints"][name] = {"file": str(files[name]), "epoch": ckpt.get("epoch")}
+        report["weights"].update(
+            _weight_rows(
+                name, files[name], logits, labels, report["class_names"], temperatures[name]
+            )
+        )
+        report["checkpoints"][name] = {
+            "file": str(files[name]),
+            "epoch": ckpt.get("epoch"),
+            "temperature": temperatures[name],
+        }
     return report
+
+
+def _weight_rows(
+    name: str,
+    path: Path,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    temperature: float | None,
+) -> dict[str, dict[str, Any]]:
+    """The report rows of one weight set: its own, and ``<name>+T`` when it has a temperature."""
+    try:
+        rows = {name: scored_metrics(logits, labels, class_names)}
+        if temperature is not None:
+            scaled = scored_metrics(logits, labels, class_names, temperature)
+            rows[name + SCALED_SUFFIX] = {**scaled, "scaled_from": name}
+    except ValueError as error:  # NaN or inf logits: say which weights gave them
+        raise ValueError(f"{name} weights ({path}): {error}") from error
+    return rows
 
 
 # --------------------------------------------------------------------------- printing
@@ -345,10 +454,19 @@ _SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("macro-F1", "macro_f1"),
     ("balanced accuracy", "balanced_accuracy"),
     ("NLL", "nll"),
+    ("ECE", "ece"),
 )
 
 
+def _main_sets(report: dict) -> list[str]:
+    """The weight sets scored by a forward pass, without their temperature-scaled rows."""
+    return [name for name, m in report["weights"].items() if "scaled_from" not in m]
+
+
 def _weight_label(report: dict, name: str) -> str:
+    metrics = report["weights"].get(name, {})
+    if "scaled_from" in metrics:  # on two lines, so four columns fit in 80 characters
+        return f"{name}\nT={metrics['temperature']:.2f}"
     epoch = report.get("checkpoints", {}).get(name, {}).get("epoch")
     return name if epoch is None else f"{name} (epoch {epoch})"
 
@@ -358,19 +476,35 @@ def _summary_table(report: dict) -> Table:
     table.add_column("metric")
     for name in report["weights"]:
         table.add_column(_weight_label(report, name), justify="right")
+    rows = report["weights"].values()
     for label, key in _SUMMARY_ROWS:
-        table.add_row(label, *(f"{m[key]:.4f}" for m in report["weights"].values()))
+        if any(key in m for m in rows):  # a report from before ECE has no ECE row
+            table.add_row(label, *(f"{m[key]:.4f}" if key in m else "-" for m in rows))
     return table
+
+
+def _temperature_notes(report: dict) -> list[str]:
+    """One line per weight set whose checkpoint was read for a temperature and had none."""
+    notes = []
+    for name, info in report.get("checkpoints", {}).items():
+        if TEMPERATURE_KEY in info and info[TEMPERATURE_KEY] is None:
+            file = Path(info.get("file", name)).name
+            notes.append(
+                f"{name}: temperature not fitted ({file} has no {TEMPERATURE_KEY!r}); "
+                "no temperature-scaled row"
+            )
+    return notes
 
 
 def _per_class_table(report: dict) -> Table:
     table = Table(title="per class: precision / recall / F1", box=box.SIMPLE_HEAD)
     table.add_column("class")
     table.add_column("support", justify="right")
-    for name in report["weights"]:
+    names = _main_sets(report)  # a +T row has its weight set's predictions, so the same scores
+    for name in names:
         for score in ("P", "R", "F1"):
             table.add_column(f"{name} {score}", justify="right")
-    rows = zip(*(m["per_class"] for m in report["weights"].values()), strict=True)
+    rows = zip(*(report["weights"][name]["per_class"] for name in names), strict=True)
     for per_set in rows:
         cells = [f"{c[k]:.3f}" for c in per_set for k in ("precision", "recall", "f1")]
         table.add_row(per_set[0]["class"], str(per_set[0]["support"]), *cells)
@@ -391,14 +525,21 @@ def _confusion_table(report: dict, name: str) -> Table:
 
 
 def print_report(report: dict, console: Console) -> None:
-    """Print the summary, per-class scores and confusion matrices, weight sets side by side."""
+    """Print the summary, per-class scores and confusion matrices, weight sets side by side.
+
+    The summary has a column per row of ``report["weights"]`` (temperature-scaled ones included,
+    with a note for each weight set that has no fitted temperature); the per-class scores and
+    confusion matrices are those of the weight sets themselves, which T does not change.
+    """
     console.print(
         f"[bold]test set[/]: {report['dataset']}, {report['n_test']} images", highlight=False
     )
     console.print(_summary_table(report))
+    for note in _temperature_notes(report):
+        console.print(note, highlight=False, soft_wrap=True)
     console.print(_per_class_table(report))
     console.print("confusion matrices: rows are the true class, column j the predicted class j")
-    console.print(Columns([_confusion_table(report, name) for name in report["weights"]]))
+    console.print(Columns([_confusion_table(report, name) for name in _main_sets(report)]))
 
 
 # --------------------------------------------------------------------------- saving
@@ -421,7 +562,7 @@ def _plot_confusion(report: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = list(report["weights"])
+    names = _main_sets(report)
     n_classes = len(report["class_names"])
     side = max(4.0, 0.55 * n_classes + 2.5)
     fig = Figure(figsize=(side * len(names), side), layout="constrained")
@@ -444,15 +585,30 @@ def _plot_confusion(report: dict, path: Path) -> None:
     fig.savefig(path, format="png", dpi=120, bbox_inches="tight", pad_inches=0.15)
 
 
-def save_report(report: dict, run_dir: Path) -> tuple[Path, Path]:
-    """Write ``test_report.json`` and ``confusion_matrix.png`` into ``run_dir``, atomically.
+def save_report(report: dict, run_dir: Path) -> tuple[Path, ...]:
+    """Write ``test_report.json``, ``confusion_matrix.png`` and ``reliability.png``, atomically.
+
+    The reliability diagram has one curve per row of ``report["weights"]`` that carries
+    reliability bins (see :func:`scored_metrics`); a report without any gets no diagram.
 
     Returns:
-        The paths of the JSON report and of the figure.
+        The paths written: the JSON report, the confusion figure, and the reliability diagram.
     """
     run_dir = Path(run_dir)
     json_path, png_path = run_dir / REPORT_JSON, run_dir / REPORT_PNG
     text = json.dumps(report, indent=2) + "\n"
     _write_atomically(json_path, lambda tmp: tmp.write_text(text))
     _write_atomically(png_path, lambda tmp: _plot_confusion(report, tmp))
-    return json_path, png_path
+    curves = {
+        _curve_label(name, m): m["reliability"]
+        for name, m in report["weights"].items()
+        if "reliability" in m
+    }
+    if not curves:
+        return json_path, png_path
+    # reliability_diagram writes through a temp file and os.replace, like _write_atomically.
+    return json_path, png_path, reliability_diagram(curves, run_dir / RELIABILITY_PNG, ECE_BINS)
+
+
+def _curve_label(name: str, metrics: dict) -> str:
+    return f"{name} (T={metrics['temperature']:.2f})" if "scaled_from" in metrics else name
