@@ -103,3 +103,53 @@ class FocalLoss(nn.Module):
         if self.weight is None:
             return loss.mean()
         return loss.sum() / self.weight[target].sum()
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy on hard labels (B,) or soft targets (B, C) with per-class weights.
+
+    The weight of class c is ``base[c] * penalty[c]``: ``base`` is fixed for the run (from the
+    class counts, :func:`class_weights`), ``penalty`` may change between epochs (a class penalty
+    schedule calls :meth:`set_penalty`). Soft targets (Mixup) go through
+    :func:`soft_target_cross_entropy`; with weights, a mixed target's loss is weighted by the
+    targets' expected class weight, so it is not exactly ``lam * CE(a) + (1 - lam) * CE(b)``.
+
+    Args:
+        num_classes: C.
+        base: per-class weights (C,); ``None`` for all ones.
+        label_smoothing: applied to hard labels only (soft targets carry their own).
+    """
+
+    def __init__(
+        self, num_classes: int, base: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> None:
+        super().__init__()
+        base = torch.ones(num_classes) if base is None else torch.as_tensor(base).float()
+        if base.shape != (num_classes,):
+            raise ValueError(
+                f"base weights have shape {tuple(base.shape)}; allowed: ({num_classes},)"
+            )
+        self.label_smoothing = float(label_smoothing)
+        self.register_buffer("base", base)
+        self.register_buffer("penalty", torch.ones(num_classes))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The class weights in use now (C,)."""
+        return self.base * self.penalty
+
+    def set_penalty(self, penalty: torch.Tensor | Sequence[float]) -> None:
+        """Replace the per-class penalty factors (C,)."""
+        value = torch.as_tensor(penalty, dtype=self.penalty.dtype).to(self.penalty.device)
+        if value.shape != self.penalty.shape:
+            raise ValueError(
+                f"penalty has shape {tuple(value.shape)}; allowed: {tuple(self.penalty.shape)}"
+            )
+        self.penalty.copy_(value)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == 2:
+            return soft_target_cross_entropy(logits, target, self.weight)
+        return F.cross_entropy(
+            logits.float(), target, weight=self.weight, label_smoothing=self.label_smoothing
+        )

@@ -70,7 +70,7 @@ def test_cpu_preset_is_narrow_and_short() -> None:
     assert cfg.preset == "cpu"
     assert cfg.model.width == 0.25 and cfg.model.norm == "batch"
     assert cfg.optim.batch_size == 128 and cfg.optim.lr == 3e-3
-    assert cfg.schedule.warmup_epochs == 1 and cfg.run.epochs == 8
+    assert cfg.schedule.warmup_epochs == 1 and cfg.run.epochs == 12
     assert cfg.data.workers == 0 and cfg.run.amp == "off"
     assert cfg.model.activation == TrainConfig().model.activation  # untouched fields keep defaults
 
@@ -280,7 +280,7 @@ def test_bad_set_key_is_a_config_error(item: str) -> None:
         ("schedule.warmup_epochs=-1", "schedule.warmup_epochs=-1 is invalid; allowed: an int >= 0"),
         (
             "schedule.min_lr=0.1",
-            "schedule.min_lr=0.1 is invalid; allowed: a number in [0, optim.lr=0.001]",
+            "schedule.min_lr=0.1 is invalid; allowed: a number in [0, optim.lr=0.01]",
         ),
     ],
 )
@@ -371,8 +371,8 @@ def test_config_from_dict_keeps_preset_as_label_only() -> None:
 def test_config_from_dict_fills_missing_and_rejects_unknown_and_bad() -> None:
     cfg = config_from_dict({"run": {"epochs": 4}})
     assert cfg == replace(TrainConfig(), run=replace(TrainConfig().run, epochs=4))
-    with pytest.raises(ConfigError, match=r"'schedule\.kind'"):
-        config_from_dict({"schedule": {"kind": "cosine"}})
+    with pytest.raises(ConfigError, match=r"'schedule\.shape'"):
+        config_from_dict({"schedule": {"shape": "cosine"}})
     with pytest.raises(ConfigError, match=r"optim\.lr=0\.0 is invalid"):
         config_from_dict({"optim": {"lr": 0.0}})
 
@@ -406,4 +406,4 @@ def test_format_config_is_readable_yaml_of_the_config() -> None:
     assert yaml.safe_load(text) == config_to_dict(cfg)
     lines = text.splitlines()
     assert lines[0] == "data:" and "  dropout: [0.0, 0.15, 0.3]" in lines
-    assert "  epochs: 8" in lines and lines[-1] == "preset: cpu"
+    assert "  epochs: 12" in lines and lines[-1] == "preset: cpu"

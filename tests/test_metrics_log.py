@@ -64,14 +64,15 @@ def test_one_line_per_epoch_with_the_required_keys(tmp_path):
     logger = MetricsLogger(tmp_path, tensorboard=False)
     fit(logger, make_trainer(tmp_path), range(1, 4))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3
-    rows = [json.loads(line) for line in lines]
+    assert len(lines) == 4 and json.loads(lines[-1]) == {"event": "fit_end"}
+    rows = [json.loads(line) for line in lines[:3]]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert set(row) == KEYS
         assert row["lr"] == [1e-3, 5e-4]
         assert isinstance(row["val_acc"], float) and isinstance(row["epoch"], int)
     assert read_metrics(tmp_path / "metrics.jsonl") == [metrics(e) for e in (1, 2, 3)]
+    assert read_metrics(tmp_path / "metrics.jsonl", events=True)[-1] == {"event": "fit_end"}
     assert not (tmp_path / "tensorboard").exists()
 
 

@@ -6,17 +6,23 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
+from losses import WeightedCrossEntropy, class_weights
 from models.basic_cnn_model import BasicCNNModel
+from training.balance import double_correction_warning
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import TrainConfig, config_from_dict, save_config
+from training.config import TrainConfig, config_from_dict, save_config, staged_schedule
 from training.console import ConsoleCallback, warn
 from training.data import make_loaders, prepare_cache
 from training.device import amp_dtype, resolve_device
 from training.events import Callback
 from training.metrics_log import MetricsLogger
+from training.mixup import Mixup
+from training.regimen import regimen_callbacks
+from training.schedule import plot_schedule
 from training.seeding import make_generator, seed_everything
 from training.trainer import Trainer
 
@@ -71,7 +77,15 @@ def build_trainer(
     cache = prepare_cache(cfg.data, progress=is_main)
     model = build_model(cfg, cache).to(device)
     loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed))
+    criterion = build_criterion(cfg, cache).to(device)
+    mixup = build_mixup(cfg, cache)
+    if is_main and (
+        message := double_correction_warning(cfg.balance.loss_weights, cfg.data.balanced_sampling)
+    ):
+        warn(console, message)
     callbacks: list[Callback] = [
+        # The regimen decides first, so the console and the log see the epoch's decisions.
+        *regimen_callbacks(cfg, criterion, mixup),
         ConsoleCallback(console, cfg.run.progress),
         MetricsLogger(run_dir, cfg.run.tensorboard),
         *(extra_callbacks or []),
@@ -86,10 +100,42 @@ def build_trainer(
         run_dir=run_dir,
         callbacks=callbacks,
         is_main=is_main,
+        criterion=criterion,
+        mixup=mixup,
     )
     if resume is not None:
         trainer.load_state(resume)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if cfg.schedule.kind == "staged":
+            plot_schedule(
+                staged_schedule(cfg),
+                trainer.steps_per_epoch,
+                cfg.run.epochs,
+                run_dir,
+                trainer.schedule.plateau.reductions,
+            )
     return trainer
+
+
+def build_criterion(cfg: TrainConfig, cache) -> WeightedCrossEntropy:
+    """Cross-entropy with the configured class-balanced weights from the training labels."""
+    counts = np.bincount(cache.labels("train"), minlength=cache.num_classes)
+    base = class_weights(counts.tolist(), cfg.balance.loss_weights, cfg.balance.beta)
+    return WeightedCrossEntropy(cache.num_classes, base, cfg.optim.label_smoothing)
+
+
+def build_mixup(cfg: TrainConfig, cache) -> Mixup | None:
+    """Mixup with its own seeded generator (its state is checkpointed), or None when off."""
+    r = cfg.regularize
+    if not r.mixup or r.mixup_alpha == 0:
+        return None
+    generator = torch.Generator().manual_seed(cfg.run.seed + 1)
+    return Mixup(
+        cache.num_classes,
+        start_alpha=r.mixup_alpha,
+        end_epoch=r.mixup_end_epoch,
+        label_smoothing=cfg.optim.label_smoothing,
+        generator=generator,
+    )

@@ -88,6 +88,23 @@ def _rates(length: int) -> Rule:
     )
 
 
+def _all_at_least(low: float) -> Callable[[list[float]], bool]:
+    return lambda v: all(x >= low for x in v)
+
+
+def _all_above(low: float) -> Callable[[list[float]], bool]:
+    return lambda v: all(x > low for x in v)
+
+
+def _n_above(length: int, low: float) -> Callable[[list[float]], bool]:
+    return lambda v: len(v) == length and all(x > low for x in v)
+
+
+def _epochs_ok(v: list[float]) -> bool:
+    ints = all(float(x).is_integer() and x >= 1 for x in v)
+    return 1 <= len(v) <= 2 and ints and all(a < b for a, b in zip(v, v[1:], strict=False))
+
+
 def _field(default: Any, rule: Rule) -> Any:
     """A dataclass field with its rule in the metadata (lists get a fresh copy per instance)."""
     meta = {"rule": rule}
@@ -111,7 +128,10 @@ class DataConfig:
         split_seed: seed of the carved splits.
         drop_leaked_test: drop test images whose pixels also occur in train or val.
         augment: apply training augmentation.
-        aug_strength: augmentation strength in [0, 1].
+        aug_strength: augmentation strength in [0, 1] once the ramp is over.
+        aug_start_strength: strength at epoch 1, in [0, 1]; it rises linearly to
+            ``aug_strength`` over ``aug_ramp_epochs``.
+        aug_ramp_epochs: epochs of the strength ramp; 0 uses ``aug_strength`` from the start.
         workers: DataLoader worker processes; -1 picks a number from the CPU count.
         balanced_sampling: draw training batches with class-balanced sampling.
     """
@@ -124,6 +144,8 @@ class DataConfig:
     drop_leaked_test: bool = _field(False, BOOL)
     augment: bool = _field(True, BOOL)
     aug_strength: float = _field(1.0, UNIT)
+    aug_start_strength: float = _field(0.3, UNIT)
+    aug_ramp_epochs: int = _field(10, _int_at_least(0, " (0 = no ramp)"))
     workers: int = _field(-1, _int_at_least(-1, " (-1 = auto)"))
     balanced_sampling: bool = _field(False, BOOL)
 
@@ -139,8 +161,8 @@ class ModelSection:
         gn_groups: GroupNorm groups.
         noise_std: std of the Gaussian input noise in training mode.
         dropout: Dropout2d rates of blocks 1, 2 and 3, each in [0, 1).
-        active_blocks: blocks active at the start of training. 3 (the whole network) until the
-            progressive-unfreezing schedule exists to activate blocks during the run.
+        active_blocks: blocks active at the start of training; the unfreezing schedule
+            (section ``unfreeze``) activates the others during the run.
     """
 
     width: float = _field(1.0, POSITIVE)
@@ -149,7 +171,7 @@ class ModelSection:
     gn_groups: int = _field(8, _int_at_least(1))
     noise_std: float = _field(0.05, NON_NEGATIVE)
     dropout: list[float] = _field([0.1, 0.2, 0.3], _rates(NUM_BLOCKS))
-    active_blocks: int = _field(3, _int_between(1, NUM_BLOCKS))
+    active_blocks: int = _field(1, _int_between(1, NUM_BLOCKS))
 
     def to_model_config(self, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
         """The :class:`ModelConfig` of this section for a dataset's channels, classes and size."""
@@ -172,7 +194,7 @@ class OptimConfig:
     """The optimizer (AdamW) and the loss.
 
     Args:
-        lr: peak learning rate.
+        lr: peak learning rate (the end of the warmup).
         weight_decay: decoupled weight decay.
         betas: Adam's two moment coefficients.
         batch_size: images per optimizer step.
@@ -181,7 +203,7 @@ class OptimConfig:
         label_smoothing: cross-entropy label smoothing in [0, 1).
     """
 
-    lr: float = _field(1e-3, POSITIVE)
+    lr: float = _field(1e-2, POSITIVE)
     weight_decay: float = _field(0.05, NON_NEGATIVE)
     betas: list[float] = _field([0.9, 0.999], _rates(2))
     batch_size: int = _field(128, _int_at_least(1))
@@ -192,15 +214,148 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The learning-rate schedule: linear warmup, then cosine decay to ``min_lr``.
+    """The learning-rate schedule, a function of the optimizer step (accumulation-proof).
+
+    ``staged`` (the design): linear warmup to the peak ``optim.lr`` -> one-cycle annealing to
+    ``onecycle_end_lr`` -> cosine to ``cosine_end_lr`` -> reduce-on-plateau, with floors.
+    ``cosine``: linear warmup, then one cosine down to ``min_lr`` at the last epoch.
 
     Args:
+        kind: "staged" or "cosine".
         warmup_epochs: epochs of linear warmup.
-        min_lr: the learning rate the cosine decays to, at most ``optim.lr``.
+        onecycle_end_epoch: end of the one-cycle phase (staged).
+        onecycle_end_ratio: learning rate at ``onecycle_end_epoch``, as a fraction of the peak.
+        cosine_end_epoch: end of the cosine phase, start of the plateau phase (staged).
+        cosine_end_ratio: learning rate at ``cosine_end_epoch``, as a fraction of the peak, at
+            most ``onecycle_end_ratio``.
+        plateau_factor: multiplier of each reduce-on-plateau cut (staged).
+        plateau_patience: validation epochs without improvement before a cut (staged).
+        floor_epochs: epochs from which each floor applies, increasing (staged).
+        floor_lrs: the floors, one per ``floor_epochs`` entry (staged).
+        min_lr: the learning rate the cosine decays to, at most ``optim.lr`` (cosine).
     """
 
+    kind: str = _field("staged", _choice("staged", "cosine"))
     warmup_epochs: int = _field(5, _int_at_least(0))
+    onecycle_end_epoch: int = _field(20, _int_at_least(1))
+    onecycle_end_ratio: float = _field(0.2, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
+    cosine_end_epoch: int = _field(40, _int_at_least(1))
+    cosine_end_ratio: float = _field(0.1, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
+    plateau_factor: float = _field(0.1, Rule("a number in (0, 1)", lambda v: 0 < v < 1))
+    plateau_patience: int = _field(3, _int_at_least(1))
+    floor_epochs: list[float] = _field([40, 50], Rule("a list of epochs >= 0", _all_at_least(0)))
+    floor_lrs: list[float] = _field([1e-3, 1e-4], Rule("a list of numbers > 0", _all_above(0)))
     min_lr: float = _field(1e-5, NON_NEGATIVE)
+
+
+@dataclass
+class UnfreezeConfig:
+    """Progressive unfreezing: the run starts with ``model.active_blocks`` blocks (1 by default).
+
+    Args:
+        enabled: activate blocks during the run; false keeps ``model.active_blocks`` throughout.
+        activate_at: epochs at whose end blocks 2 and 3 activate at the latest (one or two
+            entries; one entry never activates block 3).
+        plateau_patience: epochs without improvement of ``run.monitor`` that bring the next
+            activation forward; 0 turns the plateau trigger off.
+        min_gap: least number of epochs between two activations.
+        lr_mult: learning-rate multipliers of blocks 2 and 3's parameter groups.
+        old_group_decay: at each activation the older groups' rates are multiplied by this, in
+            (0, 1]; < 1 gives discriminative rates.
+        warmup_epochs: a new group's rate rises from 0.1x to its full rate over this many epochs.
+    """
+
+    enabled: bool = _field(True, BOOL)
+    activate_at: list[float] = _field([15, 30], Rule("1 or 2 increasing epochs >= 1", _epochs_ok))
+    plateau_patience: int = _field(5, _int_at_least(0, " (0 = off)"))
+    min_gap: int = _field(5, _int_at_least(1))
+    lr_mult: list[float] = _field([1.0, 1.0], Rule("2 numbers > 0", _n_above(2, 0)))
+    old_group_decay: float = _field(1.0, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
+    warmup_epochs: float = _field(1.0, NON_NEGATIVE)
+
+
+@dataclass
+class RegularizeConfig:
+    """Mixup and dynamic dropout.
+
+    Args:
+        mixup: mix training batches (Zhang et al. 2018) with a soft-target loss.
+        mixup_alpha: Beta(alpha, alpha) concentration at epoch 0; decays linearly to 0.
+        mixup_end_epoch: epoch at which alpha reaches 0.
+        dynamic_dropout: move the Dropout2d rates once per epoch from the train-val gap.
+        dropout_signal: "acc" (train_acc - val_acc) or "loss" (val_loss - train_loss).
+        dropout_min, dropout_max: bounds of every rate.
+        dropout_step: change of a rate per decision.
+        overfit_gap: a gap above this raises the rates.
+        underfit_gap: a gap below this lowers them.
+    """
+
+    mixup: bool = _field(True, BOOL)
+    mixup_alpha: float = _field(0.4, NON_NEGATIVE)
+    mixup_end_epoch: float = _field(15.0, POSITIVE)
+    dynamic_dropout: bool = _field(True, BOOL)
+    dropout_signal: str = _field("acc", _choice("acc", "loss"))
+    dropout_min: float = _field(0.0, RATE)
+    dropout_max: float = _field(0.5, RATE)
+    dropout_step: float = _field(0.05, POSITIVE)
+    overfit_gap: float = _field(0.05, Rule("a number"))
+    underfit_gap: float = _field(0.01, Rule("a number"))
+
+
+@dataclass
+class BalanceConfig:
+    """Class-balanced loss weights and the per-class penalty.
+
+    Args:
+        loss_weights: "none", "inverse" (inverse frequency) or "effective" (Cui et al. 2019).
+        beta: the effective-number hyper-parameter in [0, 1).
+        penalty: adjust per-class loss weights each epoch from the train-val accuracy gap and
+            the validation recall of each class.
+        penalty_strength: scale of the penalty, >= 0.
+        penalty_momentum: smoothing of the penalty weights, in [0, 1).
+        penalty_min, penalty_max: bounds of a class's penalty weight.
+    """
+
+    loss_weights: str = _field("effective", _choice("none", "inverse", "effective"))
+    beta: float = _field(0.999, RATE)
+    penalty: bool = _field(True, BOOL)
+    penalty_strength: float = _field(1.0, NON_NEGATIVE)
+    penalty_momentum: float = _field(0.7, RATE)
+    penalty_min: float = _field(0.5, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
+    penalty_max: float = _field(2.0, Rule("a number >= 1", lambda v: v >= 1))
+
+
+@dataclass
+class SafetyConfig:
+    """Rollback, early stopping, SWA and temperature scaling.
+
+    Args:
+        rollback: restore the best weights and optimizer state when the monitored metric falls
+            more than ``rollback_threshold`` below the best, or the loss is not finite.
+        rollback_threshold: allowed drop (absolute, in the metric's units).
+        max_rollbacks: rollbacks allowed per run.
+        rollback_lr_cut: learning-rate multiplier applied at each rollback.
+        early_stop: stop when the metric has not improved for ``patience`` epochs (never at or
+            before the last scheduled activation).
+        patience: epochs without improvement before stopping.
+        min_delta: the least improvement that counts.
+        swa: average the weights (Izmailov et al. 2018) from ``swa_start_epoch`` on; saved as
+            ``checkpoints/swa.pt`` with BatchNorm statistics recomputed.
+        swa_start_epoch: first epoch whose weights enter the average; after the last activation.
+        temperature: fit one temperature on the validation set at the end (Guo et al. 2017) and
+            store it in best.pt and swa.pt.
+    """
+
+    rollback: bool = _field(True, BOOL)
+    rollback_threshold: float = _field(0.05, POSITIVE)
+    max_rollbacks: int = _field(3, _int_at_least(0))
+    rollback_lr_cut: float = _field(0.5, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
+    early_stop: bool = _field(True, BOOL)
+    patience: int = _field(10, _int_at_least(1))
+    min_delta: float = _field(0.0, NON_NEGATIVE)
+    swa: bool = _field(True, BOOL)
+    swa_start_epoch: int = _field(45, _int_at_least(1))
+    temperature: bool = _field(True, BOOL)
 
 
 @dataclass
@@ -245,6 +400,10 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    unfreeze: UnfreezeConfig = field(default_factory=UnfreezeConfig)
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = ""
 
@@ -254,6 +413,10 @@ SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "optim": OptimConfig,
     "schedule": ScheduleConfig,
+    "unfreeze": UnfreezeConfig,
+    "regularize": RegularizeConfig,
+    "balance": BalanceConfig,
+    "safety": SafetyConfig,
     "run": RunConfig,
 }
 
@@ -261,12 +424,24 @@ SECTIONS: dict[str, type] = {
 # group norm, batch 128); "cpu" is narrow and short so a laptop finishes in minutes.
 PRESETS: dict[str, dict] = {
     "full": {},
+    # The designed 60-epoch regimen scaled to 12 epochs (every epoch boundary x 0.2), narrow,
+    # with BatchNorm (GroupNorm is several times slower on a CPU) and a lower peak lr.
     "cpu": {
         "model": {"width": 0.25, "norm": "batch"},
         "optim": {"batch_size": 128, "lr": 3e-3},
-        "schedule": {"warmup_epochs": 1},
-        "run": {"epochs": 8, "amp": "off"},
-        "data": {"workers": 0},
+        "schedule": {
+            "warmup_epochs": 1,
+            "onecycle_end_epoch": 4,
+            "cosine_end_epoch": 8,
+            "plateau_patience": 1,
+            "floor_epochs": [8, 10],
+            "floor_lrs": [3e-4, 3e-5],
+        },
+        "unfreeze": {"activate_at": [3, 6], "plateau_patience": 1, "min_gap": 1},
+        "regularize": {"mixup_end_epoch": 3.0},
+        "safety": {"patience": 2, "swa_start_epoch": 9},
+        "run": {"epochs": 12, "amp": "off"},
+        "data": {"workers": 0, "aug_ramp_epochs": 2},
     },
 }
 
@@ -379,8 +554,57 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.schedule.min_lr > cfg.optim.lr:
         allowed = f"a number in [0, optim.lr={cfg.optim.lr!r}]"
         raise _invalid("schedule.min_lr", cfg.schedule.min_lr, allowed)
+    _check_staged(cfg)
+    _check_regimen(cfg)
     if cfg.preset and cfg.preset not in PRESETS:
         raise _invalid("preset", cfg.preset, ", ".join(PRESETS) + " or ''")
+
+
+def staged_schedule(cfg: TrainConfig):
+    """The :class:`~training.schedule.StagedSchedule` that ``cfg.schedule`` describes."""
+    from training.schedule import StagedSchedule  # imported here: the schedule needs matplotlib
+
+    s = cfg.schedule
+    return StagedSchedule(
+        peak=cfg.optim.lr,
+        warmup_epochs=s.warmup_epochs,
+        onecycle_end_epoch=s.onecycle_end_epoch,
+        onecycle_end=cfg.optim.lr * s.onecycle_end_ratio,
+        cosine_end_epoch=s.cosine_end_epoch,
+        cosine_end=cfg.optim.lr * s.cosine_end_ratio,
+        plateau_factor=s.plateau_factor,
+        plateau_patience=s.plateau_patience,
+        floors=tuple(zip(s.floor_epochs, s.floor_lrs, strict=True)),
+    )
+
+
+def _check_staged(cfg: TrainConfig) -> None:
+    s = cfg.schedule
+    if len(s.floor_epochs) != len(s.floor_lrs):
+        allowed = f"one floor per schedule.floor_epochs entry ({len(s.floor_epochs)})"
+        raise _invalid("schedule.floor_lrs", s.floor_lrs, allowed)
+    if s.kind != "staged":
+        return
+    try:
+        staged_schedule(cfg)
+    except ValueError as exc:
+        # The schedule names its own field (e.g. "onecycle_end=0.02 is invalid; ...").
+        raise ConfigError(f"schedule (staged, peak optim.lr={cfg.optim.lr!r}): {exc}") from None
+
+
+def _check_regimen(cfg: TrainConfig) -> None:
+    r = cfg.regularize
+    if r.underfit_gap > r.overfit_gap:
+        allowed = f"a number <= regularize.overfit_gap={r.overfit_gap!r}"
+        raise _invalid("regularize.underfit_gap", r.underfit_gap, allowed)
+    if r.dropout_min > r.dropout_max:
+        allowed = f"a number <= regularize.dropout_max={r.dropout_max!r}"
+        raise _invalid("regularize.dropout_min", r.dropout_min, allowed)
+    u = cfg.unfreeze
+    gaps = [b - a for a, b in zip([0, *u.activate_at], u.activate_at, strict=False)]
+    if u.enabled and min(gaps) < u.min_gap:
+        allowed = f"epochs at least unfreeze.min_gap={u.min_gap} apart (and from the start)"
+        raise _invalid("unfreeze.activate_at", u.activate_at, allowed)
 
 
 # --------------------------------------------------------------------------- layering

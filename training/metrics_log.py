@@ -46,15 +46,16 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | Path, events: bool = False) -> list[dict]:
     """The per-epoch dicts of a ``metrics.jsonl``, in file order.
 
     Blank lines and lines that are not a JSON object (a write cut short by a crash) are skipped.
+    With ``events``, the run-level lines (``{"event": "fit_end", ...}``) are kept too.
     """
     rows = []
     for line in Path(path).read_text().splitlines():
         row = _parse(line)
-        if row is not None:
+        if row is not None and (events or "event" not in row):
             rows.append(row)
     return rows
 
@@ -167,8 +168,14 @@ class MetricsLogger(Callback):
         self._writer.flush()
 
     def on_fit_end(self, trainer: Any, summary: dict) -> None:
-        if trainer.is_main:
-            self.close()
+        """Append one ``{"event": "fit_end", ...}`` line (how the run ended, SWA, calibration)."""
+        if not trainer.is_main:
+            return
+        if self._file is not None:
+            keys = ("stopped", "best_epoch", "best_value", "monitor", "swa", "calibration")
+            row = {"event": "fit_end", **{k: summary[k] for k in keys if k in summary}}
+            self._file.write(json.dumps(to_plain(row)) + "\n")
+        self.close()
 
     def close(self) -> None:
         """Close the metrics file and the TensorBoard writer (safe to call twice)."""

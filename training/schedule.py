@@ -37,29 +37,59 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+#: A group that joins with a warmup starts at this fraction of its rate.
+GROUP_WARMUP_START = 0.1
+
+
+def group_multiplier(group: dict, step: int) -> float:
+    """A parameter group's own factor at ``step``: ``lr_mult`` times its warmup since joining.
+
+    Keys read from the group (all optional): ``lr_mult`` (default 1), ``joined_step`` and
+    ``warmup_steps`` (a linear rise from :data:`GROUP_WARMUP_START` to 1 over ``warmup_steps``
+    optimizer steps after ``joined_step``).
+    """
+    mult = float(group.get("lr_mult", 1.0))
+    warmup = int(group.get("warmup_steps", 0))
+    if warmup > 0:
+        progress = min(1.0, max(0, step - int(group.get("joined_step", 0))) / warmup)
+        mult *= GROUP_WARMUP_START + (1.0 - GROUP_WARMUP_START) * progress
+    return mult
+
+
 class LRSchedule:
-    """Sets every parameter group's lr to ``group["base_lr"] * factor(step)``.
+    """Sets every group's lr to ``base_lr * factor(step) * scale * group_multiplier(group)``.
 
     Groups added to the optimizer later (a block activated by progressive unfreezing) follow the
     same schedule from the step they join: a group without ``base_lr`` takes its current ``lr`` as
-    its base. This is what OneCycleLR and ReduceLROnPlateau do not do for late groups.
+    its base. This is what OneCycleLR and ReduceLROnPlateau do not do for late groups. The
+    per-group keys (``lr_mult``, ``joined_step``, ``warmup_steps``) live in the optimizer's groups,
+    so they travel in the optimizer's state dict.
 
     Args:
         optimizer: the optimizer whose groups it drives.
         factor: a pure function of the optimizer step.
+        plateau: the reduce-on-plateau state ``factor`` reads, saved with this schedule.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        factor: Callable[[int], float],
+        plateau: PlateauState | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.factor = factor
+        self.plateau = plateau
         self.last_step = 0
+        #: product of the cuts made by rollbacks; multiplies every group.
+        self.scale = 1.0
         self.apply()
 
     def apply(self) -> None:
-        f = self.factor(self.last_step)
+        f = self.factor(self.last_step) * self.scale
         for group in self.optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
-            group["lr"] = group["base_lr"] * f
+            group["lr"] = group["base_lr"] * f * group_multiplier(group, self.last_step)
 
     def step(self) -> None:
         self.last_step += 1
@@ -69,10 +99,16 @@ class LRSchedule:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
+        state = {"last_step": self.last_step, "scale": self.scale}
+        if self.plateau is not None:
+            state["plateau"] = self.plateau.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step = int(state["last_step"])
+        self.scale = float(state.get("scale", 1.0))
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
         self.apply()
 
 

@@ -29,13 +29,15 @@ from training.checkpoint import (
     CheckpointError,
     check_compatible,
     copy_checkpoint,
+    load_checkpoint,
     restore_model,
     save_checkpoint,
 )
-from training.config import TrainConfig, config_to_dict
+from training.config import TrainConfig, config_to_dict, staged_schedule
 from training.evaluate import classification_metrics, predict
 from training.events import Callback, StopTraining
-from training.schedule import LRSchedule, warmup_cosine
+from training.mixup import Mixup
+from training.schedule import LRSchedule, PlateauState, warmup_cosine
 from training.seeding import rng_state, set_rng_state
 from training.stepper import GradStepper, group_size, steps_per_epoch
 
@@ -58,6 +60,8 @@ class EpochProgress:
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0
+    class_correct: list[int] | None = None
+    class_seen: list[int] | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -92,8 +96,9 @@ class Trainer:
         run_dir: the run folder (``checkpoints/`` goes inside).
         callbacks: the features, called in this order at every event.
         is_main: ``False`` on ranks other than 0, which then write no files.
-        criterion: loss on (logits, targets); cross-entropy with the config's label smoothing
-            by default.
+        criterion: loss on (logits, targets), targets being labels (B,) or, with Mixup, soft
+            targets (B, C); cross-entropy with the config's label smoothing by default.
+        mixup: mixes training batches (and makes soft targets) while active; ``None``: off.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         is_main: bool = True,
         criterion: nn.Module | None = None,
+        mixup: Mixup | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -122,9 +128,12 @@ class Trainer:
         self.criterion = criterion or nn.CrossEntropyLoss(
             label_smoothing=config.optim.label_smoothing
         )
+        self.mixup = mixup
+        self.num_classes = len(cache.class_names)
         self.batches_per_epoch = len(loaders["train"])
+        self.steps_per_epoch = steps_per_epoch(self.batches_per_epoch, config.optim.accumulation)
         self.optimizer = build_optimizer(model, config)
-        self.schedule = LRSchedule(self.optimizer, self._lr_factor())
+        self.schedule = self._make_schedule()
         self.stepper = GradStepper(
             self.optimizer,
             device=device,
@@ -140,6 +149,10 @@ class Trainer:
         self.stopped: str | None = None
         self._progress: EpochProgress | None = None
         self._interrupt_requested = False
+        self._events: list[dict] = []
+        self._nonfinite_epoch = 0
+        #: set by a rollback during the epoch in progress; later decisions of that epoch skip.
+        self.rolled_back = False
 
     # ----------------------------------------------------------------- public state
 
@@ -153,41 +166,87 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def notify(self, kind: str, title: str, lines: Sequence[str] = ()) -> None:
-        """Tell every callback that something happened (a stage change, an intervention)."""
+        """Tell every callback that something happened (a stage change, an intervention).
+
+        The notice is also kept in the epoch's ``events`` list in ``metrics.jsonl``.
+        """
+        self._events.append({"kind": kind, "title": title, "lines": list(lines)})
         for cb in self.callbacks:
             cb.on_notice(self, kind, title, list(lines))
 
-    def activate_block(self, k: int) -> list[str]:
+    def activate_block(
+        self,
+        k: int,
+        *,
+        lr_mult: float = 1.0,
+        warmup_epochs: float = 0.0,
+        old_group_decay: float = 1.0,
+        reason: str = "",
+    ) -> list[str]:
         """Make blocks ``1..k`` active; each newly active block joins the optimizer as a group.
 
-        New groups start at the learning rate the schedule gives now. Returns the names of the
-        groups added; announces the stage change.
+        A new group follows the schedule from the step it joins, times ``lr_mult`` and a linear
+        warmup from 0.1x over ``warmup_epochs``; the groups already there have their multiplier
+        multiplied by ``old_group_decay`` (discriminative rates; block 1's group holds the
+        classifier). The model's head switches to block ``k``'s adapter. Returns the names of
+        the groups added; announces the stage change.
         """
         before = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         old = self.model.active_blocks
         if not old < k <= NUM_BLOCKS:
             raise ValueError(f"activate_block: k={k} is invalid; allowed: {old + 1}..{NUM_BLOCKS}")
         self.model.freeze_blocks_until(k)
+        for group in self.optimizer.param_groups:
+            group["lr_mult"] = group.get("lr_mult", 1.0) * old_group_decay
         added = []
-        factor = self.schedule.factor(self.schedule.last_step)
+        step = self.schedule.last_step
         for block in range(old + 1, k + 1):
-            base = self.config.optim.lr
             self.optimizer.add_param_group(
                 {
                     "params": self.model.new_parameters(block),
                     "name": f"block{block}",
-                    "base_lr": base,
-                    "lr": base * factor,
+                    "base_lr": self.config.optim.lr,
+                    "lr_mult": float(lr_mult),
+                    "joined_step": step,
+                    "warmup_steps": round(warmup_epochs * self.steps_per_epoch),
                 }
             )
             added.append(f"block{block}")
+        self.schedule.apply()
         after = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        lrs = ", ".join(f"{g['name']} {g['lr']:.2e}" for g in self.optimizer.param_groups)
         self.notify(
             "stage",
-            f"STAGE {k}: block {k} active",
-            [f"trainable parameters {before:,} -> {after:,}", f"new groups: {', '.join(added)}"],
+            f"STAGE {k}: block {k} active" + (f" ({reason})" if reason else ""),
+            [
+                f"trainable parameters {before:,} -> {after:,}",
+                f"new groups: {', '.join(added)} (lr x{lr_mult:g}, warmup {warmup_epochs:g} ep)",
+                f"learning rates now: {lrs}",
+            ],
         )
         return added
+
+    def restore_best(self, lr_factor: float, path: Path | None = None) -> Path:
+        """Roll back to a checkpoint of this run (``best.pt`` by default): load its weights and
+        optimizer state, multiply every lr by ``lr_factor``. Blocks activated since then stay
+        active with the weights they had then (their initial ones, as frozen blocks do not
+        train), and their groups restart their optimizer moments.
+        """
+        path = path or self.checkpoint_dir / "best.pt"
+        ckpt = load_checkpoint(path)
+        best_model = ckpt["model"]
+        own = self.model.state_dict()
+        # Weights of blocks that were frozen at the best epoch equal their values then.
+        self.model.load_state_dict({k: best_model.get(k, v) for k, v in own.items()})
+        saved = ckpt["optimizer"]
+        state = self.optimizer.state_dict()
+        n_saved = sum(len(g["params"]) for g in saved["param_groups"])
+        state["state"] = {i: s for i, s in saved["state"].items() if int(i) < n_saved}
+        self.optimizer.load_state_dict(state)
+        self.schedule.scale *= lr_factor
+        self.schedule.apply()
+        self.rolled_back = True
+        return path
 
     # ----------------------------------------------------------------- the loop
 
@@ -220,14 +279,23 @@ class Trainer:
         metrics = {"epoch": epoch, **train, **self._validate()}
         metrics["lr"] = [g["lr"] for g in self.optimizer.param_groups]
         metrics["active_blocks"] = self.model.active_blocks
+        metrics["dropout"] = self.model.dropout_rates()
+        strength = getattr(self.loaders["train"].dataset, "strength", None)
+        if strength is not None:
+            metrics["aug_strength"] = strength
+        if self.mixup is not None:
+            metrics["mixup_alpha"] = self.mixup.alpha_at(epoch - 1) if self.mixup.enabled else 0.0
+        self.rolled_back = False
+        metrics["events"] = self._events  # notices of this epoch, decisions below included
         self._emit("on_validation_end", metrics)
         improved = self._update_best(metrics)
-        self.history.append(metrics)
+        self.history.append({k: v for k, v in metrics.items() if k != "events"})
         self._progress = None
         last = self.save("last.pt")
         if improved and last is not None:
             copy_checkpoint(last, self.checkpoint_dir / "best.pt")  # same content, no re-encoding
         self._emit("on_epoch_end", metrics)
+        self._events = []
 
     def _seed_epoch(self, epoch: int) -> None:
         # The epoch's shuffle and augmentation depend on (seed, epoch) only, so a resumed run
@@ -238,6 +306,8 @@ class Trainer:
             loader.generator.manual_seed(seed)
         if hasattr(loader.dataset, "reseed"):
             loader.dataset.reseed(seed)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
 
     def _train_epoch(self, epoch: int) -> dict:
         self.model.train()
@@ -251,6 +321,10 @@ class Trainer:
         sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY
         loss_sum = torch.tensor(progress.loss_sum, device=self.device)
         correct = torch.tensor(progress.correct, device=self.device)
+        zeros = [0] * self.num_classes
+        class_correct = torch.tensor(progress.class_correct or zeros, device=self.device)
+        class_seen = torch.tensor(progress.class_seen or zeros, device=self.device)
+        sums = (loss_sum, correct, class_correct, class_seen)
         loss_value = float("nan")
         t0 = time.perf_counter() - progress.seconds
         for b, (x, y) in enumerate(self.loaders["train"]):
@@ -258,47 +332,77 @@ class Trainer:
                 continue  # already trained before an interruption; drawn again to keep RNG streams
             x = x.to(self.device, non_blocking=True)  # (B, C, H, W)
             y = y.to(self.device, non_blocking=True)  # (B,)
+            target = y
+            if self.mixup is not None and self.mixup.active(epoch - 1 + b / n):
+                x, target, _ = self.mixup(x, y, epoch - 1 + b / n)  # target: (B, C) soft
             with self.stepper.autocast():
                 logits = self.model(x)  # (B, num_classes)
-                loss = self.criterion(logits, y)
+                loss = self.criterion(logits, target)
             stepped = self.stepper.backward(loss, group_size=group_size(b, n, acc))
             loss_sum += loss.detach().float() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+            hit = logits.detach().argmax(1) == y  # against the unmixed label under Mixup
+            correct += hit.sum()
+            class_correct += torch.bincount(y[hit], minlength=self.num_classes)
+            class_seen += torch.bincount(y, minlength=self.num_classes)
             progress.batches_done = b + 1
             progress.seen += len(y)
             if b % sync_every == 0 or b == n - 1:
                 loss_value = self._read_loss(loss, epoch, b)
             self._emit("on_batch_end", b, loss_value, stepped)
             if stepped and self._interrupt_requested:
-                self._keep_progress(progress, loss_sum, correct, t0)
+                self._keep_progress(progress, sums, t0)
                 self.save("last.pt")
                 raise Interrupted
-        self._keep_progress(progress, loss_sum, correct, t0)
+        self._keep_progress(progress, sums, t0)
+        counts = zip(progress.class_correct, progress.class_seen, strict=True)
+        per_class = [c / max(1, n) for c, n in counts]
         return {
             "train_loss": progress.loss_sum / max(1, progress.seen),
             "train_acc": progress.correct / max(1, progress.seen),
+            "train_acc_per_class": per_class,
             "epoch_s": progress.seconds,
             "images_per_s": progress.seen / max(progress.seconds, 1e-9),
         }
 
     def _read_loss(self, loss: torch.Tensor, epoch: int, batch: int) -> float:
         value = float(loss.detach())
-        if not math.isfinite(value):
+        if not math.isfinite(value) and self._nonfinite_epoch != epoch:
+            self._nonfinite_epoch = epoch  # one warning per epoch, at the first bad batch
             self.notify(
                 "warning", "non-finite loss", [f"epoch {epoch}, batch {batch + 1}: {value}"]
             )
         return value
 
-    def _keep_progress(self, progress, loss_sum, correct, t0: float) -> None:
+    def _keep_progress(self, progress, sums, t0: float) -> None:
+        loss_sum, correct, class_correct, class_seen = sums
         progress.loss_sum = float(loss_sum)
         progress.correct = int(correct)
+        progress.class_correct = class_correct.tolist()
+        progress.class_seen = class_seen.tolist()
         progress.seconds = time.perf_counter() - t0
         self._progress = progress
 
     def _validate(self) -> dict:
         logits, labels = predict(self.model, self.loaders["val"], self.device, self.amp_dtype)
+        if not torch.isfinite(logits).all():
+            # Diverged weights: report NaN so that the rollback (or the user) sees it.
+            nan = float("nan")
+            return {
+                "val_loss": nan,
+                "val_acc": nan,
+                "val_macro_f1": nan,
+                "val_recall_per_class": [nan] * self.num_classes,
+            }
         m = classification_metrics(logits, labels, self.cache.class_names)
-        return {"val_loss": m["nll"], "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"]}
+        hits = (logits.argmax(1) == labels).long()
+        seen = torch.bincount(labels, minlength=self.num_classes).clamp_min(1)
+        recall = torch.bincount(labels, weights=hits.double(), minlength=self.num_classes) / seen
+        return {
+            "val_loss": m["nll"],
+            "val_acc": m["accuracy"],
+            "val_macro_f1": m["macro_f1"],
+            "val_recall_per_class": recall.tolist(),
+        }
 
     def _update_best(self, metrics: dict) -> bool:
         monitor = self.config.run.monitor
@@ -310,15 +414,23 @@ class Trainer:
         metrics["is_best"] = better
         return better
 
-    def _lr_factor(self):
+    def _make_schedule(self) -> LRSchedule:
+        """The lr schedule of ``schedule.kind``; the staged one carries its plateau state."""
         cfg = self.config
-        spe = steps_per_epoch(self.batches_per_epoch, cfg.optim.accumulation)
-        return partial(
+        spe = self.steps_per_epoch
+        if cfg.schedule.kind == "staged":
+            staged = staged_schedule(cfg)
+            plateau = PlateauState(staged)
+            return LRSchedule(
+                self.optimizer, staged.factor_fn(spe, cfg.optim.lr, plateau), plateau=plateau
+            )
+        factor = partial(
             warmup_cosine,
             warmup_steps=spe * cfg.schedule.warmup_epochs,
             total_steps=spe * cfg.run.epochs,
             min_ratio=min(1.0, cfg.schedule.min_lr / cfg.optim.lr),
         )
+        return LRSchedule(self.optimizer, factor)
 
     def _emit(self, event: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -378,6 +490,7 @@ class Trainer:
             "scheduler": self.schedule.state_dict(),
             "stepper": self.stepper.state_dict(),
             "callbacks": {cb.key: cb.state_dict() for cb in self.callbacks},
+            "mixup": None if self.mixup is None else self.mixup.state_dict(),
             "rng": rng_state(),
             "config": config_to_dict(self.config),
             "class_names": self.cache.class_names,
@@ -402,6 +515,19 @@ class Trainer:
         save_checkpoint(self.checkpoint_payload(), path)
         return path
 
+    def save_weights(self, name: str, model_state: dict, **extra: Any) -> Path | None:
+        """Write ``checkpoints/<name>`` holding other weights of this model (e.g. the SWA average)
+        with the run's metadata, for evaluation only (no optimizer or resume state)."""
+        if not self.is_main:
+            return None
+        resume_only = ("optimizer", "scheduler", "stepper", "callbacks", "rng", "progress")
+        payload = {k: v for k, v in self.checkpoint_payload().items() if k not in resume_only}
+        payload.update(model=model_state, **extra)
+        path = self.checkpoint_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(payload, path)
+        return path
+
     def load_state(self, ckpt: dict) -> None:
         """Restore a checkpoint written by :meth:`checkpoint_payload`, to continue exactly."""
         model_config = {**self.model.config.__dict__, "dropout": list(self.model.config.dropout)}
@@ -416,11 +542,13 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"optimizer state does not fit this model: {exc}") from exc
-        self.schedule = LRSchedule(self.optimizer, self._lr_factor())
+        self.schedule = self._make_schedule()
         self.schedule.load_state_dict(ckpt["scheduler"])
         self.stepper.optimizer = self.optimizer
         self.stepper.scheduler = self.schedule
         self.stepper.load_state_dict(ckpt["stepper"])
+        if self.mixup is not None and ckpt.get("mixup") is not None:
+            self.mixup.load_state_dict(ckpt["mixup"])
         states = ckpt.get("callbacks", {})
         for cb in self.callbacks:
             if cb.key in states:

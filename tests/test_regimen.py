@@ -1,0 +1,266 @@
+"""The regimen wired into the loop: every feature acting in one small run, and exact resume.
+
+The run is a tiny, easily separable dataset (classes differ in brightness) trained with the CPU
+preset and boundaries shrunk to a few epochs. A callback fills the weights with NaN at the first
+batch of epoch 5, so the rollback has something to undo; the dropout gaps are set so that every
+decision raises the rates. Validation reaches 100% early, so the later epochs cannot improve:
+that drives the plateau cut and early stopping.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.build import build_trainer, load_resume
+from training.calibration import nll
+from training.checkpoint import load_checkpoint
+from training.config import load_config, staged_schedule
+from training.evaluate import evaluate_run
+from training.events import Callback, StopTraining
+from training.metrics_log import read_metrics
+from training.schedule import group_multiplier, staged_lr
+
+SABOTAGED_EPOCH = 5
+
+
+@pytest.fixture
+def separable_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 96), ("val", 24), ("test", 24)):
+        labels = np.arange(n) % 3
+        base = (labels * 70 + 30)[:, None, None, None]
+        images = np.clip(base + rng.integers(-60, 60, size=(n, 28, 28, 3)), 0, 255)
+        arrays[f"{split}_images"] = images.astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.astype(np.int64)
+    path = tmp_path / "separable.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def regimen_config(npz: Path, tmp_path: Path, run: str, *extra: str):
+    return load_config(
+        preset="cpu",
+        overrides=[
+            f"data.source={npz}",
+            f"data.root={tmp_path / 'cache'}",
+            "data.aug_ramp_epochs=3",
+            "model.width=0.125",
+            "optim.batch_size=16",
+            "run.epochs=12",
+            "run.progress=plain",
+            "run.tensorboard=false",
+            f"run.run_dir={tmp_path / run}",
+            "unfreeze.activate_at=[2, 4]",
+            "unfreeze.plateau_patience=0",
+            "schedule.onecycle_end_epoch=3",
+            "schedule.cosine_end_epoch=4",
+            "schedule.floor_epochs=[4, 8]",
+            "schedule.onecycle_end_ratio=1.0",
+            "schedule.cosine_end_ratio=0.5",
+            "schedule.floor_lrs=[5e-4, 1e-4]",
+            "regularize.mixup_end_epoch=3",
+            "regularize.overfit_gap=-1.0",
+            "regularize.underfit_gap=-2.0",
+            "safety.swa_start_epoch=5",
+            "safety.patience=6",
+            *extra,
+        ],
+    )
+
+
+class Sabotage(Callback):
+    """Fills every weight with NaN after the first batch of ``SABOTAGED_EPOCH``."""
+
+    def on_batch_end(self, trainer, batch, loss, stepped):
+        if trainer.epoch == SABOTAGED_EPOCH and batch == 0:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.fill_(math.nan)
+
+
+class StopAfter(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, metrics):
+        if trainer.epoch == self.epoch:
+            raise StopTraining(f"stopped after epoch {self.epoch}")
+
+
+def fit(cfg, resume=None, callbacks=()):
+    trainer = build_trainer(
+        cfg, Path(cfg.run.run_dir), resume=resume, extra_callbacks=[Sabotage(), *callbacks]
+    )
+    return trainer, trainer.fit()
+
+
+def kinds(row: dict) -> list[str]:
+    return [event["kind"] for event in row["events"]]
+
+
+@pytest.fixture
+def straight_run(separable_npz, tmp_path, capsys):
+    trainer, summary = fit(regimen_config(separable_npz, tmp_path, "straight"))
+    return trainer, summary, capsys.readouterr().out
+
+
+def test_every_feature_acts_in_metrics_and_on_the_console(straight_run, tmp_path):
+    trainer, summary, out = straight_run
+    run = tmp_path / "straight"
+    rows = read_metrics(run / "metrics.jsonl")
+    by_epoch = {r["epoch"]: r for r in rows}
+    # progressive unfreezing: blocks 2 and 3 at the end of epochs 2 and 4
+    assert [r["active_blocks"] for r in rows][:5] == [1, 1, 2, 2, 3]
+    assert "stage" in kinds(by_epoch[2]) and "stage" in kinds(by_epoch[4])
+    assert "STAGE 2: block 2 active" in out and "STAGE 3: block 3 active" in out
+    assert len(by_epoch[5]["lr"]) == 3  # one parameter group per active block
+    # Mixup: alpha decays to 0 by epoch 3; augmentation strength ramps up over 3 epochs
+    alphas = [r["mixup_alpha"] for r in rows]
+    assert alphas[0] > alphas[1] > alphas[2] > 0 and alphas[3] == 0
+    strengths = [r["aug_strength"] for r in rows]
+    assert strengths[0] < strengths[1] < strengths[2] < strengths[3] == strengths[-1]
+    # dynamic dropout: not while Mixup distorts the gap, then raised once per epoch
+    assert by_epoch[2]["dropout"] == by_epoch[1]["dropout"]
+    assert all(b > a for a, b in zip(by_epoch[4]["dropout"], by_epoch[6]["dropout"], strict=True))
+    assert "dropout" in kinds(by_epoch[4])
+    # class penalty: per-class weights in every row (but a rolled-back one), bounded
+    for r in (r for r in rows if "rollback" not in r):
+        assert len(r["class_penalty"]) == 3
+        assert all(0.5 <= w <= 2.0 for w in r["class_penalty"])
+    # rollback after the NaN epoch: banner, best weights back, lr cut
+    assert by_epoch[SABOTAGED_EPOCH]["rollback"].startswith("rollback: non-finite loss")
+    assert "ROLLBACK 1/3" in out
+    assert by_epoch[SABOTAGED_EPOCH + 1]["train_loss"] < 10  # training went on from the best
+    # reduce-on-plateau in the last phase (val accuracy is at 100% and cannot improve)
+    assert any("lr_plateau_scale" in r for r in rows)
+    assert "learning rate reduced on plateau" in out
+    # early stopping, never before the last activation
+    assert summary["stopped"].startswith("early stop")
+    assert rows[-1]["epoch"] < 12 and "early_stop" in rows[-1]
+    # SWA from epoch 5, saved with BatchNorm statistics recomputed
+    assert summary["swa"]["models"] == rows[-1]["epoch"] - 5 + 1
+    swa = load_checkpoint(run / "checkpoints" / "swa.pt")
+    assert swa["swa"]["models"] == summary["swa"]["models"]
+    # temperature fitted at the end, stored in best.pt and swa.pt, logged in metrics.jsonl
+    end = read_metrics(run / "metrics.jsonl", events=True)[-1]
+    assert end["event"] == "fit_end" and set(end["calibration"]) == {"best", "swa"}
+    for name in ("best", "swa"):
+        ckpt = load_checkpoint(run / "checkpoints" / f"{name}.pt")
+        assert ckpt["temperature"] == end["calibration"][name]["temperature"] > 0
+    assert "temperature scaling (validation set)" in out
+    assert (run / "lr_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_from_the_middle_is_exact(straight_run, separable_npz, tmp_path):
+    straight, summary, _ = straight_run
+    # The same run stopped right after the rollback (block 3 active, SWA started), resumed.
+    cfg = regimen_config(separable_npz, tmp_path, "resumed")
+    _, first = fit(cfg, callbacks=[StopAfter(SABOTAGED_EPOCH)])
+    assert first["stopped"] == f"stopped after epoch {SABOTAGED_EPOCH}"
+    cfg2, ckpt = load_resume(tmp_path / "resumed")
+    resumed, second = fit(cfg2, resume=ckpt)
+    assert resumed.start_epoch == SABOTAGED_EPOCH + 1
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert second["stopped"] == summary["stopped"]
+    skip = {"epoch_s", "images_per_s", "events"}
+    rows_a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    rows_b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [{k: v for k, v in r.items() if k not in skip} for r in rows_a] == [
+        {k: v for k, v in r.items() if k not in skip} for r in rows_b
+    ]
+    swa_a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "swa.pt")["model"]
+    swa_b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "swa.pt")["model"]
+    assert all(torch.equal(swa_a[k], swa_b[k]) for k in swa_a)
+
+
+def test_report_puts_best_and_swa_side_by_side_with_temperatures(straight_run, tmp_path):
+    report = evaluate_run(tmp_path / "straight", device="cpu")
+    assert list(report["weights"]) == ["best", "best+T", "swa", "swa+T"]
+    best, scaled = report["weights"]["best"], report["weights"]["best+T"]
+    assert scaled["accuracy"] == best["accuracy"]
+    assert scaled["temperature"] == report["checkpoints"]["best"]["temperature"]
+
+
+def test_every_group_follows_the_schedule_after_activation(separable_npz, tmp_path):
+    cfg = regimen_config(separable_npz, tmp_path, "groups", "unfreeze.enabled=false")
+    trainer = build_trainer(cfg, tmp_path / "groups")
+    spe = trainer.steps_per_epoch
+    for _ in range(spe):
+        trainer.schedule.step()
+    trainer.activate_block(2, lr_mult=0.5, warmup_epochs=1.0, old_group_decay=0.8)
+    groups = trainer.optimizer.param_groups
+    assert [g["name"] for g in groups] == ["block1", "block2"]
+    staged = staged_schedule(cfg)
+    for _ in range(3 * spe):  # through warmup into one-cycle; the new group keeps its ratio
+        trainer.schedule.step()
+        step = trainer.schedule.last_step
+        lr = staged_lr(step, spe, staged)
+        assert groups[0]["lr"] == pytest.approx(lr * 0.8)
+        warm = min(1.0, (step - spe) / spe)
+        assert groups[1]["lr"] == pytest.approx(lr * 0.5 * (0.1 + 0.9 * warm))
+        assert group_multiplier(groups[1], step) == pytest.approx(0.5 * (0.1 + 0.9 * warm))
+
+
+def test_rollback_restores_the_best_weights_and_cuts_the_lr(separable_npz, tmp_path):
+    cfg = regimen_config(separable_npz, tmp_path, "rb", "run.epochs=2", "safety.swa=false")
+    trainer = build_trainer(cfg, tmp_path / "rb")
+    trainer.fit()
+    best = load_checkpoint(tmp_path / "rb" / "checkpoints" / "best.pt")
+    before = trainer.schedule.lrs()
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    trainer.restore_best(0.5)
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], best["model"][k]) for k in state)
+    assert trainer.schedule.lrs() == pytest.approx([lr * 0.5 for lr in before])
+
+
+def test_switches_turn_features_off(separable_npz, tmp_path):
+    off = [
+        "unfreeze.enabled=false",
+        "regularize.mixup=false",
+        "regularize.dynamic_dropout=false",
+        "balance.penalty=false",
+        "safety.rollback=false",
+        "safety.early_stop=false",
+        "safety.swa=false",
+        "safety.temperature=false",
+        "run.epochs=3",
+    ]
+    cfg = regimen_config(separable_npz, tmp_path, "off", *off)
+    trainer = build_trainer(cfg, tmp_path / "off")
+    assert trainer.mixup is None
+    names = [cb.key for cb in trainer.callbacks]
+    assert names[0] == "lr_plateau" and "unfreeze" not in names and "swa" not in names
+    trainer.fit()
+    rows = read_metrics(tmp_path / "off" / "metrics.jsonl")
+    assert [r["active_blocks"] for r in rows] == [1, 1, 1]
+    assert not (tmp_path / "off" / "checkpoints" / "swa.pt").exists()
+    assert "temperature" not in load_checkpoint(tmp_path / "off" / "checkpoints" / "best.pt")
+    assert all("class_penalty" not in r and "mixup_alpha" not in r for r in rows)
+
+
+def test_weighted_loss_takes_labels_or_soft_targets():
+    from losses import WeightedCrossEntropy
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    loss = WeightedCrossEntropy(3, torch.tensor([1.0, 2.0, 0.5]))
+    loss.set_penalty([1.0, 1.5, 1.0])
+    weight = torch.tensor([1.0, 3.0, 0.5])
+    hard = torch.nn.functional.cross_entropy(logits, y, weight=weight)
+    assert loss(logits, y) == pytest.approx(hard.item())
+    soft = torch.nn.functional.one_hot(y, 3).float()
+    assert loss(logits, soft) == pytest.approx(hard.item())
+    with pytest.raises(ValueError, match=r"penalty has shape \(2,\); allowed: \(3,\)"):
+        loss.set_penalty([1.0, 1.0])
+    plain = WeightedCrossEntropy(3)
+    assert plain(logits, y) == pytest.approx(nll(logits, y), rel=1e-5)

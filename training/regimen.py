@@ -1,0 +1,482 @@
+"""The regimen's features as thin callbacks: each turns a decision unit's answer into an action.
+
+The decisions themselves live in small units with their own tests (:mod:`training.unfreeze`,
+:mod:`training.safety`, :mod:`training.dropout_control`, :mod:`training.balance`,
+:mod:`training.schedule`, :mod:`training.calibration`). The callbacks here feed them the epoch's
+metrics at ``on_validation_end`` (before ``last.pt`` is written, so a resumed run continues from
+the decided state), carry out what they decide on the trainer, record it in the epoch's metrics
+(``metrics.jsonl``) and announce it on the console through :meth:`Trainer.notify`.
+
+Order matters and is fixed by :func:`regimen_callbacks`: rollback first (a rolled-back epoch's
+metrics say nothing about the restored weights, so later decisions of that epoch skip), then the
+plateau cut, unfreezing, dropout, class penalty, SWA and early stopping; at the end of the run
+SWA is finalised before temperature scaling, which calibrates best.pt and swa.pt.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from torch.optim.swa_utils import AveragedModel, update_bn
+
+from losses import WeightedCrossEntropy
+from training.balance import ClassPenalty
+from training.calibration import calibration_report, fit_temperature
+from training.checkpoint import copy_checkpoint, load_checkpoint, restore_model, save_checkpoint
+from training.config import TrainConfig
+from training.dropout_control import DynamicDropout, apply_rates
+from training.evaluate import predict
+from training.events import Callback, StopTraining
+from training.safety import EarlyStopping, RollbackPolicy
+from training.unfreeze import UnfreezeSchedule
+
+LOWER_IS_BETTER = {"val_loss"}
+
+
+def _mode(monitor: str) -> str:
+    return "min" if monitor in LOWER_IS_BETTER else "max"
+
+
+class Rollback(Callback):
+    """Restores the stage's best weights and optimizer state and cuts the lr when the run falls
+    apart (a metric drop past the threshold, or a non-finite loss or metric).
+
+    The reference is the best epoch of the current stage (since the last block activation), kept
+    as ``checkpoints/rollback.pt``: right after an activation the new block is untrained and the
+    metric dips below the previous stage's best by design, which is no reason to undo it. A
+    divergence in the first epoch of a stage goes back to the previous stage's best.
+    """
+
+    name = "rollback"
+    FILE = "rollback.pt"
+
+    def __init__(self, policy: RollbackPolicy) -> None:
+        self.policy = policy
+        self.stage: int | None = None
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.fallback: float | None = None
+        self._improved = False
+
+    def _better(self, metric: float) -> bool:
+        if not math.isfinite(metric):
+            return False
+        if self.best is None:
+            return True
+        return metric < self.best if self.policy.mode == "min" else metric > self.best
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        self._improved = False
+        if trainer.model.active_blocks != self.stage:
+            self.stage = trainer.model.active_blocks
+            self.fallback = self.best if self.best is not None else self.fallback
+            self.best = None
+        metric = float(metrics[trainer.config.run.monitor])
+        loss = float(metrics["train_loss"])
+        diverged = not (math.isfinite(metric) and math.isfinite(loss))
+        reference = self.fallback if (diverged and self.best is None) else self.best
+        decision = self.policy.decide(metrics["epoch"], metric, loss, reference)
+        if decision is None:
+            if self._better(metric):
+                self.best, self.best_epoch, self._improved = metric, metrics["epoch"], True
+            return
+        self.policy.record(decision)
+        metrics["rollback"] = f"{decision.kind}: {decision.reason}"
+        if decision.kind == "abort":
+            trainer.notify("rollback", "training diverged", [decision.reason])
+            raise StopTraining(f"diverged: {decision.reason}")
+        if decision.kind == "exhausted":
+            trainer.notify("warning", "rollback limit reached", [decision.reason])
+            return
+        path = trainer.restore_best(decision.lr_factor, trainer.checkpoint_dir / self.FILE)
+        trainer.notify(
+            "rollback",
+            f"ROLLBACK {decision.count}/{self.policy.max_rollbacks}: back to epoch "
+            f"{self.best_epoch}",
+            [
+                decision.reason,
+                f"restored weights and optimizer state from {path.name}",
+                f"learning rate x{decision.lr_factor:g} (x{decision.total_lr_factor:g} in all)",
+            ],
+        )
+
+    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
+        # last.pt now holds this epoch's end state: keep a copy while it is the stage's best.
+        if self._improved and trainer.is_main:
+            ck = trainer.checkpoint_dir
+            copy_checkpoint(ck / "last.pt", ck / self.FILE)
+
+    def state_dict(self) -> dict:
+        return {
+            **self.policy.state_dict(),
+            "stage": self.stage,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "fallback": self.fallback,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state)
+        self.stage = state.get("stage")
+        self.best = state.get("best")
+        self.best_epoch = state.get("best_epoch")
+        self.fallback = state.get("fallback")
+
+
+class PlateauCut(Callback):
+    """Feeds the staged schedule's reduce-on-plateau state and reports its cuts."""
+
+    name = "lr_plateau"
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        plateau = trainer.schedule.plateau
+        if plateau is None or trainer.rolled_back:
+            return
+        monitor = trainer.config.run.monitor
+        if plateau.update(metrics["epoch"], float(metrics[monitor]), _mode(monitor)):
+            trainer.schedule.apply()
+            metrics["lr_plateau_scale"] = plateau.scale
+            trainer.notify(
+                "schedule",
+                "learning rate reduced on plateau",
+                [
+                    f"{monitor} did not improve for {plateau.sched.plateau_patience} epochs",
+                    f"plateau scale now {plateau.scale:g}; lr {trainer.schedule.lrs()[0]:.2e}",
+                ],
+            )
+
+
+class Unfreeze(Callback):
+    """Activates the next block when :class:`UnfreezeSchedule` says so."""
+
+    name = "unfreeze"
+
+    def __init__(self, schedule: UnfreezeSchedule) -> None:
+        self.schedule = schedule
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        active = trainer.model.active_blocks
+        metric = float(metrics[trainer.config.run.monitor])
+        block = self.schedule.decide(metrics["epoch"], metric, active)
+        if block is None:
+            return
+        s = self.schedule
+        trainer.activate_block(
+            block,
+            lr_mult=s.lr_mult.get(block, 1.0),
+            warmup_epochs=s.warmup_epochs,
+            old_group_decay=s.old_group_decay,
+            reason=s.last_reason,
+        )
+        metrics["unfreeze"] = s.last_reason
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
+
+
+class DropoutControl(Callback):
+    """Moves the Dropout2d rates from the train-val gap, once per epoch.
+
+    Epochs trained with Mixup are skipped: their training accuracy and loss are measured on
+    mixed images, so the gap would read as underfitting whatever the model does.
+    """
+
+    name = "dynamic_dropout"
+
+    def __init__(self, control: DynamicDropout, mixup: Any = None) -> None:
+        self.control = control
+        self.mixup = mixup
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        if trainer.rolled_back:
+            return
+        if self.mixup is not None and self.mixup.active(metrics["epoch"] - 1):
+            return
+        name = "acc" if self.control.signal == "acc" else "loss"
+        rates = self.control.decide(
+            metrics[f"train_{name}"], metrics[f"val_{name}"], trainer.model.dropout_rates()
+        )
+        if rates is None:
+            return
+        apply_rates(trainer.model, rates)
+        metrics["dropout"] = list(rates)
+        trainer.notify("dropout", "dropout adjusted", [self.control.last_reason])
+
+    def state_dict(self) -> dict:
+        return self.control.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.control.load_state_dict(state)
+
+
+class ClassPenaltyControl(Callback):
+    """Updates per-class loss weights from each class's train-val gap and validation recall."""
+
+    name = "class_penalty"
+
+    def __init__(self, penalty: ClassPenalty, criterion: WeightedCrossEntropy) -> None:
+        self.penalty = penalty
+        self.criterion = criterion
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        if trainer.rolled_back:
+            return
+        recall = metrics["val_recall_per_class"]
+        weights = self.penalty.update(metrics["train_acc_per_class"], recall, recall)
+        self.criterion.set_penalty(weights)
+        metrics["class_penalty"] = [round(w, 4) for w in weights.tolist()]
+        change = max(abs(d) for d in self.penalty.changes())
+        if change >= 0.05:
+            names = trainer.cache.class_names
+            top = max(range(len(names)), key=lambda c: float(weights[c]))
+            trainer.notify(
+                "balance",
+                "class penalty moved",
+                [f"largest weight: {names[top]} {float(weights[top]):.2f} (change {change:.2f})"],
+            )
+
+    def state_dict(self) -> dict:
+        return self.penalty.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.penalty.load_state_dict(state)
+        self.criterion.set_penalty(self.penalty.weights)
+
+
+class EarlyStop(Callback):
+    """Stops the run after ``patience`` epochs without improvement (never before the last
+    scheduled activation).
+
+    The decision is taken at the end of an epoch and carried out at the start of the next, so
+    the deciding epoch is logged and checkpointed like any other (and a run resumed from it
+    stops at once).
+    """
+
+    name = "early_stop"
+
+    def __init__(self, stopper: EarlyStopping) -> None:
+        self.stopper = stopper
+        self.stop_reason = ""
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        if self.stop_reason:  # a run resumed after it had stopped
+            raise StopTraining(f"early stop: {self.stop_reason}")
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        metric = float(metrics[trainer.config.run.monitor])
+        if self.stopper.update(metrics["epoch"], metric):
+            self.stop_reason = self.stopper.reason
+            metrics["early_stop"] = self.stop_reason
+            trainer.notify("stop", "early stopping", [self.stop_reason])
+
+    def state_dict(self) -> dict:
+        return {**self.stopper.state_dict(), "stop_reason": self.stop_reason}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stopper.load_state_dict(state)
+        self.stop_reason = str(state.get("stop_reason", ""))
+
+
+class StochasticWeightAveraging(Callback):
+    """SWA (Izmailov et al. 2018) with :class:`torch.optim.swa_utils.AveragedModel`.
+
+    From ``start_epoch`` on, each epoch's final weights enter the average. At the end of a run
+    that was not interrupted, the BatchNorm statistics of the average are recomputed with
+    :func:`~torch.optim.swa_utils.update_bn` on the training data and the weights are saved as
+    ``checkpoints/swa.pt``. The average is part of the checkpoint, so a resumed run continues it.
+    """
+
+    name = "swa"
+
+    def __init__(self, start_epoch: int) -> None:
+        self.start_epoch = start_epoch
+        self.averaged: AveragedModel | None = None
+        self._pending: dict | None = None
+
+    def _ensure(self, trainer: Any) -> AveragedModel:
+        if self.averaged is None:
+            self.averaged = AveragedModel(trainer.model, use_buffers=False)
+            if self._pending is not None:
+                self.averaged.load_state_dict(self._pending)
+                self._pending = None
+        return self.averaged
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if self._pending is not None:
+            self._ensure(trainer)
+
+    @property
+    def n_averaged(self) -> int:
+        return 0 if self.averaged is None else int(self.averaged.n_averaged)
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        if metrics["epoch"] < self.start_epoch:
+            return
+        averaged = self._ensure(trainer)
+        averaged.update_parameters(trainer.model)
+        metrics["swa_models"] = self.n_averaged
+        if self.n_averaged == 1:
+            trainer.notify(
+                "swa", "weight averaging started", [f"epoch {metrics['epoch']}: first weights in"]
+            )
+
+    def on_fit_end(self, trainer: Any, summary: dict) -> None:
+        if trainer.stopped == "interrupted" or not trainer.is_main:
+            return
+        if self.n_averaged == 0:
+            summary["swa"] = {"models": 0, "note": "no epoch reached swa_start_epoch"}
+            ended = f"the run ended before epoch {self.start_epoch}"
+            trainer.notify("swa", "no weights averaged", [ended])
+            return
+        averaged = self._ensure(trainer)
+        # Frozen blocks are averaged too (their weights do not change); the activations
+        # (active_blocks, dropout) are the live model's.
+        averaged.module.load_state_dict(
+            {**trainer.model.state_dict(), **averaged.module.state_dict()}
+        )
+        update_bn(trainer.loaders["train"], averaged.module, device=trainer.device)
+        path = trainer.save_weights(
+            "swa.pt", averaged.module.state_dict(), swa={"models": self.n_averaged}
+        )
+        summary["swa"] = {"models": self.n_averaged, "file": str(path)}
+        summary["files"]["swa"] = str(path)
+        trainer.notify(
+            "swa",
+            f"SWA: {self.n_averaged} epochs averaged",
+            [f"BatchNorm statistics recomputed on the training data; saved {path.name}"],
+        )
+
+    def state_dict(self) -> dict:
+        return {"averaged": None if self.averaged is None else self.averaged.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaged = None
+        self._pending = state.get("averaged")
+
+
+class TemperatureScaling(Callback):
+    """Fits one temperature per weights file (best.pt, swa.pt) on the validation set at the end
+    (Guo et al. 2017) and stores it, with NLL and ECE before and after, in that file."""
+
+    name = "temperature"
+
+    def on_fit_end(self, trainer: Any, summary: dict) -> None:
+        if trainer.stopped == "interrupted" or not trainer.is_main:
+            return
+        results = {}
+        for name in ("best", "swa"):
+            path = trainer.checkpoint_dir / f"{name}.pt"
+            if path.exists():
+                results[name] = self._calibrate(trainer, path)
+        summary["calibration"] = results
+        lines = [
+            f"{name}: T={r['temperature']:.3f}  NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}"
+            f"  ECE {100 * r['ece_before']:.2f}% -> {100 * r['ece_after']:.2f}%"
+            for name, r in results.items()
+        ]
+        trainer.notify("calibration", "temperature scaling (validation set)", lines)
+
+    @staticmethod
+    def _calibrate(trainer: Any, path) -> dict:
+        ckpt = load_checkpoint(path)
+        model = copy.deepcopy(trainer.model)
+        restore_model(model, ckpt)
+        logits, labels = predict(model, trainer.loaders["val"], trainer.device, trainer.amp_dtype)
+        temperature = fit_temperature(logits, labels)
+        report = calibration_report(logits, labels, temperature)
+        result = {k: float(v) for k, v in report.items()}
+        ckpt["temperature"] = float(temperature)
+        ckpt["calibration"] = result
+        save_checkpoint(ckpt, path)
+        return result
+
+
+def regimen_callbacks(
+    cfg: TrainConfig, criterion: WeightedCrossEntropy, mixup: Any
+) -> list[Callback]:
+    """The regimen's callbacks that ``cfg`` switches on, in the order they must run."""
+    monitor, mode = cfg.run.monitor, _mode(cfg.run.monitor)
+    s, u, r, b = cfg.safety, cfg.unfreeze, cfg.regularize, cfg.balance
+    callbacks: list[Callback] = []
+    if s.rollback:
+        policy = RollbackPolicy(
+            threshold=s.rollback_threshold,
+            max_rollbacks=s.max_rollbacks,
+            lr_cut=s.rollback_lr_cut,
+            mode=mode,
+            monitor=monitor,
+        )
+        callbacks.append(Rollback(policy))
+    if cfg.schedule.kind == "staged":
+        callbacks.append(PlateauCut())
+    unfreeze = _unfreeze_schedule(cfg)
+    if u.enabled:
+        callbacks.append(Unfreeze(unfreeze))
+    if r.dynamic_dropout:
+        control = DynamicDropout(
+            base_rates=[min(max(p, r.dropout_min), r.dropout_max) for p in cfg.model.dropout],
+            min_rate=r.dropout_min,
+            max_rate=r.dropout_max,
+            step=r.dropout_step,
+            overfit_gap=r.overfit_gap,
+            underfit_gap=r.underfit_gap,
+            signal=r.dropout_signal,
+        )
+        callbacks.append(DropoutControl(control, mixup))
+    if b.penalty:
+        penalty = ClassPenalty(
+            criterion.base.numel(),
+            momentum=b.penalty_momentum,
+            strength=b.penalty_strength,
+            min_weight=b.penalty_min,
+            max_weight=b.penalty_max,
+        )
+        callbacks.append(ClassPenaltyControl(penalty, criterion))
+    if s.swa:
+        callbacks.append(StochasticWeightAveraging(s.swa_start_epoch))
+    if s.early_stop:
+        last = unfreeze.final_activation_epoch() if u.enabled else 0
+        stopper = EarlyStopping(
+            patience=s.patience,
+            min_delta=s.min_delta,
+            mode=mode,
+            not_before_epoch=last,
+            monitor=monitor,
+        )
+        callbacks.append(EarlyStop(stopper))
+    if s.temperature:
+        callbacks.append(TemperatureScaling())
+    return callbacks
+
+
+def _unfreeze_schedule(cfg: TrainConfig) -> UnfreezeSchedule:
+    u = cfg.unfreeze
+    # activate_at lists blocks 2 and 3; a run that starts deeper skips the entries it passed.
+    return UnfreezeSchedule(
+        activate_at={2 + i: int(e) for i, e in enumerate(u.activate_at)},
+        plateau_patience=u.plateau_patience or None,
+        min_gap=u.min_gap,
+        mode=_mode(cfg.run.monitor),
+        lr_mult={block: m for block, m in zip((2, 3), u.lr_mult, strict=True)},
+        old_group_decay=u.old_group_decay,
+        warmup_epochs=u.warmup_epochs,
+        monitor=cfg.run.monitor,
+    )
+
+
+__all__ = [
+    "ClassPenaltyControl",
+    "DropoutControl",
+    "EarlyStop",
+    "PlateauCut",
+    "Rollback",
+    "StochasticWeightAveraging",
+    "TemperatureScaling",
+    "Unfreeze",
+    "regimen_callbacks",
+]
