@@ -1,0 +1,671 @@
+"""Does the full training regimen beat a plain PyTorch loop, and is it calibrated?
+
+Trains two models on the same ``.npz`` source and scores both on the same test split:
+
+* **regimen**: the real entry point, ``models/train.py --preset cpu`` (every feature the preset
+  turns on), run as a subprocess whose wall clock is timed (interpreter start-up, cache check,
+  validation and checkpoints included). Its ``checkpoints/best.pt`` and, when present,
+  ``checkpoints/swa.pt`` are then scored here on the test split, raw and divided by the
+  checkpoint's ``temperature`` (fitted on validation at the end of training; a checkpoint
+  without one has no scaled row).
+* **plain**: the hand-written reference loop of ``../shared/data/README.md``, in this process:
+  a 6-conv BatchNorm CNN (three stages of two 3x3 conv -> BatchNorm -> ReLU at 32, 64 and 128
+  channels, each stage ending in a 2x2 max-pool; global average pooling and one linear layer;
+  288,488 parameters for 3-channel images and 8 classes), ``torch.optim.AdamW`` (torch's
+  default weight decay 0.01) with ``OneCycleLR`` (max lr 3e-3, torch's defaults otherwise),
+  batch 128, plain cross-entropy, 15 epochs, seed 0 by default. Augmentation is random flips
+  only: horizontal, plus vertical for colour (3-channel) images; greyscale scans keep their
+  up-down orientation, as in ``dataset.transforms``. The README leaves those details open;
+  these are the choices made here. The images come from the same ``data_npy`` cache the
+  regimen builds (same train/val/test split, normalised with the training split's mean/std);
+  the loop trains on the train split only, does no validation or model selection, and is
+  scored with its final weights. Its wall time is its training loop alone.
+
+Scores per model: test accuracy, macro-F1 (scikit-learn), NLL and ECE with 15 equal-width bins
+(``training.calibration``). A table with the rows plain / regimen-best / regimen-best+T /
+regimen-swa / regimen-swa+T is printed, then two verdicts, both on the regimen's final weights
+(``swa`` when the run wrote it, else ``best``)::
+
+    regimen beats plain: yes/no (x vs y)
+    temperature-scaled ECE < 1.5%: yes/no
+
+The figures go to ``regimen_bench.json`` in the run folder: ``plain`` (epochs, seed, parameters,
+scores), ``regimen`` (command, returncode, wall_s, train_loop_s = the sum of the run's per-epoch
+training-loop seconds, and per weight set its file, epoch, temperature, raw and scaled scores),
+``rows`` (the table), ``targets`` (the two verdicts and the figures behind them) and
+``same_test_split`` (both arms scored the same test labels). Scores are accuracy, macro_f1, nll,
+ece and wall_s. With ``--skip-plain`` the regimen is compared with the README's reference
+accuracy for the file, when it has one.
+
+Run from the repository root. It takes a while on 2 cores: the plain loop's first epoch took
+178 s on 2 cores shared with other work (load average about 6), so allow tens of minutes::
+
+    .venv/bin/python bench/regimen.py
+    .venv/bin/python bench/regimen.py --data ../shared/data/brain_tumor_mri_64.npz
+    .venv/bin/python bench/regimen.py --skip-regimen --plain-epochs 3
+    .venv/bin/python bench/regimen.py --set run.epochs=12 --run-dir runs/regimen-12
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+
+from dataset.cache import CacheInfo
+from dataset.errors import DataError
+from training.calibration import expected_calibration_error, nll
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.config import ConfigError, TrainConfig, load_config
+from training.data import prepare_cache
+from training.evaluate import build_model, find_weights, predict, test_loader
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "models" / "train.py"
+DEFAULT_DATA = "../shared/data/bloodcells_pbc_28.npz"
+RESULT_JSON = "regimen_bench.json"
+ECE_BINS = 15
+ECE_TARGET = 0.015
+#: test accuracy of the plain loop as published in ../shared/data/README.md, by file name.
+REFERENCE_ACCURACY: dict[str, float] = {
+    "bloodcells_pbc_28.npz": 0.9851,
+    "brain_tumor_mri_64.npz": 0.9214,
+}
+PLAIN_WIDTHS = (32, 64, 128)
+PLAIN_MAX_LR = 3e-3
+PLAIN_BATCH = 128
+EVAL_BATCH = 512
+MIN_IMAGE_SIZE = 8  # three 2x2 max-pools
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; see the module docstring."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=DEFAULT_DATA, help="an .npz source (default: %(default)s)")
+    p.add_argument("--preset", default="cpu", help="config preset (default: %(default)s)")
+    p.add_argument("--plain-epochs", type=int, default=15, help="epochs of the plain loop")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for both arms")
+    p.add_argument("--skip-plain", action="store_true", help="do not train the plain loop")
+    p.add_argument("--skip-regimen", action="store_true", help="do not train the regimen")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="the regimen's run folder, also where the JSON goes "
+        "(default: runs/regimen-bench-<timestamp> in the repository)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override passed to training (repeatable), e.g. --set run.epochs=12",
+    )
+    args = p.parse_args(argv)
+    if args.plain_epochs < 1:
+        p.error(f"--plain-epochs={args.plain_epochs} is invalid; allowed: an int >= 1")
+    if args.threads < 1:
+        p.error(f"--threads={args.threads} is invalid; allowed: an int >= 1")
+    if args.skip_plain and args.skip_regimen:
+        p.error("--skip-plain and --skip-regimen together leave nothing to run; drop one")
+    return args
+
+
+def resolve_data(path: str) -> Path | None:
+    """The source file as an absolute path, tried as given and then relative to the repository."""
+    candidates = [Path(path)]
+    if not Path(path).is_absolute():
+        candidates.append(REPO_ROOT / path)
+    found = next((c for c in candidates if c.is_file()), None)
+    return found.resolve() if found else None
+
+
+def default_run_dir() -> Path:
+    return REPO_ROOT / "runs" / f"regimen-bench-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def make_config(args: argparse.Namespace, data: Path) -> TrainConfig:
+    """The configuration training will resolve, read here for the data and seed settings."""
+    return load_config(args.preset, overrides=[f"data.source={data}", *args.overrides])
+
+
+# --------------------------------------------------------------------------- scores
+
+
+@dataclass
+class Scores:
+    """Test-split figures of one set of logits.
+
+    Args:
+        accuracy: share of correct argmax predictions.
+        macro_f1: unweighted mean of the per-class F1 over every class.
+        nll: mean negative log-likelihood of the softmax.
+        ece: expected calibration error, 15 equal-width confidence bins.
+        wall_s: training wall time of the model, seconds.
+    """
+
+    accuracy: float
+    macro_f1: float
+    nll: float
+    ece: float
+    wall_s: float
+
+
+def score(
+    logits: torch.Tensor, labels: torch.Tensor, wall_s: float, temperature: float = 1.0
+) -> Scores:
+    """Scores of ``softmax(logits / temperature)`` against ``labels``.
+
+    Args:
+        logits: ``(N, C)`` raw scores.
+        labels: ``(N,)`` class indices.
+        wall_s: the training time to report with them.
+        temperature: divides the logits before NLL and ECE; accuracy and F1 do not change.
+    """
+    scaled = logits.double() / temperature  # (N, C)
+    y_true, y_pred = labels.numpy(), logits.argmax(dim=1).numpy()
+    classes = list(range(logits.shape[1]))
+    return Scores(
+        accuracy=float((y_true == y_pred).mean()),
+        macro_f1=float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
+        nll=nll(scaled, labels),
+        ece=expected_calibration_error(scaled, labels, ECE_BINS),
+        wall_s=wall_s,
+    )
+
+
+# --------------------------------------------------------------------------- the plain loop
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class PlainCNN(nn.Module):
+    """The reference network: three stages of two conv-BN-ReLU layers and a max-pool, then
+    global average pooling and a linear classifier.
+
+    Args:
+        in_channels: image channels.
+        num_classes: output classes.
+        widths: channels of the three stages.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, widths: Sequence[int] = PLAIN_WIDTHS
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for w in widths:
+            layers += [*_conv_bn_relu(c, w), *_conv_bn_relu(w, w), nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` images -> ``(B, num_classes)`` logits."""
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@dataclass
+class Split:
+    """One split held in memory: uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def load_split(cache: CacheInfo, split: str) -> Split:
+    """A cache split as channel-first tensors."""
+    images = torch.from_numpy(np.array(cache.images(split))).permute(0, 3, 1, 2)
+    return Split(images.contiguous(), torch.from_numpy(cache.labels(split)).long())
+
+
+class Normalise:
+    """uint8 ``(B, C, H, W)`` -> float32, scaled to [0, 1] and standardised per channel.
+
+    Args:
+        mean, std: per-channel statistics of the training split, on the [0, 1] scale.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
+
+
+def random_flips(x: torch.Tensor, vertical: bool, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image left-right with probability 0.5 and, if ``vertical``, up-down too.
+
+    Args:
+        x: ``(B, C, H, W)`` batch.
+        vertical: also draw up-down flips.
+        generator: the random stream.
+    """
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5  # (B,)
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    if vertical:
+        flip = torch.rand(x.shape[0], generator=generator) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(2), x)
+    return x
+
+
+@torch.no_grad()
+def plain_logits(model: nn.Module, split: Split, normalise: Normalise) -> torch.Tensor:
+    """Eval-mode logits ``(N, C)`` of a whole split."""
+    model.eval()
+    chunks = [
+        model(normalise(split.images[i : i + EVAL_BATCH]))
+        for i in range(0, len(split.labels), EVAL_BATCH)
+    ]
+    return torch.cat(chunks).float()
+
+
+def train_plain(cache: CacheInfo, epochs: int, seed: int) -> tuple[PlainCNN, float]:
+    """Train the reference loop on the cache's train split.
+
+    Args:
+        cache: the ``data_npy`` cache both arms read.
+        epochs: passes over the train split.
+        seed: seeds the weights, the shuffling and the flips.
+
+    Returns:
+        The trained model and the loop's wall time in seconds.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train = load_split(cache, "train")
+    normalise = Normalise(cache.mean, cache.std)
+    model = PlainCNN(cache.channels, cache.num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PLAIN_MAX_LR)
+    steps = (len(train.labels) + PLAIN_BATCH - 1) // PLAIN_BATCH
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=PLAIN_MAX_LR, total_steps=epochs * steps
+    )
+    criterion = nn.CrossEntropyLoss()
+    vertical = cache.channels == 3
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0, loss_sum, correct = time.perf_counter(), 0.0, 0
+        order = torch.randperm(len(train.labels), generator=generator)
+        for i in range(0, len(order), PLAIN_BATCH):
+            idx = order[i : i + PLAIN_BATCH]
+            x = random_flips(normalise(train.images[idx]), vertical, generator)  # (B, C, H, W)
+            y = train.labels[idx]  # (B,)
+            logits = model(x)
+            loss = criterion(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+        n = len(train.labels)
+        print(
+            f"plain epoch {epoch}/{epochs}  loss {loss_sum / n:.4f}  "
+            f"train acc {correct / n:.4f}  {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+    return model, time.perf_counter() - start
+
+
+def run_plain(cache: CacheInfo, epochs: int, seed: int) -> tuple[Scores, dict[str, Any]]:
+    """Train and score the plain arm; returns its scores and a description for the JSON."""
+    model, wall_s = train_plain(cache, epochs, seed)
+    test = load_split(cache, "test")
+    logits = plain_logits(model, test, Normalise(cache.mean, cache.std))
+    info = {
+        "epochs": epochs,
+        "seed": seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "test_labels_sha": _labels_digest(test.labels),
+    }
+    return score(logits, test.labels, wall_s), info
+
+
+def _labels_digest(labels: torch.Tensor) -> str:
+    """A short fingerprint of a label array, to check both arms scored the same test split."""
+    return hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the regimen
+
+
+def regimen_command(
+    args: argparse.Namespace, data: Path, run_dir: Path, data_root: Path
+) -> list[str]:
+    """The ``models/train.py`` command line; the user's ``--set`` overrides come last and win."""
+    fixed = ["run.progress=plain", f"run.threads={args.threads}", f"data.root={data_root}"]
+    sets = [item for kv in [*fixed, *args.overrides] for item in ("--set", kv)]
+    return [
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        "--preset",
+        args.preset,
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        *sets,
+    ]
+
+
+def train_regimen(command: list[str]) -> tuple[int, float]:
+    """Run the training command with its output passed through; returns (exit code, seconds)."""
+    start = time.perf_counter()
+    proc = subprocess.run(command, check=False)
+    return proc.returncode, time.perf_counter() - start
+
+
+def regimen_loop_s(run_dir: Path) -> float | None:
+    """Seconds the run spent in its training loops (the sum of ``epoch_s`` in ``last.pt``).
+
+    Comparable with the plain arm's wall time; ``None`` when ``last.pt`` has no history.
+    """
+    try:
+        history = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("history") or []
+    except CheckpointError:
+        return None
+    seconds = [float(m["epoch_s"]) for m in history if "epoch_s" in m]
+    return sum(seconds) if seconds else None
+
+
+def _temperature(ckpt: dict) -> float | None:
+    value = ckpt.get("temperature")
+    if value is None:
+        return None
+    value = float(value)
+    return value if value > 0 else None
+
+
+def score_regimen(run_dir: Path, wall_s: float) -> tuple[dict[str, dict[str, Any]], str]:
+    """Score the run's ``best`` (or ``last``) and ``swa`` weights on the test split.
+
+    Returns:
+        Per weight set ``{"file", "epoch", "temperature", "raw": Scores, "scaled": Scores or
+        None}``, and the digest of the test labels (to check both arms saw the same split).
+    """
+    files = find_weights(run_dir)
+    ckpts = {name: load_checkpoint(path) for name, path in files.items()}
+    reference = ckpts.get("best") or ckpts.get("last") or next(iter(ckpts.values()))
+    loader, _ = test_loader(reference, None, EVAL_BATCH, 0)
+    results: dict[str, dict[str, Any]] = {}
+    digest = ""
+    for name, ckpt in ckpts.items():
+        # A weight set saved without metadata (SWA) borrows the reference's.
+        model = build_model({**reference, **ckpt})
+        logits, labels = predict(model, loader, "cpu")
+        digest = _labels_digest(labels)
+        temperature = _temperature(ckpt)
+        results["best" if name == "last" else name] = {
+            "file": str(files[name]),
+            "epoch": ckpt.get("epoch"),
+            "temperature": temperature,
+            "raw": score(logits, labels, wall_s),
+            "scaled": None if temperature is None else score(logits, labels, wall_s, temperature),
+        }
+    return results, digest
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain-text table; the first column left-aligned, the others right-aligned."""
+    table = [list(headers), *[list(r) for r in rows]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+
+    def render(line: Sequence[str]) -> str:
+        pairs = enumerate(zip(line, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([render(table[0]), rule, *map(render, table[1:])])
+
+
+def table_rows(
+    plain: Scores | None, regimen: dict[str, dict[str, Any]] | None, regimen_status: str
+) -> dict[str, Scores | str]:
+    """Row name -> ``Scores`` or the reason it has none, in the printed order.
+
+    Args:
+        plain: the plain arm's scores, ``None`` when skipped.
+        regimen: :func:`score_regimen` results, ``None`` when skipped or failed.
+        regimen_status: why ``regimen`` is ``None`` ("skipped", "failed").
+    """
+    rows: dict[str, Scores | str] = {"plain": plain if plain else "skipped"}
+    for name in ("best", "swa"):
+        entry = (regimen or {}).get(name)
+        if regimen is None:
+            rows[f"regimen-{name}"] = rows[f"regimen-{name}+T"] = regimen_status
+        elif entry is None:
+            rows[f"regimen-{name}"] = rows[f"regimen-{name}+T"] = f"no {name}.pt"
+        else:
+            rows[f"regimen-{name}"] = entry["raw"]
+            rows[f"regimen-{name}+T"] = entry["scaled"] or "no temperature in checkpoint"
+    return rows
+
+
+def render_table(rows: dict[str, Scores | str]) -> str:
+    headers = ["model", "test acc", "macro-F1", "NLL", "ECE", "wall s"]
+    lines = []
+    for name, s in rows.items():
+        if isinstance(s, Scores):
+            cells = [f"{s.accuracy:.4f}", f"{s.macro_f1:.4f}", f"{s.nll:.4f}"]
+            lines.append([name, *cells, f"{100 * s.ece:.2f}%", f"{s.wall_s:.1f}"])
+        else:
+            lines.append([name, "-", "-", "-", "-", f"({s})"])
+    return format_table(headers, lines)
+
+
+def verdicts(
+    plain: Scores | None, regimen: dict[str, dict[str, Any]] | None, reference: float | None
+) -> dict[str, Any]:
+    """The two targets, judged on the regimen's final weights (``swa`` if present, else ``best``).
+
+    Args:
+        plain: the plain arm's scores, or ``None`` when skipped.
+        regimen: :func:`score_regimen` results, or ``None`` when skipped.
+        reference: the README's plain accuracy for this file, used when ``plain`` is ``None``.
+    """
+    out: dict[str, Any] = {
+        "weights": None,
+        "regimen_accuracy": None,
+        "plain_accuracy": plain.accuracy if plain else reference,
+        "plain_source": "measured" if plain else ("reference" if reference else None),
+        "regimen_beats_plain": None,
+        "scaled_ece": None,
+        "scaled_ece_target": ECE_TARGET,
+        "scaled_ece_met": None,
+    }
+    if not regimen:
+        return out
+    weights = "swa" if "swa" in regimen else "best"
+    entry = regimen[weights]
+    out["weights"] = weights
+    out["regimen_accuracy"] = entry["raw"].accuracy
+    if out["plain_accuracy"] is not None:
+        out["regimen_beats_plain"] = entry["raw"].accuracy > out["plain_accuracy"]
+    if entry["scaled"] is not None:
+        out["scaled_ece"] = entry["scaled"].ece
+        out["scaled_ece_met"] = entry["scaled"].ece < ECE_TARGET
+    else:
+        out["scaled_ece_met"] = False
+    return out
+
+
+def verdict_lines(v: dict[str, Any]) -> list[str]:
+    """The two target lines as printed."""
+    if v["weights"] is None:
+        return [
+            "regimen beats plain: n/a (no regimen scores)",
+            "temperature-scaled ECE < 1.5%: n/a",
+        ]
+    if v["regimen_beats_plain"] is None:
+        beats = f"regimen beats plain: n/a (regimen-{v['weights']} {v['regimen_accuracy']:.4f})"
+    else:
+        answer = "yes" if v["regimen_beats_plain"] else "no"
+        plain = "plain" if v["plain_source"] == "measured" else "plain, README reference"
+        beats = (
+            f"regimen beats plain: {answer} ({v['regimen_accuracy']:.4f} regimen-{v['weights']} "
+            f"vs {v['plain_accuracy']:.4f} {plain})"
+        )
+    if v["scaled_ece"] is None:
+        ece = f"temperature-scaled ECE < 1.5%: no (regimen-{v['weights']} has no temperature)"
+    else:
+        answer = "yes" if v["scaled_ece_met"] else "no"
+        ece = (
+            f"temperature-scaled ECE < 1.5%: {answer} "
+            f"({100 * v['scaled_ece']:.2f}% regimen-{v['weights']}+T)"
+        )
+    return [beats, ece]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Scores):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(payload: dict[str, Any], path: Path) -> None:
+    """Write ``payload`` as JSON atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(_jsonable(payload), handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_run_dir(run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot take a new run (stale checkpoints would be scored), or None."""
+    if any((run_dir / "checkpoints").glob("*.pt")):
+        return f"run folder {run_dir} already holds checkpoints; pass a new --run-dir"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit code (2 for bad input, 1 if training failed)."""
+    args = parse_args(argv)
+    data = resolve_data(args.data)
+    if data is None:
+        return _error(f"data file {args.data} not found; pass an .npz source with --data")
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else default_run_dir()
+    if not args.skip_regimen and (problem := _check_run_dir(run_dir)):
+        return _error(problem)
+    try:
+        cfg = make_config(args, data)
+        cache = prepare_cache(cfg.data, progress=False)
+    except (ConfigError, DataError) as err:
+        return _error(" ".join(str(err).split()))
+    if cache.image_size < MIN_IMAGE_SIZE and not args.skip_plain:
+        return _error(
+            f"images are {cache.image_size} px; the plain CNN needs >= {MIN_IMAGE_SIZE} px"
+        )
+    torch.set_num_threads(args.threads)
+    reference = REFERENCE_ACCURACY.get(data.name)
+    print(
+        f"data {data}: train/val/test {sum(cache.counts('train'))}/{sum(cache.counts('val'))}/"
+        f"{sum(cache.counts('test'))}, {cache.num_classes} classes, {args.threads} threads, "
+        f"torch {torch.__version__}; README plain reference: {reference or 'none for this file'}",
+        flush=True,
+    )
+    payload: dict[str, Any] = {
+        "data": str(data),
+        "cache": str(cache.path),
+        "preset": args.preset,
+        "overrides": list(args.overrides),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "reference_plain_accuracy": reference,
+        "plain": None,
+        "regimen": None,
+    }
+    plain = regimen = None
+    if not args.skip_plain:
+        print(f"\n== plain loop: {args.plain_epochs} epochs", flush=True)
+        plain, info = run_plain(cache, args.plain_epochs, cfg.run.seed)
+        payload["plain"] = {**info, "scores": plain}
+    code = 0
+    if not args.skip_regimen:
+        data_root = Path(cfg.data.root).resolve()
+        command = regimen_command(args, data, run_dir, data_root)
+        print(f"\n== regimen: {' '.join(command)}", flush=True)
+        returncode, wall_s = train_regimen(command)
+        payload["regimen"] = {"command": command, "returncode": returncode, "wall_s": wall_s}
+        if returncode != 0:
+            print(f"error: training exited with code {returncode}", file=sys.stderr)
+            code = 1
+        else:
+            try:
+                regimen, digest = score_regimen(run_dir, wall_s)
+            except (FileNotFoundError, CheckpointError, DataError) as err:
+                print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+                code = 1
+            else:
+                loop_s = regimen_loop_s(run_dir)
+                payload["regimen"].update(
+                    weights=regimen, test_labels_sha=digest, train_loop_s=loop_s
+                )
+    if plain and regimen:
+        payload["same_test_split"] = payload["plain"]["test_labels_sha"] == digest
+    rows = table_rows(plain, regimen, "skipped" if args.skip_regimen else "failed")
+    v = verdicts(plain, regimen, reference)
+    payload["rows"] = rows
+    payload["targets"] = v
+    print("\n" + render_table(rows) + "\n")
+    if regimen and payload["regimen"]["train_loop_s"] is not None:
+        print(
+            f"(regimen wall s is the whole train.py process; its training loops alone took "
+            f"{payload['regimen']['train_loop_s']:.1f} s)"
+        )
+    print("\n".join(verdict_lines(v)))
+    json_path = run_dir / RESULT_JSON
+    write_json(payload, json_path)
+    print(f"\nfigures written to {json_path}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
