@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from training.config import (
     format_config,
     load_config,
     save_config,
+    staged_schedule,
     validate_config,
 )
 
@@ -70,8 +72,14 @@ def test_cpu_preset_is_narrow_and_short() -> None:
     assert cfg.preset == "cpu"
     assert cfg.model.width == 0.25 and cfg.model.norm == "batch"
     assert cfg.optim.batch_size == 128 and cfg.optim.lr == 3e-3
-    assert cfg.schedule.warmup_epochs == 1 and cfg.run.epochs == 12
+    assert cfg.schedule.warmup_epochs == 1 and cfg.run.epochs == 15
     assert cfg.data.workers == 0 and cfg.run.amp == "off"
+    # every epoch boundary of the 60-epoch design, scaled by 15/60
+    full = TrainConfig()
+    assert cfg.schedule.cosine_end_epoch == full.schedule.cosine_end_epoch / 4
+    assert cfg.unfreeze.activate_at == [round(e / 4) for e in full.unfreeze.activate_at]
+    assert cfg.safety.swa_start_epoch == round(full.safety.swa_start_epoch / 4)
+    assert cfg.safety.swa_start_epoch > cfg.unfreeze.activate_at[-1]
     assert cfg.model.activation == TrainConfig().model.activation  # untouched fields keep defaults
 
 
@@ -406,4 +414,33 @@ def test_format_config_is_readable_yaml_of_the_config() -> None:
     assert yaml.safe_load(text) == config_to_dict(cfg)
     lines = text.splitlines()
     assert lines[0] == "data:" and "  dropout: [0.0, 0.15, 0.3]" in lines
-    assert "  epochs: 12" in lines and lines[-1] == "preset: cpu"
+    assert "  epochs: 15" in lines and lines[-1] == "preset: cpu"
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["unfreeze.activate_at=[30, 15]"], "unfreeze.activate_at=[30.0, 15.0] is invalid"),
+        (["unfreeze.activate_at=[15, 18]"], "epochs at least unfreeze.min_gap=5 apart"),
+        (["schedule.floor_lrs=[0.001]"], "schedule.floor_lrs=[0.001] is invalid; allowed: one"),
+        (["schedule.cosine_end_epoch=10"], "cosine_end_epoch=10 is invalid; allowed: > onecycle"),
+        (["schedule.cosine_end_ratio=0.5"], "cosine_end=0.005 is invalid"),
+        (["regularize.underfit_gap=0.2"], "regularize.underfit_gap=0.2 is invalid"),
+        (["regularize.dropout_min=0.4", "regularize.dropout_max=0.3"], "dropout_min=0.4"),
+        (["balance.loss_weights=sqrt"], "balance.loss_weights='sqrt' is invalid"),
+        (["safety.rollback_lr_cut=0"], "safety.rollback_lr_cut=0.0 is invalid"),
+    ],
+)
+def test_regimen_settings_are_checked_across_fields(items: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=items)
+
+
+def test_staged_schedule_follows_the_config() -> None:
+    with pytest.raises(ConfigError, match="one floor per schedule.floor_epochs entry"):
+        load_config(overrides=["schedule.floor_epochs=[40]"])
+    cfg = load_config(overrides=["schedule.floor_epochs=[40]", "schedule.floor_lrs=[0.0002]"])
+    staged = staged_schedule(cfg)
+    assert staged.peak == cfg.optim.lr
+    assert staged.onecycle_end == pytest.approx(cfg.optim.lr * cfg.schedule.onecycle_end_ratio)
+    assert staged.floors == ((40.0, 0.0002),)
