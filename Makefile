@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?= bloodmnist
 ARGS ?=
 
-.PHONY: venv train data test lint bench
+.PHONY: venv train data test lint bench bench-regimen
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py
 	$(PY) bench/overhead.py
+
+## The regimen against a plain loop (about 30 minutes per dataset on 2 CPU cores).
+bench-regimen: $(STAMP)
+	$(PY) bench/regimen.py --data ../shared/data/bloodcells_pbc_28.npz
+	$(PY) bench/regimen.py --data ../shared/data/brain_tumor_mri_64.npz

@@ -112,6 +112,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+REGIMEN_OFF = (
+    "unfreeze.enabled=false",
+    "regularize.mixup=false",
+    "regularize.dynamic_dropout=false",
+    "balance.loss_weights=none",
+    "balance.penalty=false",
+    "safety.rollback=false",
+    "safety.early_stop=false",
+    "safety.swa=false",
+    "safety.temperature=false",
+    "schedule.kind=cosine",
+)
+
+
 def make_config(args: argparse.Namespace, source: Path, tmp: Path) -> TrainConfig:
     """The preset plus the benchmark's settings; both loops read this one config."""
     overrides = [
@@ -123,6 +137,9 @@ def make_config(args: argparse.Namespace, source: Path, tmp: Path) -> TrainConfi
         "run.progress=plain",
         "run.tensorboard=true",
         f"model.active_blocks={args.active_blocks}",
+        # The engine's own mechanics only: the regimen's features (which change what is trained,
+        # not how fast the loop runs it) are off here; bench/regimen.py measures the regimen.
+        *REGIMEN_OFF,
     ]
     if args.width is not None:
         overrides.append(f"model.width={args.width}")

@@ -9,6 +9,7 @@ that drives the plateau cut and early stopping.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def test_every_feature_acts_in_metrics_and_on_the_console(straight_run, tmp_path
     for name in ("best", "swa"):
         ckpt = load_checkpoint(run / "checkpoints" / f"{name}.pt")
         assert ckpt["temperature"] == end["calibration"][name]["temperature"] > 0
-    assert "temperature scaling (validation set)" in out
+    assert "temperature scaling (validation set)" in out and "SWA: " in out
     assert (run / "lr_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -264,3 +265,18 @@ def test_weighted_loss_takes_labels_or_soft_targets():
         loss.set_penalty([1.0, 1.0])
     plain = WeightedCrossEntropy(3)
     assert plain(logits, y) == pytest.approx(nll(logits, y), rel=1e-5)
+
+
+def test_balanced_sampling_with_weighted_loss_warns_once_at_start(separable_npz, tmp_path):
+    from rich.console import Console
+
+    out = io.StringIO()
+    cfg = regimen_config(separable_npz, tmp_path, "both", "data.balanced_sampling=true")
+    build_trainer(cfg, tmp_path / "both", console=Console(file=out, width=200))
+    assert out.getvalue().count("class imbalance is corrected twice") == 1
+    out = io.StringIO()
+    cfg = regimen_config(
+        separable_npz, tmp_path, "one", "data.balanced_sampling=true", "balance.loss_weights=none"
+    )
+    build_trainer(cfg, tmp_path / "one", console=Console(file=out, width=200))
+    assert "corrected twice" not in out.getvalue()

@@ -30,9 +30,8 @@ from training.dropout_control import DynamicDropout, apply_rates
 from training.evaluate import predict
 from training.events import Callback, StopTraining
 from training.safety import EarlyStopping, RollbackPolicy
+from training.trainer import LOWER_IS_BETTER
 from training.unfreeze import UnfreezeSchedule
-
-LOWER_IS_BETTER = {"val_loss"}
 
 
 def _mode(monitor: str) -> str:
