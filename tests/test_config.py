@@ -74,11 +74,12 @@ def test_cpu_preset_is_narrow_and_short() -> None:
     assert cfg.optim.batch_size == 128 and cfg.optim.lr == 3e-3
     assert cfg.schedule.warmup_epochs == 1 and cfg.run.epochs == 15
     assert cfg.data.workers == 0 and cfg.run.amp == "off"
-    # every epoch boundary of the 60-epoch design, scaled by 15/60
+    # the 60-epoch design's schedule boundaries scaled by 15/60; blocks join no later
     full = TrainConfig()
     assert cfg.schedule.cosine_end_epoch == full.schedule.cosine_end_epoch / 4
-    assert cfg.unfreeze.activate_at == [round(e / 4) for e in full.unfreeze.activate_at]
     assert cfg.safety.swa_start_epoch == round(full.safety.swa_start_epoch / 4)
+    scaled = [e / 4 for e in full.unfreeze.activate_at]
+    assert all(a <= b for a, b in zip(cfg.unfreeze.activate_at, scaled, strict=True))
     assert cfg.safety.swa_start_epoch > cfg.unfreeze.activate_at[-1]
     assert cfg.model.activation == TrainConfig().model.activation  # untouched fields keep defaults
 

@@ -21,7 +21,7 @@ from training.build import build_trainer, load_resume
 from training.calibration import nll
 from training.checkpoint import load_checkpoint
 from training.config import load_config, staged_schedule
-from training.evaluate import evaluate_run
+from training.evaluate import build_model, evaluate_run, predict
 from training.events import Callback, StopTraining
 from training.metrics_log import read_metrics
 from training.schedule import group_multiplier, staged_lr
@@ -280,3 +280,26 @@ def test_balanced_sampling_with_weighted_loss_warns_once_at_start(separable_npz,
     )
     build_trainer(cfg, tmp_path / "one", console=Console(file=out, width=200))
     assert "corrected twice" not in out.getvalue()
+
+
+def test_best_checkpoint_holds_the_model_as_validated(separable_npz, tmp_path):
+    # Block 2 activates at the end of epoch 1, which is also the best epoch: best.pt must hold
+    # the depth-1 model that was validated, not the one the activation made.
+    cfg = regimen_config(
+        separable_npz,
+        tmp_path,
+        "asval",
+        "run.epochs=1",
+        "unfreeze.activate_at=[1]",
+        "unfreeze.min_gap=1",
+        "safety.temperature=false",
+    )
+    trainer = build_trainer(cfg, tmp_path / "asval")
+    trainer.fit()
+    assert trainer.model.active_blocks == 2
+    ckpt = load_checkpoint(tmp_path / "asval" / "checkpoints" / "best.pt")
+    assert ckpt["active_blocks"] == 1 and ckpt["epoch"] == 1
+    model = build_model(ckpt)
+    logits, labels = predict(model, trainer.loaders["val"], torch.device("cpu"), None)
+    accuracy = (logits.argmax(1) == labels).double().mean().item()
+    assert accuracy == pytest.approx(trainer.best["value"])

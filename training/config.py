@@ -438,10 +438,14 @@ PRESETS: dict[str, dict] = {
             "floor_epochs": [10, 12],
             "floor_lrs": [3e-4, 3e-5],
         },
+        # Blocks join earlier than 0.25 x the design and with larger lr multipliers: by then the
+        # staged lr has fallen to 0.2-0.3 x the peak, too low for a randomly initialised block
+        # to catch up in the few epochs left.
         "unfreeze": {
-            "activate_at": [4, 8],
+            "activate_at": [2, 5],
             "plateau_patience": 2,
             "min_gap": 2,
+            "lr_mult": [2.0, 4.0],
             "warmup_epochs": 0.25,
         },
         "regularize": {"mixup_alpha": 0.2, "mixup_end_epoch": 4.0, "dropout_max": 0.3},

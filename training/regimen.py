@@ -249,7 +249,7 @@ class ClassPenaltyControl(Callback):
 
 class EarlyStop(Callback):
     """Stops the run after ``patience`` epochs without improvement (never before the last
-    scheduled activation).
+    scheduled activation; the count restarts when a block activates).
 
     The decision is taken at the end of an epoch and carried out at the start of the next, so
     the deciding epoch is logged and checkpointed like any other (and a run resumed from it
@@ -261,12 +261,17 @@ class EarlyStop(Callback):
     def __init__(self, stopper: EarlyStopping) -> None:
         self.stopper = stopper
         self.stop_reason = ""
+        self.stage: int | None = None
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         if self.stop_reason:  # a run resumed after it had stopped
             raise StopTraining(f"early stop: {self.stop_reason}")
 
     def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        if trainer.model.active_blocks != self.stage:
+            # A new stage gets a full patience: its first epochs dip while the block settles.
+            self.stage = trainer.model.active_blocks
+            self.stopper.wait = 0
         metric = float(metrics[trainer.config.run.monitor])
         if self.stopper.update(metrics["epoch"], metric):
             self.stop_reason = self.stopper.reason
@@ -274,11 +279,12 @@ class EarlyStop(Callback):
             trainer.notify("stop", "early stopping", [self.stop_reason])
 
     def state_dict(self) -> dict:
-        return {**self.stopper.state_dict(), "stop_reason": self.stop_reason}
+        return {**self.stopper.state_dict(), "stop_reason": self.stop_reason, "stage": self.stage}
 
     def load_state_dict(self, state: dict) -> None:
         self.stopper.load_state_dict(state)
         self.stop_reason = str(state.get("stop_reason", ""))
+        self.stage = state.get("stage")
 
 
 class StochasticWeightAveraging(Callback):

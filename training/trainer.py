@@ -28,7 +28,6 @@ from models.basic_cnn_model import NUM_BLOCKS, BasicCNNModel
 from training.checkpoint import (
     CheckpointError,
     check_compatible,
-    copy_checkpoint,
     load_checkpoint,
     restore_model,
     save_checkpoint,
@@ -286,14 +285,15 @@ class Trainer:
         if self.mixup is not None:
             metrics["mixup_alpha"] = self.mixup.alpha_at(epoch - 1) if self.mixup.enabled else 0.0
         self.rolled_back = False
+        self._progress = None  # the epoch's training is complete
+        # best.pt holds the model exactly as it was validated: written before the features'
+        # decisions (a block activated now would change what the weights compute).
+        if self._update_best(metrics):
+            self.save("best.pt")
         metrics["events"] = self._events  # notices of this epoch, decisions below included
         self._emit("on_validation_end", metrics)
-        improved = self._update_best(metrics)
         self.history.append({k: v for k, v in metrics.items() if k != "events"})
-        self._progress = None
-        last = self.save("last.pt")
-        if improved and last is not None:
-            copy_checkpoint(last, self.checkpoint_dir / "best.pt")  # same content, no re-encoding
+        self.save("last.pt")
         self._emit("on_epoch_end", metrics)
         self._events = []
 
@@ -340,10 +340,12 @@ class Trainer:
                 loss = self.criterion(logits, target)
             stepped = self.stepper.backward(loss, group_size=group_size(b, n, acc))
             loss_sum += loss.detach().float() * len(y)
-            hit = logits.detach().argmax(1) == y  # against the unmixed label under Mixup
+            # Under Mixup an image is counted as its dominant component's class (lam >= 0.5).
+            label = target.argmax(1) if target.ndim == 2 else y
+            hit = logits.detach().argmax(1) == label
             correct += hit.sum()
-            class_correct += torch.bincount(y[hit], minlength=self.num_classes)
-            class_seen += torch.bincount(y, minlength=self.num_classes)
+            class_correct += torch.bincount(label[hit], minlength=self.num_classes)
+            class_seen += torch.bincount(label, minlength=self.num_classes)
             progress.batches_done = b + 1
             progress.seen += len(y)
             if b % sync_every == 0 or b == n - 1:
