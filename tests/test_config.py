@@ -430,6 +430,7 @@ def test_format_config_is_readable_yaml_of_the_config() -> None:
         (["regularize.dropout_min=0.4", "regularize.dropout_max=0.3"], "dropout_min=0.4"),
         (["balance.loss_weights=sqrt"], "balance.loss_weights='sqrt' is invalid"),
         (["safety.rollback_lr_cut=0"], "safety.rollback_lr_cut=0.0 is invalid"),
+        (["safety.swa_start_epoch=30"], "safety.swa_start_epoch=30 is invalid; allowed: an epoch"),
     ],
 )
 def test_regimen_settings_are_checked_across_fields(items: list[str], message: str) -> None:

@@ -449,7 +449,7 @@ PRESETS: dict[str, dict] = {
             "warmup_epochs": 0.25,
         },
         "regularize": {"mixup_alpha": 0.2, "mixup_end_epoch": 4.0, "dropout_max": 0.3},
-        "safety": {"patience": 3, "swa_start_epoch": 11},
+        "safety": {"patience": 5, "swa_start_epoch": 11},
         "run": {"epochs": 15, "amp": "off"},
         "data": {
             "workers": 0,
@@ -616,6 +616,10 @@ def _check_regimen(cfg: TrainConfig) -> None:
         allowed = f"a number <= regularize.dropout_max={r.dropout_max!r}"
         raise _invalid("regularize.dropout_min", r.dropout_min, allowed)
     u = cfg.unfreeze
+    last = int(u.activate_at[-1])
+    if u.enabled and cfg.safety.swa and cfg.safety.swa_start_epoch <= last:
+        allowed = f"an epoch after the last activation (unfreeze.activate_at ends at {last})"
+        raise _invalid("safety.swa_start_epoch", cfg.safety.swa_start_epoch, allowed)
     gaps = [b - a for a, b in zip([0, *u.activate_at], u.activate_at, strict=False)]
     if u.enabled and min(gaps) < u.min_gap:
         allowed = f"epochs at least unfreeze.min_gap={u.min_gap} apart (and from the start)"
