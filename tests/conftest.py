@@ -71,17 +71,21 @@ def folder_factory(tmp_path):
     return make
 
 
-@pytest.fixture
-def tiny_npz(tmp_path):
-    """28x28 RGB, 3 classes whose mean brightness differs, so a model can learn something."""
+def brightness_npz(path: Path, counts=(48, 12, 12), noise: int = 25) -> Path:
+    """28x28 RGB, 3 classes whose mean brightness differs (+-``noise``), so a model can learn."""
     rng = np.random.default_rng(0)
     arrays = {}
-    for split, n in (("train", 48), ("val", 12), ("test", 12)):
+    for split, n in zip(("train", "val", "test"), counts, strict=True):
         labels = np.arange(n) % 3
         base = (labels * 70 + 30)[:, None, None, None]
-        images = np.clip(base + rng.integers(-25, 25, size=(n, 28, 28, 3)), 0, 255)
+        images = np.clip(base + rng.integers(-noise, noise, size=(n, 28, 28, 3)), 0, 255)
         arrays[f"{split}_images"] = images.astype(np.uint8)
         arrays[f"{split}_labels"] = labels.astype(np.int64)
-    path = tmp_path / "tiny.npz"
     np.savez(path, **arrays)
     return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    """The small brightness-classes dataset of :func:`brightness_npz`."""
+    return brightness_npz(tmp_path / "tiny.npz")

@@ -13,16 +13,17 @@ import io
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from tests.conftest import brightness_npz
+from tests.test_trainer import StopAfter
 from training.build import build_trainer, load_resume
 from training.calibration import nll
 from training.checkpoint import load_checkpoint
 from training.config import load_config, staged_schedule
 from training.evaluate import build_model, evaluate_run, predict
-from training.events import Callback, StopTraining
+from training.events import Callback
 from training.metrics_log import read_metrics
 from training.schedule import group_multiplier, staged_lr
 
@@ -31,17 +32,7 @@ SABOTAGED_EPOCH = 5
 
 @pytest.fixture
 def separable_npz(tmp_path):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 96), ("val", 24), ("test", 24)):
-        labels = np.arange(n) % 3
-        base = (labels * 70 + 30)[:, None, None, None]
-        images = np.clip(base + rng.integers(-60, 60, size=(n, 28, 28, 3)), 0, 255)
-        arrays[f"{split}_images"] = images.astype(np.uint8)
-        arrays[f"{split}_labels"] = labels.astype(np.int64)
-    path = tmp_path / "separable.npz"
-    np.savez(path, **arrays)
-    return path
+    return brightness_npz(tmp_path / "separable.npz", counts=(96, 24, 24), noise=60)
 
 
 def regimen_config(npz: Path, tmp_path: Path, run: str, *extra: str):
@@ -83,15 +74,6 @@ class Sabotage(Callback):
             with torch.no_grad():
                 for p in trainer.model.parameters():
                     p.fill_(math.nan)
-
-
-class StopAfter(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_end(self, trainer, metrics):
-        if trainer.epoch == self.epoch:
-            raise StopTraining(f"stopped after epoch {self.epoch}")
 
 
 def fit(cfg, resume=None, callbacks=()):

@@ -396,14 +396,11 @@ class Trainer:
                 "val_recall_per_class": [nan] * self.num_classes,
             }
         m = classification_metrics(logits, labels, self.cache.class_names)
-        hits = (logits.argmax(1) == labels).long()
-        seen = torch.bincount(labels, minlength=self.num_classes).clamp_min(1)
-        recall = torch.bincount(labels, weights=hits.double(), minlength=self.num_classes) / seen
         return {
             "val_loss": m["nll"],
             "val_acc": m["accuracy"],
             "val_macro_f1": m["macro_f1"],
-            "val_recall_per_class": recall.tolist(),
+            "val_recall_per_class": [c["recall"] for c in m["per_class"]],
         }
 
     def _update_best(self, metrics: dict) -> bool:
