@@ -304,6 +304,7 @@ class BasicCNNModel(nn.Module):
         self.classifier = nn.Linear(channels[1], cfg.num_classes)
         init_weights(self)
         self._active_blocks = cfg.active_blocks
+        self._head_mix = 1.0
         self.freeze_blocks_until(cfg.active_blocks)
 
     @property
@@ -311,12 +312,37 @@ class BasicCNNModel(nn.Module):
         """How many blocks run in forward (1..3)."""
         return self._active_blocks
 
+    @property
+    def head_mix(self) -> float:
+        """Weight of the deepest head's features, 0..1; the previous head has ``1 - head_mix``."""
+        return self._head_mix
+
+    def set_head_mix(self, mix: float) -> None:
+        """Blend the features of head ``k`` (weight ``mix``) and head ``k - 1`` (``1 - mix``).
+
+        With ``mix < 1`` the classifier sees what it was trained on before block ``k`` joined,
+        fading to the new head as ``mix`` rises; 1 (the default) uses head ``k`` alone.
+
+        Raises:
+            ValueError: when ``mix`` is not in [0, 1], or is below 1 with one block active.
+        """
+        if not _is_real(mix) or not 0.0 <= mix <= 1.0:
+            raise ValueError(f"set_head_mix: mix={mix!r} is invalid; allowed: a number in [0, 1]")
+        if mix < 1.0 and self._active_blocks == 1:
+            raise ValueError(f"set_head_mix: mix={mix!r} needs 2 or more active blocks; 1 is active")
+        self._head_mix = float(mix)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        k, mix = self._active_blocks, self._head_mix
         x = self.noise(x)  # (B, C_in, H, W)
-        for block in self.blocks[: self._active_blocks]:
-            x = block(x)  # (B, C_k, H_k, W_k)
-        features = self.heads[self._active_blocks - 1](x)  # (B, C2)
+        previous = x
+        for block in self.blocks[:k]:
+            previous, x = x, block(x)  # (B, C_k, H_k, W_k)
+        features = self.heads[k - 1](x)  # (B, C2)
+        if mix < 1.0:
+            old = self.heads[k - 2](previous)  # (B, C2), from block k-1's output
+            features = mix * features + (1.0 - mix) * old
         return self.classifier(features)  # (B, num_classes)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -329,11 +355,14 @@ class BasicCNNModel(nn.Module):
     def freeze_blocks_until(self, k: int) -> None:
         """Activate and unfreeze blocks 1..k; freeze and skip the rest; use only head k.
 
+        The head mix returns to 1 (see :meth:`set_head_mix`).
+
         Raises:
             ValueError: when ``k`` is not an int in 1..3.
         """
         k = _check_block_index("freeze_blocks_until: k", k)
         self._active_blocks = k
+        self._head_mix = 1.0
         for index, (block, head) in enumerate(zip(self.blocks, self.heads, strict=True), start=1):
             block.requires_grad_(index <= k)
             head.requires_grad_(index == k)

@@ -431,6 +431,12 @@ def test_format_config_is_readable_yaml_of_the_config() -> None:
         (["balance.loss_weights=sqrt"], "balance.loss_weights='sqrt' is invalid"),
         (["safety.rollback_lr_cut=0"], "safety.rollback_lr_cut=0.0 is invalid"),
         (["safety.swa_start_epoch=30"], "safety.swa_start_epoch=30 is invalid; allowed: an epoch"),
+        (
+            ["unfreeze.head_blend_epochs=3", "safety.swa_start_epoch=32"],
+            "safety.swa_start_epoch=32 is invalid; allowed: an epoch after the last activation"
+            " and its head blend (unfreeze.activate_at ends at 30,"
+            " unfreeze.head_blend_epochs=3): >= 33",
+        ),
     ],
 )
 def test_regimen_settings_are_checked_across_fields(items: list[str], message: str) -> None:

@@ -356,3 +356,45 @@ def test_set_dropout_changes_every_dropout_of_the_block() -> None:
         model.set_dropout(1, 1.0)
     with pytest.raises(ValueError, match=r"1\.\.3"):
         model.set_dropout(4, 0.1)
+
+
+# --------------------------------------------------------------------------- head blending
+
+
+def test_head_mix_zero_reproduces_the_previous_depth() -> None:
+    model = tiny_model(noise_std=0.0).eval()
+    x = batch(model, n=4)
+    shallow = model(x)
+    model.freeze_blocks_until(2)
+    deep = model(x)
+    model.set_head_mix(0.0)
+    assert torch.allclose(model(x), shallow, atol=1e-6)
+    model.set_head_mix(0.25)
+    # The classifier is linear, so the logits move linearly between the two heads.
+    assert torch.allclose(model(x), 0.75 * shallow + 0.25 * deep, atol=1e-5)
+
+
+def test_freezing_again_resets_the_head_mix_and_old_head_stays_frozen() -> None:
+    model = tiny_model()
+    model.freeze_blocks_until(3)
+    model.set_head_mix(0.5)
+    assert not any(p.requires_grad for p in model.heads[1].parameters())
+    model(batch(model)).sum().backward()
+    assert all(p.grad is None for p in model.heads[1].parameters())
+    assert all(p.grad is not None for p in model.heads[2].parameters())
+    model.freeze_blocks_until(3)
+    assert model.head_mix == 1.0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, "0.5", True])
+def test_set_head_mix_rejects_values_outside_0_1(bad) -> None:
+    model = tiny_model(active_blocks=2)
+    with pytest.raises(ValueError, match=r"set_head_mix: mix=.* allowed: a number in \[0, 1\]"):
+        model.set_head_mix(bad)
+
+
+def test_set_head_mix_needs_a_previous_head() -> None:
+    model = tiny_model(active_blocks=1)
+    with pytest.raises(ValueError, match="needs 2 or more active blocks"):
+        model.set_head_mix(0.0)
+    model.set_head_mix(1.0)  # the plain single-head case stays allowed

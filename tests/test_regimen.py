@@ -285,3 +285,43 @@ def test_best_checkpoint_holds_the_model_as_validated(separable_npz, tmp_path):
     logits, labels = predict(model, trainer.loaders["val"], torch.device("cpu"), None)
     accuracy = (logits.argmax(1) == labels).double().mean().item()
     assert accuracy == pytest.approx(trainer.best["value"])
+
+
+def test_head_blend_starts_from_the_old_head_and_fades_in_over_its_steps(separable_npz, tmp_path):
+    cfg = regimen_config(separable_npz, tmp_path, "blend", "unfreeze.enabled=false")
+    trainer = build_trainer(cfg, tmp_path / "blend")
+    model = trainer.model.eval()
+    x = torch.randn(5, 3, 28, 28)
+    before = model(x)
+    trainer.activate_block(2, head_blend_epochs=0.5)
+    # No jump at the switch: the classifier still reads block 1's head.
+    assert model.head_mix == 0.0
+    assert torch.allclose(model(x), before, atol=1e-6)
+    blend_steps = trainer.optimizer.param_groups[-1]["blend_steps"]
+    assert blend_steps == round(0.5 * trainer.steps_per_epoch) > 1
+    mixes = []
+    for _ in range(blend_steps + 2):
+        trainer.stepper.step += 1  # as an optimizer step does
+        trainer._advance_head_mix()
+        mixes.append(model.head_mix)
+    assert mixes[:blend_steps] == pytest.approx([(i + 1) / blend_steps for i in range(blend_steps)])
+    assert mixes[-2:] == [1.0, 1.0]
+
+
+def test_head_mix_is_saved_and_restored_with_the_checkpoint(separable_npz, tmp_path):
+    cfg = regimen_config(separable_npz, tmp_path, "mixck", "unfreeze.enabled=false")
+    trainer = build_trainer(cfg, tmp_path / "mixck")
+    trainer.activate_block(2, head_blend_epochs=2.0)
+    trainer.model.set_head_mix(0.375)
+    path = trainer.save("last.pt")
+    assert load_checkpoint(path)["head_mix"] == 0.375
+    resumed = build_trainer(cfg, tmp_path / "mixck", resume=load_checkpoint(path))
+    assert resumed.model.active_blocks == 2 and resumed.model.head_mix == 0.375
+
+
+def test_an_activation_without_blend_switches_heads_at_once(separable_npz, tmp_path, capsys):
+    cfg = regimen_config(separable_npz, tmp_path, "hard", "unfreeze.enabled=false")
+    trainer = build_trainer(cfg, tmp_path / "hard")
+    trainer.activate_block(2, head_blend_epochs=0.0)
+    assert trainer.model.head_mix == 1.0
+    assert "head 1 -> 2: switched at once" in capsys.readouterr().out

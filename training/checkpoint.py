@@ -299,17 +299,19 @@ def _state_differences(model: nn.Module, state: Mapping[str, Any]) -> str:
 
 
 def restore_model(model: nn.Module, ckpt: dict) -> None:
-    """Set the model's depth to the checkpoint's ``active_blocks`` and load its weights.
+    """Set the model's depth and head mix to the checkpoint's ``active_blocks`` and
+    ``head_mix`` (1 when absent) and load its weights.
 
     Raises:
-        CheckpointError: when ``active_blocks`` is invalid, or the state dict does not fit,
+        CheckpointError: when ``active_blocks`` or ``head_mix`` is invalid, or the state dict does not fit,
             summarising the first few missing, unexpected and mismatched keys.
     """
     try:
         model.freeze_blocks_until(ckpt.get("active_blocks"))
+        model.set_head_mix(ckpt.get("head_mix", 1.0))
     except (ValueError, TypeError) as error:
         raise CheckpointError(
-            f"checkpoint active_blocks cannot be applied: {_one_line(str(error))}"
+            f"checkpoint active_blocks/head_mix cannot be applied: {_one_line(str(error))}"
         ) from error
     try:
         model.load_state_dict(ckpt["model"])

@@ -263,6 +263,8 @@ class UnfreezeConfig:
         old_group_decay: at each activation the older groups' rates are multiplied by this, in
             (0, 1]; < 1 gives discriminative rates.
         warmup_epochs: a new group's rate rises from 0.1x to its full rate over this many epochs.
+        head_blend_epochs: the classifier's input fades from the previous block's head to the
+            new block's over this many epochs (0: switch at once, with the new head untrained).
     """
 
     enabled: bool = _field(True, BOOL)
@@ -272,6 +274,7 @@ class UnfreezeConfig:
     lr_mult: list[float] = _field([1.0, 1.0], Rule("2 numbers > 0", _n_above(2, 0)))
     old_group_decay: float = _field(1.0, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
     warmup_epochs: float = _field(1.0, NON_NEGATIVE)
+    head_blend_epochs: float = _field(1.0, NON_NEGATIVE)
 
 
 @dataclass
@@ -617,8 +620,14 @@ def _check_regimen(cfg: TrainConfig) -> None:
         raise _invalid("regularize.dropout_min", r.dropout_min, allowed)
     u = cfg.unfreeze
     last = int(u.activate_at[-1])
-    if u.enabled and cfg.safety.swa and cfg.safety.swa_start_epoch <= last:
-        allowed = f"an epoch after the last activation (unfreeze.activate_at ends at {last})"
+    # The first weights enter the average at the end of swa_start_epoch: after the last
+    # activation, and once the head blend that follows it is over.
+    first = last + max(1, math.ceil(u.head_blend_epochs))
+    if u.enabled and cfg.safety.swa and cfg.safety.swa_start_epoch < first:
+        allowed = (
+            f"an epoch after the last activation and its head blend (unfreeze.activate_at ends"
+            f" at {last}, unfreeze.head_blend_epochs={u.head_blend_epochs:g}): >= {first}"
+        )
         raise _invalid("safety.swa_start_epoch", cfg.safety.swa_start_epoch, allowed)
     gaps = [b - a for a, b in zip([0, *u.activate_at], u.activate_at, strict=False)]
     if u.enabled and min(gaps) < u.min_gap:

@@ -148,12 +148,14 @@ class PlateauCut(Callback):
 
 
 class Unfreeze(Callback):
-    """Activates the next block when :class:`UnfreezeSchedule` says so."""
+    """Activates the next block when :class:`UnfreezeSchedule` says so; the classifier's input
+    fades from the previous head to the new one over ``head_blend_epochs`` (0: at once)."""
 
     name = "unfreeze"
 
-    def __init__(self, schedule: UnfreezeSchedule) -> None:
+    def __init__(self, schedule: UnfreezeSchedule, head_blend_epochs: float = 0.0) -> None:
         self.schedule = schedule
+        self.head_blend_epochs = head_blend_epochs
 
     def on_validation_end(self, trainer: Any, metrics: dict) -> None:
         active = trainer.model.active_blocks
@@ -167,6 +169,7 @@ class Unfreeze(Callback):
             lr_mult=s.lr_mult.get(block, 1.0),
             warmup_epochs=s.warmup_epochs,
             old_group_decay=s.old_group_decay,
+            head_blend_epochs=self.head_blend_epochs,
             reason=s.last_reason,
         )
         metrics["unfreeze"] = s.last_reason
@@ -340,10 +343,11 @@ class StochasticWeightAveraging(Callback):
             return
         averaged = self._ensure(trainer)
         # Frozen blocks are averaged too (their weights do not change); the activations
-        # (active_blocks, dropout) are the live model's.
+        # (active_blocks, head mix, dropout) are the live model's.
         averaged.module.load_state_dict(
             {**trainer.model.state_dict(), **averaged.module.state_dict()}
         )
+        averaged.module.set_head_mix(trainer.model.head_mix)
         update_bn(trainer.loaders["train"], averaged.module, device=trainer.device)
         path = trainer.save_weights(
             "swa.pt", averaged.module.state_dict(), swa={"models": self.n_averaged}
@@ -421,7 +425,7 @@ def regimen_callbacks(
         callbacks.append(PlateauCut())
     unfreeze = _unfreeze_schedule(cfg)
     if u.enabled:
-        callbacks.append(Unfreeze(unfreeze))
+        callbacks.append(Unfreeze(unfreeze, cfg.unfreeze.head_blend_epochs))
     if r.dynamic_dropout:
         control = DynamicDropout(
             base_rates=[min(max(p, r.dropout_min), r.dropout_max) for p in cfg.model.dropout],

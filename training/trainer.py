@@ -180,6 +180,7 @@ class Trainer:
         lr_mult: float = 1.0,
         warmup_epochs: float = 0.0,
         old_group_decay: float = 1.0,
+        head_blend_epochs: float = 0.0,
         reason: str = "",
     ) -> list[str]:
         """Make blocks ``1..k`` active; each newly active block joins the optimizer as a group.
@@ -187,8 +188,10 @@ class Trainer:
         A new group follows the schedule from the step it joins, times ``lr_mult`` and a linear
         warmup from 0.1x over ``warmup_epochs``; the groups already there have their multiplier
         multiplied by ``old_group_decay`` (discriminative rates; block 1's group holds the
-        classifier). The model's head switches to block ``k``'s adapter. Returns the names of
-        the groups added; announces the stage change.
+        classifier). The model's head switches to block ``k``'s adapter: at once, or, when one
+        block joins and ``head_blend_epochs`` > 0, fading in linearly over that many epochs of
+        optimizer steps (the classifier first sees the previous head's features, as before).
+        Returns the names of the groups added; announces the stage change.
         """
         before = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         old = self.model.active_blocks
@@ -208,9 +211,13 @@ class Trainer:
                     "lr_mult": float(lr_mult),
                     "joined_step": step,
                     "warmup_steps": round(warmup_epochs * self.steps_per_epoch),
+                    "blend_steps": round(head_blend_epochs * self.steps_per_epoch),
                 }
             )
             added.append(f"block{block}")
+        blend = k == old + 1 and self.optimizer.param_groups[-1]["blend_steps"] > 0
+        if blend:
+            self.model.set_head_mix(0.0)
         self.schedule.apply()
         after = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         lrs = ", ".join(f"{g['name']} {g['lr']:.2e}" for g in self.optimizer.param_groups)
@@ -221,9 +228,20 @@ class Trainer:
                 f"trainable parameters {before:,} -> {after:,}",
                 f"new groups: {', '.join(added)} (lr x{lr_mult:g}, warmup {warmup_epochs:g} ep)",
                 f"learning rates now: {lrs}",
+                f"head {old} -> {k}: "
+                + (f"blended over {head_blend_epochs:g} ep" if blend else "switched at once"),
             ],
         )
         return added
+
+    def _advance_head_mix(self) -> None:
+        """After an optimizer step: move the head mix along the deepest group's blend."""
+        if self.model.head_mix >= 1.0:
+            return
+        name = f"block{self.model.active_blocks}"
+        group = next(g for g in self.optimizer.param_groups if g.get("name") == name)
+        done = (self.step - group["joined_step"]) / max(1, group.get("blend_steps", 0))
+        self.model.set_head_mix(min(1.0, done))
 
     def restore_best(self, lr_factor: float, path: Path | None = None) -> Path:
         """Roll back to a checkpoint of this run (``best.pt`` by default): load its weights and
@@ -237,6 +255,8 @@ class Trainer:
         own = self.model.state_dict()
         # Weights of blocks that were frozen at the best epoch equal their values then.
         self.model.load_state_dict({k: best_model.get(k, v) for k, v in own.items()})
+        if ckpt.get("active_blocks") == self.model.active_blocks:
+            self.model.set_head_mix(ckpt.get("head_mix", 1.0))
         saved = ckpt["optimizer"]
         state = self.optimizer.state_dict()
         n_saved = sum(len(g["params"]) for g in saved["param_groups"])
@@ -278,6 +298,7 @@ class Trainer:
         metrics = {"epoch": epoch, **train, **self._validate()}
         metrics["lr"] = [g["lr"] for g in self.optimizer.param_groups]
         metrics["active_blocks"] = self.model.active_blocks
+        metrics["head_mix"] = self.model.head_mix
         metrics["dropout"] = self.model.dropout_rates()
         strength = getattr(self.loaders["train"].dataset, "strength", None)
         if strength is not None:
@@ -339,6 +360,8 @@ class Trainer:
                 logits = self.model(x)  # (B, num_classes)
                 loss = self.criterion(logits, target)
             stepped = self.stepper.backward(loss, group_size=group_size(b, n, acc))
+            if stepped:
+                self._advance_head_mix()
             loss_sum += loss.detach().float() * len(y)
             # Under Mixup an image is counted as its dominant component's class (lam >= 0.5).
             label = target.argmax(1) if target.ndim == 2 else y
@@ -484,6 +507,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "model_config": model_config,
             "active_blocks": self.model.active_blocks,
+            "head_mix": self.model.head_mix,
             "dropout_rates": self.model.dropout_rates(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
