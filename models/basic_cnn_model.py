@@ -282,7 +282,8 @@ class BasicCNNModel(nn.Module):
     """Three-block residual CNN with per-block heads and a shared classifier.
 
     Only blocks ``1..active_blocks`` run in ``forward``; the head of the deepest active block
-    feeds the classifier. Use :meth:`freeze_blocks_until` to change the depth.
+    feeds the classifier (blended with the previous head while ``head_mix`` < 1). Use
+    :meth:`freeze_blocks_until` to change the depth.
 
     Args:
         config: a :class:`ModelConfig`; ``None`` uses the defaults.
@@ -329,7 +330,9 @@ class BasicCNNModel(nn.Module):
         if not _is_real(mix) or not 0.0 <= mix <= 1.0:
             raise ValueError(f"set_head_mix: mix={mix!r} is invalid; allowed: a number in [0, 1]")
         if mix < 1.0 and self._active_blocks == 1:
-            raise ValueError(f"set_head_mix: mix={mix!r} needs 2 or more active blocks; 1 is active")
+            raise ValueError(
+                f"set_head_mix: mix={mix!r} needs 2 or more active blocks; 1 is active"
+            )
         self._head_mix = float(mix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -303,8 +303,8 @@ def restore_model(model: nn.Module, ckpt: dict) -> None:
     ``head_mix`` (1 when absent) and load its weights.
 
     Raises:
-        CheckpointError: when ``active_blocks`` or ``head_mix`` is invalid, or the state dict does not fit,
-            summarising the first few missing, unexpected and mismatched keys.
+        CheckpointError: when ``active_blocks`` or ``head_mix`` is invalid, or the state dict
+            does not fit, summarising the first few missing, unexpected and mismatched keys.
     """
     try:
         model.freeze_blocks_until(ckpt.get("active_blocks"))
