@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import replace
@@ -21,6 +20,7 @@ from training.config import (
     config_from_args,
     config_from_dict,
     config_to_dict,
+    earliest_swa_epoch,
     format_config,
     load_config,
     save_config,
@@ -88,8 +88,7 @@ def test_cpu_preset_is_narrow_and_short() -> None:
     last = int(cfg.unfreeze.activate_at[-1])
     assert all(staged_lr(e * 10, 10, staged) >= 0.5 * cfg.optim.lr for e in range(1, last + 1))
     # SWA averages several epochs, all after the last activation's head blend.
-    blend_done = last + max(1, math.ceil(cfg.unfreeze.head_blend_epochs))
-    assert blend_done <= cfg.safety.swa_start_epoch <= cfg.run.epochs - 2
+    assert earliest_swa_epoch(cfg.unfreeze) <= cfg.safety.swa_start_epoch <= cfg.run.epochs - 2
     assert cfg.model.activation == TrainConfig().model.activation  # untouched fields keep defaults
 
 

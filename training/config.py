@@ -17,7 +17,7 @@ every field and every error message names the field path, the bad value and what
 Public API:
     DataConfig, ModelSection, OptimConfig, ScheduleConfig, RunConfig, TrainConfig, PRESETS,
     ConfigError, load_config, validate_config, config_to_dict, config_from_dict, save_config,
-    format_config, build_parser, config_from_args.
+    format_config, build_parser, config_from_args, earliest_swa_epoch.
 """
 
 from __future__ import annotations
@@ -614,6 +614,12 @@ def _check_staged(cfg: TrainConfig) -> None:
         raise ConfigError(f"schedule (staged, peak optim.lr={cfg.optim.lr!r}): {exc}") from None
 
 
+def earliest_swa_epoch(u: UnfreezeConfig) -> int:
+    """The first epoch whose weights may enter the SWA average: after the last activation in
+    ``u.activate_at``, and once the head blend that follows it is over."""
+    return int(u.activate_at[-1]) + max(1, math.ceil(u.head_blend_epochs))
+
+
 def _check_regimen(cfg: TrainConfig) -> None:
     r = cfg.regularize
     if r.underfit_gap > r.overfit_gap:
@@ -624,9 +630,7 @@ def _check_regimen(cfg: TrainConfig) -> None:
         raise _invalid("regularize.dropout_min", r.dropout_min, allowed)
     u = cfg.unfreeze
     last = int(u.activate_at[-1])
-    # The first weights enter the average at the end of swa_start_epoch: after the last
-    # activation, and once the head blend that follows it is over.
-    first = last + max(1, math.ceil(u.head_blend_epochs))
+    first = earliest_swa_epoch(u)
     if u.enabled and cfg.safety.swa and cfg.safety.swa_start_epoch < first:
         allowed = (
             f"an epoch after the last activation and its head blend (unfreeze.activate_at ends"
