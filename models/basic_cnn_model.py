@@ -25,6 +25,7 @@ NUM_BLOCKS = 3
 BASE_CHANNELS: tuple[int, int, int] = (64, 512, 256)
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish}
 NORMS: tuple[str, ...] = ("group", "batch")
+DOWNSAMPLES: tuple[str, ...] = ("maxpool", "stride")
 MIN_INPUT_SIZE = 28
 
 # (number of ConvBlocks, stride of the last one, dilation of the last one) per block.
@@ -87,6 +88,10 @@ class ModelConfig:
         noise_std: std of the Gaussian noise added to the input in training mode, >= 0.
         dropout: Dropout2d rate of blocks 1, 2 and 3, each in [0, 1).
         active_blocks: how many blocks are active when the model is built, 1..3.
+        downsample: how the last ConvBlock of each block halves the resolution: "maxpool" (a
+            stride-1 conv, then a 2x2 max-pool after the shortcut sum) or "stride" (a stride-2
+            conv and a stride-2 1x1 shortcut). Checkpoints saved before this option existed
+            were "stride".
     """
 
     in_channels: int = 3
@@ -99,6 +104,7 @@ class ModelConfig:
     noise_std: float = 0.05
     dropout: tuple[float, float, float] = (0.1, 0.2, 0.3)
     active_blocks: int = 1
+    downsample: str = "maxpool"
 
     def __post_init__(self) -> None:
         if isinstance(self.dropout, list):
@@ -119,6 +125,7 @@ class ModelConfig:
             raise _invalid("noise_std", self.noise_std, "a finite number >= 0")
         self._validate_dropout()
         _check_choice("active_blocks", self.active_blocks, tuple(range(1, NUM_BLOCKS + 1)))
+        _check_choice("downsample", self.downsample, DOWNSAMPLES)
 
     def _validate_dropout(self) -> None:
         if not isinstance(self.dropout, tuple) or len(self.dropout) != NUM_BLOCKS:
@@ -184,7 +191,9 @@ class ConvBlock(nn.Module):
     """Conv 3x3 -> norm -> activation -> Dropout2d, plus a shortcut added to the result.
 
     The shortcut is the identity, or a 1x1 convolution with the same stride followed by a norm
-    when the channel count or the stride changes.
+    when the channel count or the stride changes. With ``downsample="maxpool"`` and
+    ``stride > 1`` both paths run at stride 1 and the sum is max-pooled by ``stride`` instead
+    (ceil mode, so the output size is the same as with a strided conv).
 
     Args:
         in_channels: input channels.
@@ -195,6 +204,7 @@ class ConvBlock(nn.Module):
         activation: "silu", "gelu" or "mish".
         norm: "group" or "batch".
         gn_groups: GroupNorm groups (fitted to the channel count).
+        downsample: "maxpool" or "stride"; how ``stride > 1`` is carried out.
     """
 
     def __init__(
@@ -207,13 +217,19 @@ class ConvBlock(nn.Module):
         activation: str = "silu",
         norm: str = "group",
         gn_groups: int = 8,
+        downsample: str = "maxpool",
     ) -> None:
         super().__init__()
+        if downsample not in DOWNSAMPLES:
+            allowed = " | ".join(map(repr, DOWNSAMPLES))
+            raise ValueError(f"downsample={downsample!r} is invalid; allowed: {allowed}")
+        pool = downsample == "maxpool" and stride > 1
+        conv_stride = 1 if pool else stride
         self.conv = nn.Conv2d(
             in_channels,
             out_channels,
             3,
-            stride=stride,
+            stride=conv_stride,
             padding=dilation,
             dilation=dilation,
             bias=False,
@@ -221,7 +237,8 @@ class ConvBlock(nn.Module):
         self.norm = make_norm(norm, out_channels, gn_groups)
         self.act = make_activation(activation)
         self.dropout = nn.Dropout2d(dropout)
-        self.shortcut = self._make_shortcut(in_channels, out_channels, stride, norm, gn_groups)
+        self.shortcut = self._make_shortcut(in_channels, out_channels, conv_stride, norm, gn_groups)
+        self.pool: nn.Module = nn.MaxPool2d(stride, ceil_mode=True) if pool else nn.Identity()
 
     @staticmethod
     def _make_shortcut(
@@ -237,7 +254,7 @@ class ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H', W') with H' = (H - 1) // stride + 1 on both paths.
         out = self.dropout(self.act(self.norm(self.conv(x))))
-        return out + self.shortcut(x)
+        return self.pool(out + self.shortcut(x))
 
 
 class StageHead(nn.Module):
@@ -430,6 +447,7 @@ def _make_blocks(cfg: ModelConfig, channels: Sequence[int]) -> list[nn.Sequentia
                     activation=cfg.activation,
                     norm=cfg.norm,
                     gn_groups=cfg.gn_groups,
+                    downsample=cfg.downsample,
                 )
             )
         blocks.append(nn.Sequential(*layers))

@@ -17,7 +17,9 @@ from training.checkpoint import (
     load_checkpoint,
     restore_model,
     save_checkpoint,
+    saved_model_config,
 )
+from training.evaluate import build_model
 
 CLASSES = ["benign", "malignant", "normal"]
 
@@ -198,7 +200,13 @@ def test_a_file_that_is_not_our_checkpoint_is_refused(tmp_path, content, message
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("width", 0.25), ("norm", "batch"), ("in_channels", 3), ("num_classes", 4)],
+    [
+        ("width", 0.25),
+        ("norm", "batch"),
+        ("in_channels", 3),
+        ("num_classes", 4),
+        ("downsample", "stride"),
+    ],
 )
 def test_another_architecture_is_refused_naming_the_field_and_both_values(field, value):
     ckpt = payload()
@@ -216,6 +224,23 @@ def test_another_class_list_is_refused_naming_the_classes():
     assert_one_line_naming(error, "class_names", "only in checkpoint: ['normal']", "'cyst'")
     with pytest.raises(CheckpointError, match="another order"):
         check_compatible(ckpt, ckpt["model_config"], list(reversed(CLASSES)))
+
+
+def test_a_checkpoint_from_before_the_downsample_option_is_rebuilt_strided():
+    trained = tiny_model(downsample="stride")
+    legacy = payload(trained)
+    del legacy["model_config"]["downsample"]
+    assert saved_model_config(legacy)["downsample"] == "stride"
+    check_compatible(legacy, trained.config, CLASSES)
+    with pytest.raises(
+        CheckpointError, match="downsample: checkpoint 'stride' vs current 'maxpool'"
+    ):
+        check_compatible(legacy, tiny_model().config, CLASSES)
+    rebuilt = build_model(legacy).eval()
+    assert rebuilt.config.downsample == "stride"
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), trained.eval()(x))
 
 
 def test_runtime_fields_may_differ():

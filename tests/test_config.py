@@ -74,7 +74,8 @@ def test_cpu_preset_is_narrow_and_short() -> None:
     assert cfg.preset == "cpu"
     assert cfg.model.width == 0.25 and cfg.model.norm == "batch"
     assert cfg.optim.batch_size == 128 and cfg.run.epochs == 15
-    assert cfg.data.workers == 0 and cfg.run.amp == "off"
+    assert cfg.data.workers == 0 and cfg.run.amp == "auto"  # bf16 only where native
+    assert cfg.model.downsample == "maxpool" and cfg.safety.rollback_threshold == 0.1
     # A quarter of the 60-epoch design: blocks join no later than the scaled design epochs,
     # and every phase ends within the run.
     full = TrainConfig()

@@ -64,10 +64,58 @@ def test_activations_build_and_run(activation: str) -> None:
 
 def test_conv_block_shortcut_kinds() -> None:
     assert isinstance(ConvBlock(8, 8).shortcut, nn.Identity)
-    projected = ConvBlock(8, 16, stride=2, dilation=2)
+    projected = ConvBlock(8, 16, stride=2, dilation=2, downsample="stride")
     assert isinstance(projected.shortcut, nn.Sequential)
     assert projected(torch.randn(2, 8, 15, 15)).shape == (2, 16, 8, 8)
-    assert isinstance(ConvBlock(8, 8, stride=2).shortcut, nn.Sequential)
+    assert isinstance(ConvBlock(8, 8, stride=2, downsample="stride").shortcut, nn.Sequential)
+    assert isinstance(ConvBlock(8, 16, stride=2).shortcut, nn.Sequential)  # channels change
+
+
+@pytest.mark.parametrize("size", [7, 8, 15, 28])
+def test_maxpool_downsample_matches_the_strided_output_size(size: int) -> None:
+    x = torch.randn(2, 8, size, size)
+    strided = ConvBlock(8, 16, stride=2, dilation=2, downsample="stride")
+    pooled = ConvBlock(8, 16, stride=2, dilation=2, downsample="maxpool")
+    assert pooled(x).shape == strided(x).shape == (2, 16, (size + 1) // 2, (size + 1) // 2)
+
+
+def test_maxpool_downsample_pools_the_sum_of_stride_1_paths() -> None:
+    block = ConvBlock(8, 8, stride=2, downsample="maxpool").eval()
+    assert block.conv.stride == (1, 1) and isinstance(block.shortcut, nn.Identity)
+    x = torch.randn(1, 8, 6, 6)
+    full = block.act(block.norm(block.conv(x))) + x  # (1, 8, 6, 6), no dropout in eval
+    assert torch.allclose(block(x), nn.functional.max_pool2d(full, 2))
+    # A block that keeps the resolution is the same with either setting.
+    assert isinstance(ConvBlock(8, 8, downsample="maxpool").pool, nn.Identity)
+
+
+def test_model_downsample_setting_reaches_every_strided_block() -> None:
+    pooled = tiny_model(active_blocks=3)
+    assert pooled.config.downsample == "maxpool"  # the default
+    strided = tiny_model(active_blocks=3, downsample="stride")
+    pools = [
+        b
+        for b in pooled.modules()
+        if isinstance(b, ConvBlock) and not isinstance(b.pool, nn.Identity)
+    ]
+    strides = [b for b in strided.modules() if isinstance(b, ConvBlock) and b.conv.stride == (2, 2)]
+    assert len(pools) == len(strides) == 3  # the last ConvBlock of each block
+    # A pooled block that keeps its channel count needs no 1x1 projection on its shortcut.
+    assert all(
+        isinstance(b.shortcut, nn.Identity)
+        for b in pools
+        if b.conv.in_channels == b.conv.out_channels
+    )
+    assert "blocks.0.1.shortcut.0.weight" in strided.state_dict()
+    assert "blocks.0.1.shortcut.0.weight" not in pooled.state_dict()
+    assert pooled(batch(pooled)).shape == strided(batch(strided)).shape
+
+
+def test_conv_block_rejects_an_unknown_downsample() -> None:
+    with pytest.raises(
+        ValueError, match=r"downsample='avg' is invalid; allowed: 'maxpool' \| 'stride'"
+    ):
+        ConvBlock(8, 8, stride=2, downsample="avg")
 
 
 def test_channels_follow_width_and_groups_fit() -> None:
@@ -314,6 +362,7 @@ def test_format_summary_lists_every_part_and_totals() -> None:
         ("dropout", (0.1, 0.2, 1.0)),
         ("active_blocks", 4),
         ("active_blocks", 0),
+        ("downsample", "avg"),
     ],
 )
 def test_config_validation_names_field_and_value(field: str, value) -> None:

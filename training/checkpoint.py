@@ -7,7 +7,8 @@ dtypes and devices). :func:`save_checkpoint` checks that before writing, so a st
 fails at save time rather than at resume.
 
 Public API:
-    CheckpointError, FORMAT, ARCH_FIELDS, save_checkpoint, load_checkpoint, check_compatible,
+    CheckpointError, FORMAT, ARCH_FIELDS, LEGACY_MODEL_FIELDS, save_checkpoint, load_checkpoint,
+    saved_model_config, check_compatible,
     restore_model.
 """
 
@@ -39,7 +40,11 @@ ARCH_FIELDS: tuple[str, ...] = (
     "width",
     "norm",
     "gn_groups",
+    "downsample",
 )
+#: ModelConfig fields added after checkpoints were first written, with the value those older
+#: checkpoints were trained with (their model_config lacks the key).
+LEGACY_MODEL_FIELDS: dict[str, Any] = {"downsample": "stride"}
 
 _SAFE_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype)
 _MAX_LISTED = 5
@@ -247,6 +252,12 @@ def _class_difference(saved: Sequence[str], current: Sequence[str]) -> str | Non
     )
 
 
+def saved_model_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``model_config``, with :data:`LEGACY_MODEL_FIELDS` filled in where an
+    older checkpoint lacks them (so it is rebuilt as it was trained)."""
+    return {**LEGACY_MODEL_FIELDS, **ckpt["model_config"]}
+
+
 def check_compatible(ckpt: dict, model_config: Mapping[str, Any], class_names: list[str]) -> None:
     """Refuse a checkpoint whose architecture or class list differs from the current run's.
 
@@ -258,10 +269,9 @@ def check_compatible(ckpt: dict, model_config: Mapping[str, Any], class_names: l
     Raises:
         CheckpointError: naming every differing field (see ``ARCH_FIELDS``) with both values.
     """
-    saved_config = ckpt.get("model_config")
-    if not isinstance(saved_config, Mapping):
+    if not isinstance(ckpt.get("model_config"), Mapping):
         raise CheckpointError("checkpoint has no 'model_config' dict; cannot check compatibility")
-    problems = _config_differences(saved_config, _as_dict(model_config))
+    problems = _config_differences(saved_model_config(ckpt), _as_dict(model_config))
     saved_classes = ckpt.get("class_names")
     if saved_classes is None:
         problems.append("class_names: absent from the checkpoint")

@@ -48,7 +48,12 @@ from dataset.npy_dataset import NpyDataset
 from dataset.transforms import eval_transform
 from models.basic_cnn_model import BasicCNNModel, ModelConfig
 from training.calibration import nll, reliability_bins, reliability_diagram
-from training.checkpoint import CheckpointError, load_checkpoint, restore_model
+from training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_model,
+    saved_model_config,
+)
 from training.data import resolve_workers
 from training.device import amp_dtype as resolve_amp_dtype
 from training.device import resolve_device
@@ -228,7 +233,7 @@ def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def build_model(ckpt: dict) -> BasicCNNModel:
     """The checkpoint's network with its weights, at the depth it was saved at (on the CPU)."""
-    model = BasicCNNModel(ModelConfig(**ckpt["model_config"]))
+    model = BasicCNNModel(ModelConfig(**saved_model_config(ckpt)))
     restore_model(model, ckpt)
     return model
 
