@@ -1,7 +1,9 @@
 """Albumentations pipelines: normalisation for evaluation, augmentation for training.
 
-The training pipeline takes a ``strength`` in [0, 1] that scales every magnitude and probability,
-so a schedule can start gentle and ramp up: :func:`augment_strength` gives the strength of an
+The training pipeline takes a ``strength`` in [0, 1] that scales the magnitude and probability of
+every transform that interpolates or changes intensities, so a schedule can start gentle and ramp
+up; flips (and, for colour, right-angle rotations) lose no information and stay at p = 0.5 whenever
+the strength is above 0: :func:`augment_strength` gives the strength of an
 epoch and :class:`StrengthRamp` holds that schedule as a picklable value. Which transforms are
 used depends on the modality, read from the channel count: colour microscopy (3 channels) is
 rotation- and flip-invariant and varies in stain colour; greyscale MRI slices keep their up-down
@@ -33,7 +35,8 @@ def train_transform(
     Args:
         mean, std: per-channel statistics of the training split (0..1 scale).
         channels: 3 selects the colour-microscopy set, 1 the greyscale (MRI) set.
-        strength: 0 gives no augmentation, 1 the full set; values between scale it.
+        strength: 0 gives no augmentation, 1 the full set; values between scale every
+            transform but the flips and right-angle rotations, which keep p = 0.5.
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
@@ -42,10 +45,10 @@ def train_transform(
     s = strength
     ops: list[A.BasicTransform] = []
     if s > 0:
-        ops.append(A.HorizontalFlip(p=0.5 * s))
+        ops.append(A.HorizontalFlip(p=0.5))
         if channels == 3:
             # Cells on a slide have no up or down: every right-angle rotation is a valid view.
-            ops += [A.VerticalFlip(p=0.5 * s), A.RandomRotate90(p=0.5 * s)]
+            ops += [A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
         ops.append(
             A.Affine(
                 scale=(1 - 0.1 * s, 1 + 0.1 * s),

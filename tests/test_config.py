@@ -73,16 +73,18 @@ def test_cpu_preset_is_narrow_and_short() -> None:
     cfg = load_config("cpu")
     assert cfg.preset == "cpu"
     assert cfg.model.width == 0.25 and cfg.model.norm == "batch"
-    assert cfg.optim.batch_size == 128 and cfg.run.epochs == 15
+    assert cfg.optim.batch_size == 128 and cfg.run.epochs == 30
     assert cfg.data.workers == 0 and cfg.run.amp == "auto"  # bf16 only where native
     assert cfg.model.downsample == "maxpool" and cfg.safety.rollback_threshold == 0.1
-    # A quarter of the 60-epoch design: blocks join no later than the scaled design epochs,
-    # and every phase ends within the run.
+    # Half the 60-epoch design: blocks join no later than the scaled design epochs, and every
+    # phase ends within the run.
     full = TrainConfig()
-    scaled = [e / 4 for e in full.unfreeze.activate_at]
+    scale = cfg.run.epochs / full.run.epochs
+    scaled = [e * scale for e in full.unfreeze.activate_at]
     assert all(a <= b for a, b in zip(cfg.unfreeze.activate_at, scaled, strict=True))
     sched = cfg.schedule
-    assert sched.warmup_epochs < sched.onecycle_end_epoch < sched.cosine_end_epoch <= 15
+    assert sched.warmup_epochs < sched.onecycle_end_epoch < sched.cosine_end_epoch
+    assert sched.cosine_end_epoch <= cfg.run.epochs
     # On a short run a block must join while the rate is still high, or it never catches up:
     # the lr stays at half the peak or more until the last activation.
     staged = staged_schedule(cfg)
@@ -424,7 +426,7 @@ def test_format_config_is_readable_yaml_of_the_config() -> None:
     assert yaml.safe_load(text) == config_to_dict(cfg)
     lines = text.splitlines()
     assert lines[0] == "data:" and "  dropout: [0.0, 0.15, 0.3]" in lines
-    assert "  epochs: 15" in lines and lines[-1] == "preset: cpu"
+    assert "  epochs: 30" in lines and lines[-1] == "preset: cpu"
 
 
 @pytest.mark.parametrize(

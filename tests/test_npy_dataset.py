@@ -131,3 +131,17 @@ def test_strength_schedule_arguments_checked(cache):
     with pytest.raises(ValueError, match="either transform or transform_for_strength"):
         NpyDataset(cache, "train", eval_transform(cache.mean, cache.std), ramp=ramp,
                    transform_for_strength=lambda s: None)  # fmt: skip
+
+
+@pytest.mark.parametrize("strength", [0.1, 0.5, 1.0])
+def test_symmetries_keep_full_probability_while_the_rest_scales(strength):
+    t = train_transform([0.5] * 3, [0.25] * 3, 3, strength=strength)
+    p = {type(op).__name__: op.p for op in t.transforms}
+    # Flips and right-angle rotations lose nothing from a cell image: always at p = 0.5.
+    assert p["HorizontalFlip"] == p["VerticalFlip"] == p["RandomRotate90"] == 0.5
+    # The transforms that interpolate or change colour ramp with the strength.
+    assert p["Affine"] == pytest.approx(0.7 * strength)
+    assert p["RandomBrightnessContrast"] == pytest.approx(0.5 * strength)
+    assert p["HueSaturationValue"] == pytest.approx(0.4 * strength)
+    grey = {type(op).__name__ for op in train_transform([0.5], [0.25], 1, strength).transforms}
+    assert "VerticalFlip" not in grey and "RandomRotate90" not in grey  # MRI keeps up and down
