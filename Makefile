@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/data_throughput.py
 	$(PY) bench/overhead.py
 
-## The regimen against a plain loop (about 30 minutes per dataset on 2 CPU cores).
+## The regimen against a plain loop (10 minutes for bloodcells, most of an hour for the brain MRI, on 2 CPU cores).
 bench-regimen: $(STAMP)
 	$(PY) bench/regimen.py --data ../shared/data/bloodcells_pbc_28.npz
 	$(PY) bench/regimen.py --data ../shared/data/brain_tumor_mri_64.npz
