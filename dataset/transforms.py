@@ -3,7 +3,7 @@
 The training pipeline takes a ``strength`` in [0, 1] that scales the magnitude and probability of
 every transform that interpolates or changes intensities, so a schedule can start gentle and ramp
 up; flips (and, for colour, right-angle rotations) lose no information and stay at p = 0.5 whenever
-the strength is above 0: :func:`augment_strength` gives the strength of an
+the strength is above 0. :func:`augment_strength` gives the strength of an
 epoch and :class:`StrengthRamp` holds that schedule as a picklable value. Which transforms are
 used depends on the modality, read from the channel count: colour microscopy (3 channels) is
 rotation- and flip-invariant and varies in stain colour; greyscale MRI slices keep their up-down

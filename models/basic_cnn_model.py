@@ -252,7 +252,7 @@ class ConvBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, C_in, H, W) -> (B, C_out, H', W') with H' = (H - 1) // stride + 1 on both paths.
+        # x: (B, C_in, H, W) -> (B, C_out, H', W') with H' = (H - 1) // stride + 1 either way.
         out = self.dropout(self.act(self.norm(self.conv(x))))
         return self.pool(out + self.shortcut(x))
 
