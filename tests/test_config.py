@@ -397,6 +397,14 @@ def test_config_from_dict_fills_missing_and_rejects_unknown_and_bad() -> None:
         config_from_dict({"optim": {"lr": 0.0}})
 
 
+def test_config_from_dict_gives_older_stored_sections_their_legacy_values() -> None:
+    d = config_to_dict(TrainConfig())
+    assert config_from_dict(d).model.downsample == "maxpool"  # stored values win
+    del d["model"]["downsample"]  # a run stored before the option existed
+    assert config_from_dict(d).model.downsample == "stride"
+    assert config_from_dict({"run": {"epochs": 4}}).model.downsample == "maxpool"
+
+
 def test_save_config_reads_back_equal(tmp_path: Path) -> None:
     cfg = custom_config()
     path = tmp_path / "run" / "config.yaml"

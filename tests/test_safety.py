@@ -132,11 +132,50 @@ def test_non_finite_loss_after_exhaustion_is_fatal_every_time():
     assert exhausted.kind == "exhausted" and exhausted.fatal
 
 
-def test_decide_does_not_change_the_policy():
+def test_decide_counts_no_rollback_until_recorded():
     policy = RollbackPolicy(max_rollbacks=1)
     first = policy.decide(1, 0.5, 0.3, best=0.9)
     again = policy.decide(1, 0.5, 0.3, best=0.9)
     assert first == again and policy.count == 0 and policy.history == []
+
+
+def test_patience_needs_the_drop_to_last_epochs_in_a_row():
+    policy = RollbackPolicy(threshold=0.1, patience=2)
+    # a swing that recovers, then a drop that lasts, then a drop after the rollback
+    kinds = drive(policy, [(0.5, 0.3), (0.85, 0.3), (0.5, 0.3), (0.5, 0.3), (0.5, 0.3)])
+    assert kinds == ["wait", None, "wait", "rollback", "wait"]
+    assert policy.count == 1 and [epoch for epoch, _ in policy.history] == [4]
+
+
+def test_a_wait_restores_nothing_and_says_how_long():
+    policy = RollbackPolicy(threshold=0.1, patience=3)
+    decision = policy.decide(6, 0.5, 0.3, best=0.9)
+    assert decision.kind == "wait" and not decision.restore and not decision.fatal
+    assert decision.lr_factor == 1.0 and decision.count == 0
+    assert decision.reason.endswith("epoch 1 of 3 before a rollback")
+    assert "0.4 below best 0.9" in decision.reason
+
+
+def test_non_finite_values_do_not_wait():
+    assert RollbackPolicy(patience=3).decide(2, 0.9, NAN, best=0.9).kind == "rollback"
+    assert RollbackPolicy(patience=3).decide(2, INF, 0.3, best=0.9).kind == "rollback"
+
+
+def test_drops_after_exhaustion_are_not_reported_as_waits():
+    policy = RollbackPolicy(max_rollbacks=0, patience=2)
+    assert drive(policy, [(0.5, 0.3)] * 4) == ["wait", "exhausted", None, None]
+
+
+def test_state_round_trip_keeps_the_streak():
+    policy = RollbackPolicy(patience=2)
+    assert drive(policy, [(0.5, 0.3)]) == ["wait"]
+    restored = RollbackPolicy(patience=2)
+    restored.load_state_dict(policy.state_dict())
+    assert restored.decide(2, 0.5, 0.3, best=0.9).kind == "rollback"
+    older = {k: v for k, v in policy.state_dict().items() if k != "streak"}
+    fresh = RollbackPolicy(patience=2)
+    fresh.load_state_dict(older)  # a state saved before patience existed
+    assert fresh.decide(2, 0.5, 0.3, best=0.9).kind == "wait"
 
 
 def test_state_round_trip_keeps_count_and_history():
@@ -178,6 +217,7 @@ def test_state_round_trip_after_exhaustion_stays_quiet():
         ({"lr_cut": 1.5}, "RollbackPolicy.lr_cut=1.5"),
         ({"mode": "maximum"}, "RollbackPolicy.mode='maximum' is invalid; allowed: 'max' | 'min'"),
         ({"relative": 1}, "RollbackPolicy.relative=1"),
+        ({"patience": 0}, "RollbackPolicy.patience=0 is invalid; allowed: an int >= 1"),
     ],
 )
 def test_rollback_validation(kwargs, fragment):

@@ -171,6 +171,21 @@ def test_activated_block_joins_optimizer_and_schedule(tiny_npz, tmp_path):
         trainer.activate_block(2)
 
 
+def test_a_run_stored_before_the_downsample_option_resumes_strided(tiny_npz, tmp_path):
+    fit(tiny_config(tiny_npz, tmp_path, "a", "run.epochs=1", "model.downsample=stride"))
+    path = tmp_path / "a" / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(path)
+    del ckpt["config"]["model"]["downsample"]
+    del ckpt["model_config"]["downsample"]
+    torch.save(ckpt, path)
+    cfg, ckpt = load_resume(tmp_path / "a")
+    assert cfg.model.downsample == "stride"
+    cfg.run.epochs = 2
+    resumed, summary = fit(cfg, resume=ckpt)
+    assert resumed.start_epoch == 2 and summary["stopped"] is None
+    assert resumed.model.config.downsample == "stride"
+
+
 def test_resume_with_other_architecture_is_a_clear_error(tiny_npz, tmp_path):
     fit(tiny_config(tiny_npz, tmp_path, "a", "run.epochs=1"))
     cfg, ckpt = load_resume(tmp_path / "a")

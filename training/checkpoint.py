@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.config import LEGACY_DEFAULTS
+
 #: version of the checkpoint layout this module writes and reads.
 FORMAT = 1
 FILE_MODE = 0o644  # what a plain open() would give under the usual umask
@@ -44,7 +46,7 @@ ARCH_FIELDS: tuple[str, ...] = (
 )
 #: ModelConfig fields added after checkpoints were first written, with the value those older
 #: checkpoints were trained with (their model_config lacks the key).
-LEGACY_MODEL_FIELDS: dict[str, Any] = {"downsample": "stride"}
+LEGACY_MODEL_FIELDS: dict[str, Any] = LEGACY_DEFAULTS["model"]
 
 _SAFE_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype)
 _MAX_LISTED = 5

@@ -17,6 +17,7 @@ every field and every error message names the field path, the bad value and what
 Public API:
     DataConfig, ModelSection, OptimConfig, ScheduleConfig, RunConfig, TrainConfig, PRESETS,
     ConfigError, load_config, validate_config, config_to_dict, config_from_dict, save_config,
+    LEGACY_DEFAULTS,
     format_config, build_parser, config_from_args, earliest_swa_epoch.
 """
 
@@ -339,6 +340,8 @@ class SafetyConfig:
         rollback: restore the best weights and optimizer state when the monitored metric falls
             more than ``rollback_threshold`` below the best, or the loss is not finite.
         rollback_threshold: allowed drop (absolute, in the metric's units).
+        rollback_patience: epochs in a row the drop must last before a rollback (a non-finite
+            loss or metric rolls back at once).
         max_rollbacks: rollbacks allowed per run.
         rollback_lr_cut: learning-rate multiplier applied at each rollback.
         early_stop: stop when the metric has not improved for ``patience`` epochs (never at or
@@ -354,6 +357,7 @@ class SafetyConfig:
 
     rollback: bool = _field(True, BOOL)
     rollback_threshold: float = _field(0.05, POSITIVE)
+    rollback_patience: int = _field(1, _int_at_least(1))
     max_rollbacks: int = _field(3, _int_at_least(0))
     rollback_lr_cut: float = _field(0.5, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
     early_stop: bool = _field(True, BOOL)
@@ -425,6 +429,10 @@ SECTIONS: dict[str, type] = {
     "safety": SafetyConfig,
     "run": RunConfig,
 }
+
+#: Fields added after runs were first stored, by section, with the value those older runs used
+#: (their stored section lacks the key): such a run resumes, or is rebuilt, as it was trained.
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"model": {"downsample": "stride"}}
 
 # Nested overrides on the defaults. "full" is the defaults themselves (full width, 60 epochs,
 # group norm, batch 128); "cpu" is narrow and short so a laptop finishes in minutes.
@@ -799,9 +807,14 @@ def config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
     """Rebuild a validated configuration from :func:`config_to_dict` output.
 
     Fields missing from ``d`` keep their defaults, so configs stored by older versions still
-    load; the ``preset`` key is kept as a label only (its overrides are not applied again).
+    load, except the fields of :data:`LEGACY_DEFAULTS`: a stored section that lacks one was
+    written before it existed and gets the value such runs used. The ``preset`` key is kept
+    as a label only (its overrides are not applied again).
     """
     tree = config_to_dict(TrainConfig())
+    for section, legacy in LEGACY_DEFAULTS.items():
+        if isinstance(d.get(section), Mapping):
+            tree[section].update(copy.deepcopy(legacy))
     _merge(tree, d, "stored config")
     preset = d.get("preset") or ""
     if not isinstance(preset, str):

@@ -89,6 +89,9 @@ class Rollback(Callback):
         if decision.kind == "exhausted":
             trainer.notify("warning", "rollback limit reached", [decision.reason])
             return
+        if decision.kind == "wait":
+            trainer.notify("warning", "rollback pending", [decision.reason])
+            return
         path = trainer.restore_best(decision.lr_factor, trainer.checkpoint_dir / self.FILE)
         trainer.notify(
             "rollback",
@@ -419,6 +422,7 @@ def regimen_callbacks(
             lr_cut=s.rollback_lr_cut,
             mode=mode,
             monitor=monitor,
+            patience=s.rollback_patience,
         )
         callbacks.append(Rollback(policy))
     if cfg.schedule.kind == "staged":

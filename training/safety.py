@@ -53,19 +53,21 @@ class RollbackDecision:
 
     Attributes:
         kind: ``"rollback"``: restore the best weights and cut the learning rate;
+            ``"wait"``: the metric is past the threshold, but not yet for ``patience`` epochs in
+            a row (nothing to do but report it);
             ``"exhausted"``: a rollback was due but the limit is spent (said once; warn or stop);
             ``"abort"``: the loss or metric is NaN/inf and no rollback can repair it (no best
             weights yet, or the limit was already reported): stop with an error.
         reason: one line for the console, e.g. ``"non-finite loss (nan)"`` or the drop's size.
         epoch: the epoch that triggered the decision.
         count: rollbacks performed once this decision is recorded.
-        restore: whether to load the best weights; False for ``"exhausted"`` and ``"abort"``.
+        restore: whether to load the best weights; True for ``"rollback"`` only.
         lr_factor: multiplier for the current learning rates (``lr_cut`` for a rollback, else 1).
         total_lr_factor: ``lr_cut ** count``: the multiplier relative to the rates before any
             rollback, for a caller whose restore also brings back the older optimizer state.
     """
 
-    kind: Literal["rollback", "exhausted", "abort"]
+    kind: Literal["rollback", "wait", "exhausted", "abort"]
     reason: str
     epoch: int
     count: int
@@ -83,7 +85,8 @@ class RollbackPolicy:
     """Decides when to go back to the best weights after training falls apart.
 
     A rollback is due when the epoch's training loss or the monitored validation metric is
-    NaN/inf, or when the metric is worse than the best so far by more than ``threshold``. Each
+    NaN/inf, or when the metric has been worse than the best so far by more than ``threshold``
+    for ``patience`` epochs in a row (a swing that recovers the next epoch is left alone). Each
     rollback multiplies the learning rate by ``lr_cut``, the usual remedy for a divergence caused
     by too large a step. Restarting from an earlier checkpoint after a loss spike follows
     Chowdhery et al. 2022 ("PaLM", Sec. 5.1, training instability).
@@ -97,6 +100,8 @@ class RollbackPolicy:
         mode: ``"max"`` when a higher metric is better (accuracy), ``"min"`` for a loss.
         relative: read ``threshold`` as a fraction of the best value.
         monitor: name of the metric, used in the reasons only.
+        patience: epochs in a row the metric must stay past the threshold before a rollback;
+            >= 1. A non-finite value does not wait.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class RollbackPolicy:
         mode: Mode = "max",
         relative: bool = False,
         monitor: str = "val_acc",
+        patience: int = 1,
     ) -> None:
         if not is_real(threshold) or threshold <= 0:
             raise _invalid("RollbackPolicy.threshold", threshold, "a finite float > 0")
@@ -116,13 +122,16 @@ class RollbackPolicy:
         _check_mode("RollbackPolicy.mode", mode)
         if not isinstance(relative, bool):
             raise _invalid("RollbackPolicy.relative", relative, "True | False")
+        _check_int_at_least("RollbackPolicy.patience", patience, 1)
         self.threshold = float(threshold)
         self.max_rollbacks = max_rollbacks
         self.lr_cut = float(lr_cut)
         self.mode = mode
         self.relative = relative
         self.monitor = monitor
+        self.patience = patience
         self.count = 0
+        self.streak = 0  # epochs in a row past the threshold
         self.exhausted_reported = False
         self.history: list[tuple[int, str]] = []
 
@@ -132,16 +141,24 @@ class RollbackPolicy:
         """The action for an epoch that ended with ``metric`` and training ``loss``, or None.
 
         ``best`` is the best monitored value so far (None before the first); the caller keeps it,
-        since it also decides which weights are saved as the best. Does not change the policy:
-        pass the decision to :meth:`record` once it has been carried out.
+        since it also decides which weights are saved as the best. Call it once per epoch: it
+        counts the epochs in a row past the threshold (the only state it changes). Pass the
+        decision to :meth:`record` once it has been carried out.
         """
         cause = self._cause(metric, loss, best)
         if cause is None:
+            self.streak = 0
             return None
         diverged = cause.startswith(NON_FINITE)
         if diverged and best is None:
             # Nothing to go back to: the first epochs already diverged.
             return self._decision("abort", f"{cause}; no best weights to restore yet", epoch)
+        ignored = self.count >= self.max_rollbacks and self.exhausted_reported
+        if not diverged and not ignored:
+            self.streak += 1
+            if self.streak < self.patience:
+                wait = f"{cause}; epoch {self.streak} of {self.patience} before a rollback"
+                return self._decision("wait", wait, epoch)
         if self.count < self.max_rollbacks:
             return self._decision("rollback", cause, epoch)
         if not self.exhausted_reported:
@@ -153,9 +170,15 @@ class RollbackPolicy:
         return None
 
     def record(self, decision: RollbackDecision) -> None:
-        """Note that ``decision`` was carried out: count a rollback, remember the exhaustion."""
+        """Note that ``decision`` was carried out: count a rollback, remember the exhaustion.
+
+        A ``"wait"`` is not an action and is not kept in :attr:`history`.
+        """
+        if decision.kind == "wait":
+            return
         if decision.kind == "rollback":
             self.count += 1
+            self.streak = 0
         elif decision.kind == "exhausted":
             self.exhausted_reported = True
         self.history.append((decision.epoch, f"{decision.kind}: {decision.reason}"))
@@ -193,12 +216,14 @@ class RollbackPolicy:
         return {
             "count": self.count,
             "exhausted_reported": self.exhausted_reported,
+            "streak": self.streak,
             "history": [list(entry) for entry in self.history],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.count = int(state["count"])
         self.exhausted_reported = bool(state["exhausted_reported"])
+        self.streak = int(state.get("streak", 0))  # absent from states saved before patience
         self.history = [(int(epoch), str(reason)) for epoch, reason in state["history"]]
 
 
