@@ -172,3 +172,80 @@ def test_both_skips_are_refused(capsys):
         bench.main(["--skip-plain", "--skip-regimen"])
     assert exc.value.code == 2
     assert "nothing to run" in capsys.readouterr().err
+
+
+def _payload(plain_acc: float, swa_acc: float, scaled_ece: float) -> dict:
+    plain = bench.Scores(plain_acc, plain_acc, 0.1, 0.02, 5.0)
+    regimen = {"best": _entry(swa_acc - 0.01, scaled_ece), "swa": _entry(swa_acc, scaled_ece)}
+    return {
+        "rows": bench.table_rows(plain, regimen, "failed"),
+        "targets": bench.verdicts(plain, regimen, reference=None),
+    }
+
+
+def test_summary_judges_the_means_not_the_seeds():
+    # Seed 0 loses by 0.002, seed 1 wins by 0.004: the means decide (0.985 vs 0.984).
+    payloads = [_payload(0.986, 0.984, 0.010), _payload(0.982, 0.986, 0.024)]
+    summary = bench.summarize(payloads)
+    t = summary["targets"]
+    assert t["regimen_accuracy_mean"] == pytest.approx(0.985)
+    assert t["plain_accuracy_mean"] == pytest.approx(0.984)
+    assert t["regimen_beats_plain"] is True and (t["wins"], t["judged"]) == (1, 2)
+    # Mean scaled ECE 1.7%: one seed under 1.5% does not meet the target.
+    assert t["scaled_ece_mean"] == pytest.approx(0.017) and t["scaled_ece_met"] is False
+    swa = summary["rows"]["regimen-swa"]
+    assert swa["n"] == 2 and swa["accuracy"]["sd"] == pytest.approx(0.0014142, abs=1e-6)
+    lines = bench.summary_verdict_lines(t)
+    assert lines[0] == (
+        "regimen beats plain (mean of 2 seeds): yes (0.9850 regimen-swa vs 0.9840 plain; "
+        "won 1 of 2 seeds)"
+    )
+    assert lines[1].startswith("temperature-scaled ECE < 1.5% (mean of 2 seeds): no (1.70%")
+    assert "0.9850 (0.0014)" in bench.render_summary(summary)
+
+
+def test_summary_without_regimen_scores_judges_nothing():
+    plain = bench.Scores(0.98, 0.98, 0.1, 0.02, 5.0)
+    skipped = {
+        "rows": bench.table_rows(plain, None, "skipped"),
+        "targets": bench.verdicts(plain, None, reference=None),
+    }
+    t = bench.summarize([skipped, skipped])["targets"]
+    assert t["regimen_beats_plain"] is None and t["scaled_ece_met"] is None
+    assert bench.summary_verdict_lines(t)[0].endswith("n/a (a regimen run has no scores)")
+
+
+def test_seeds_run_each_seed_in_its_folder(npz_factory, tmp_path, capsys, keep_threads):
+    source = npz_factory(n=(30, 9, 12), size=8)
+    assert bench.main(_argv(source, tmp_path, "--skip-regimen", "--seeds", "3", "5")) == 0
+    run = tmp_path / "run"
+    per_seed = [json.loads((run / f"seed-{s}" / bench.RESULT_JSON).read_text()) for s in (3, 5)]
+    assert [p["seed"] for p in per_seed] == [3, 5]
+    assert [p["plain"]["seed"] for p in per_seed] == [3, 5]
+    summary = json.loads((run / bench.RESULT_JSON).read_text())
+    accuracies = [p["plain"]["scores"]["accuracy"] for p in per_seed]
+    assert summary["seeds"] == [3, 5] and summary["rows"]["plain"]["n"] == 2
+    assert summary["rows"]["plain"]["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert "== 2 seeds (3, 5): mean (sd)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seeds", "1", "1"], "distinct ints >= 0"),
+        (["--seeds", "-1"], "distinct ints >= 0"),
+        (["--seeds", "1", "--set", "run.seed=2"], "both choose the seed"),
+    ],
+)
+def test_bad_seeds_are_refused(extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--skip-regimen", *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_seed_folders_with_checkpoints_are_refused(npz_factory, tmp_path, capsys):
+    (tmp_path / "run" / "seed-2" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "seed-2" / "checkpoints" / "best.pt").write_bytes(b"old")
+    assert bench.main(_argv(npz_factory(), tmp_path, "--seeds", "1", "2")) == 2
+    assert "seed-2 already holds checkpoints" in capsys.readouterr().err
