@@ -5,7 +5,10 @@
   Samples", CVPR 2019).
 - :func:`soft_target_cross_entropy`: cross-entropy against probability targets (Mixup, label
   smoothing), with optional class weights.
-- :class:`FocalLoss`: Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
+- :func:`focal_cross_entropy` and :class:`FocalLoss`: Lin et al., "Focal Loss for Dense Object
+  Detection", ICCV 2017.
+- :class:`WeightedCrossEntropy`: the training loss; class weights times a per-class penalty, hard
+  or soft targets, focal when ``gamma > 0``.
 """
 
 from __future__ import annotations
@@ -53,21 +56,58 @@ def class_weights(
 
 
 def soft_target_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    gamma: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` (B, C) against probability ``targets`` (B, C).
 
     With ``weight`` (C,), each sample's loss is weighted by its target's expected class weight
     and the mean is taken over those weights, matching ``F.cross_entropy(weight=...)`` for
-    one-hot targets.
+    one-hot targets. With ``gamma > 0`` each class's term ``-t_c log p_c`` is scaled by
+    ``(1 - p_c)^gamma``, so a one-hot target gives the focal loss of :func:`focal_cross_entropy`.
     """
     logp = F.log_softmax(logits.float(), dim=1)  # (B, C)
+    terms = -targets * logp  # (B, C)
+    if gamma > 0:
+        terms = terms * (1.0 - logp.exp()).pow(gamma)
     if weight is None:
-        return -(targets * logp).sum(dim=1).mean()
+        return terms.sum(dim=1).mean()
     w = weight.to(logp)
-    per_sample = -(targets * w * logp).sum(dim=1)  # (B,)
+    per_sample = (terms * w).sum(dim=1)  # (B,)
     norm = (targets * w).sum(dim=1).sum()
     return per_sample.sum() / norm.clamp_min(1e-12)
+
+
+def focal_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Focal loss on hard labels: per-sample cross-entropy times ``(1 - p_t)^gamma``.
+
+    Args:
+        logits: (B, C) raw scores.
+        target: (B,) class indices.
+        gamma: focusing parameter >= 0 (0 gives ``F.cross_entropy``).
+        weight: optional per-class weights (C,); the mean is then taken over the targets'
+            weights, as ``F.cross_entropy`` does.
+        label_smoothing: as in ``F.cross_entropy``, in [0, 1).
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma={gamma} is invalid; allowed: a number >= 0")
+    logits = logits.float()
+    ce = F.cross_entropy(
+        logits, target, weight=weight, reduction="none", label_smoothing=label_smoothing
+    )  # (B,)
+    p_t = logits.softmax(dim=1).gather(1, target[:, None]).squeeze(1)  # (B,)
+    loss = (1.0 - p_t).pow(gamma) * ce
+    if weight is None:
+        return loss.mean()
+    return loss.sum() / weight[target].sum()
 
 
 class FocalLoss(nn.Module):
@@ -90,23 +130,11 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        ce = F.cross_entropy(
-            logits,
-            target,
-            weight=self.weight,
-            reduction="none",
-            label_smoothing=self.label_smoothing,
-        )  # (B,)
-        p_t = logits.softmax(dim=1).gather(1, target[:, None]).squeeze(1)  # (B,)
-        loss = (1.0 - p_t).pow(self.gamma) * ce
-        if self.weight is None:
-            return loss.mean()
-        return loss.sum() / self.weight[target].sum()
+        return focal_cross_entropy(logits, target, self.gamma, self.weight, self.label_smoothing)
 
 
 class WeightedCrossEntropy(nn.Module):
-    """Cross-entropy on hard labels (B,) or soft targets (B, C) with per-class weights.
+    """Cross-entropy (or focal loss) on hard labels (B,) or soft targets (B, C), class-weighted.
 
     The weight of class c is ``base[c] * penalty[c]``: ``base`` is fixed for the run (from the
     class counts, :func:`class_weights`), ``penalty`` may change between epochs (a class penalty
@@ -118,12 +146,20 @@ class WeightedCrossEntropy(nn.Module):
         num_classes: C.
         base: per-class weights (C,); ``None`` for all ones.
         label_smoothing: applied to hard labels only (soft targets carry their own).
+        gamma: focal-loss focusing parameter (Lin et al. 2017) >= 0; 0 is plain cross-entropy.
     """
 
     def __init__(
-        self, num_classes: int, base: torch.Tensor | None = None, label_smoothing: float = 0.0
+        self,
+        num_classes: int,
+        base: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        gamma: float = 0.0,
     ) -> None:
         super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma={gamma} is invalid; allowed: a number >= 0")
+        self.gamma = float(gamma)
         base = torch.ones(num_classes) if base is None else torch.as_tensor(base).float()
         if base.shape != (num_classes,):
             raise ValueError(
@@ -149,7 +185,11 @@ class WeightedCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.ndim == 2:
-            return soft_target_cross_entropy(logits, target, self.weight)
+            return soft_target_cross_entropy(logits, target, self.weight, self.gamma)
+        if self.gamma > 0:
+            return focal_cross_entropy(
+                logits, target, self.gamma, self.weight, self.label_smoothing
+            )
         return F.cross_entropy(
             logits.float(), target, weight=self.weight, label_smoothing=self.label_smoothing
         )

@@ -290,6 +290,7 @@ def test_bad_set_key_is_a_config_error(item: str) -> None:
         ("optim.betas=[0.9,x]", "optim.betas=[0.9, 'x'] is invalid; allowed: a list of 2 numbers"),
         ("optim.lr=.nan", "optim.lr=nan is invalid; allowed: a number > 0"),
         ("optim.weight_decay=-1", "optim.weight_decay=-1.0 is invalid; allowed: a number >= 0"),
+        ("optim.focal_gamma=-2", "optim.focal_gamma=-2.0 is invalid; allowed: a number >= 0"),
         ("optim.batch_size=0", "optim.batch_size=0 is invalid; allowed: an int >= 1"),
         ("optim.accumulation=0", "optim.accumulation=0 is invalid; allowed: an int >= 1"),
         ("optim.clip_grad=-1", "optim.clip_grad=-1.0 is invalid; allowed: a number >= 0 (0 = off)"),

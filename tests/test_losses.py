@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import FocalLoss, class_weights, soft_target_cross_entropy
+from losses import (
+    FocalLoss,
+    WeightedCrossEntropy,
+    class_weights,
+    focal_cross_entropy,
+    soft_target_cross_entropy,
+)
 
 
 def test_inverse_frequency_weights():
@@ -74,3 +80,53 @@ def test_focal_loss_reduces_to_ce_and_downweights_easy():
     ratio_easy = FocalLoss(2.0)(easy, t) / F.cross_entropy(easy, t)
     ratio_hard = FocalLoss(2.0)(hard, t) / F.cross_entropy(hard, t)
     assert ratio_easy < 0.01 < ratio_hard
+
+
+def _focal_by_hand(logits, y, gamma, weight):
+    # -w_y (1 - p_y)^gamma log p_y per sample, averaged over the targets' weights.
+    total, norm = 0.0, 0.0
+    for row, label in zip(logits.tolist(), y.tolist(), strict=True):
+        z = torch.tensor(row)
+        p = z.softmax(0)[label].item()
+        total += -weight[label].item() * (1 - p) ** gamma * torch.log(torch.tensor(p)).item()
+        norm += weight[label].item()
+    return total / norm
+
+
+def test_focal_matches_its_formula_for_hard_and_one_hot_targets():
+    torch.manual_seed(3)
+    logits, y = torch.randn(7, 4) * 2, torch.tensor([0, 1, 2, 3, 3, 1, 0])
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    expected = _focal_by_hand(logits, y, 2.0, weight)
+    assert focal_cross_entropy(logits, y, 2.0, weight).item() == pytest.approx(expected, rel=1e-5)
+    one_hot = F.one_hot(y, 4).float()
+    soft = soft_target_cross_entropy(logits, one_hot, weight, gamma=2.0)
+    assert soft.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="gamma=-1 is invalid"):
+        focal_cross_entropy(logits, y, -1)
+
+
+def test_soft_focal_scales_each_class_term():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    target = torch.tensor([[0.7, 0.3, 0.0]])
+    p = logits.softmax(1)[0]
+    by_hand = -(0.7 * (1 - p[0]) ** 2 * p[0].log() + 0.3 * (1 - p[1]) ** 2 * p[1].log())
+    got = soft_target_cross_entropy(logits, target, gamma=2.0)
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # gamma 0 is the plain soft-target cross-entropy.
+    plain = -(0.7 * p[0].log() + 0.3 * p[1].log())
+    assert soft_target_cross_entropy(logits, target).item() == pytest.approx(plain.item())
+
+
+def test_weighted_loss_turns_focal_with_gamma_and_keeps_the_penalty():
+    torch.manual_seed(4)
+    logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    loss = WeightedCrossEntropy(3, torch.tensor([1.0, 2.0, 0.5]), gamma=1.5)
+    loss.set_penalty([1.0, 1.5, 1.0])
+    expected = _focal_by_hand(logits, y, 1.5, torch.tensor([1.0, 3.0, 0.5]))
+    assert loss(logits, y).item() == pytest.approx(expected, rel=1e-5)
+    assert loss(logits, F.one_hot(y, 3).float()).item() == pytest.approx(expected, rel=1e-5)
+    # A focal loss is smaller than the cross-entropy it scales.
+    assert loss(logits, y) < WeightedCrossEntropy(3, torch.tensor([1.0, 2.0, 0.5]))(logits, y)
+    with pytest.raises(ValueError, match="gamma=-0.5 is invalid; allowed: a number >= 0"):
+        WeightedCrossEntropy(3, gamma=-0.5)

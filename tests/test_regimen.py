@@ -249,6 +249,18 @@ def test_weighted_loss_takes_labels_or_soft_targets():
     assert plain(logits, y) == pytest.approx(nll(logits, y), rel=1e-5)
 
 
+def test_focal_gamma_reaches_the_training_loss(separable_npz, tmp_path):
+    from rich.console import Console
+
+    quiet = Console(file=io.StringIO())
+    cfg = regimen_config(separable_npz, tmp_path, "ce")
+    ce = build_trainer(cfg, tmp_path / "ce", console=quiet).criterion
+    cfg = regimen_config(separable_npz, tmp_path, "focal", "optim.focal_gamma=2")
+    focal = build_trainer(cfg, tmp_path / "focal", console=quiet).criterion
+    assert (ce.gamma, focal.gamma) == (0.0, 2.0)
+    assert torch.equal(focal.base, ce.base)  # the class weights do not change
+
+
 def test_balanced_sampling_with_weighted_loss_warns_once_at_start(separable_npz, tmp_path):
     from rich.console import Console
 

@@ -120,10 +120,11 @@ def build_trainer(
 
 
 def build_criterion(cfg: TrainConfig, cache) -> WeightedCrossEntropy:
-    """Cross-entropy with the configured class-balanced weights from the training labels."""
+    """Cross-entropy (focal when ``optim.focal_gamma > 0``) with the configured class weights."""
     counts = np.bincount(cache.labels("train"), minlength=cache.num_classes)
     base = class_weights(counts.tolist(), cfg.balance.loss_weights, cfg.balance.beta)
-    return WeightedCrossEntropy(cache.num_classes, base, cfg.optim.label_smoothing)
+    o = cfg.optim
+    return WeightedCrossEntropy(cache.num_classes, base, o.label_smoothing, o.focal_gamma)
 
 
 def build_mixup(cfg: TrainConfig, cache) -> Mixup | None:

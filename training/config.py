@@ -205,6 +205,8 @@ class OptimConfig:
         accumulation: micro-batches accumulated per optimizer step.
         clip_grad: max gradient norm; 0 turns clipping off.
         label_smoothing: cross-entropy label smoothing in [0, 1).
+        focal_gamma: 0 trains with cross-entropy; > 0 with the focal loss (Lin et al. 2017),
+            which scales each sample's loss by ``(1 - p_true)^focal_gamma`` (2 in the paper).
     """
 
     lr: float = _field(1e-2, POSITIVE)
@@ -214,6 +216,7 @@ class OptimConfig:
     accumulation: int = _field(1, _int_at_least(1))
     clip_grad: float = _field(1.0, Rule("a number >= 0 (0 = off)", lambda v: v >= 0))
     label_smoothing: float = _field(0.0, RATE)
+    focal_gamma: float = _field(0.0, NON_NEGATIVE)
 
 
 @dataclass
