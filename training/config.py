@@ -378,7 +378,8 @@ class RunConfig:
     Args:
         epochs: epochs to train.
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
-        amp: mixed precision, "auto" (bf16/fp16 on CUDA, off elsewhere), "off", "fp16", "bf16".
+        amp: mixed precision, "auto" (float16 on CUDA, bfloat16 on a CPU with native bf16,
+            off elsewhere), "off", "fp16", "bf16".
         seed: seed of torch, numpy and random.
         deterministic: ask torch for deterministic kernels (slower).
         run_dir: output folder; "" means ``runs/<dataset>-<timestamp>``.
