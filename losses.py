@@ -71,13 +71,24 @@ def soft_target_cross_entropy(
     logp = F.log_softmax(logits.float(), dim=1)  # (B, C)
     terms = -targets * logp  # (B, C)
     if gamma > 0:
-        terms = terms * (1.0 - logp.exp()).pow(gamma)
+        terms = terms * _focal_factor(logp, gamma)
     if weight is None:
         return terms.sum(dim=1).mean()
     w = weight.to(logp)
     per_sample = (terms * w).sum(dim=1)  # (B,)
     norm = (targets * w).sum(dim=1).sum()
     return per_sample.sum() / norm.clamp_min(1e-12)
+
+
+#: ``1 - p`` is kept at or above this in the focal factor: the gradient of ``x^gamma`` is infinite
+#: at ``x = 0`` for ``gamma < 1``, and a saturated softmax (p == 1.0 in float32) would turn it
+#: into NaN.
+_FOCAL_MIN_BASE = 1e-12
+
+
+def _focal_factor(logp: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``(1 - p)^gamma`` from log-probabilities; ``-expm1(log p)`` keeps ``1 - p`` accurate."""
+    return (-torch.expm1(logp)).clamp_min(_FOCAL_MIN_BASE).pow(gamma)
 
 
 def focal_cross_entropy(
@@ -103,8 +114,8 @@ def focal_cross_entropy(
     ce = F.cross_entropy(
         logits, target, weight=weight, reduction="none", label_smoothing=label_smoothing
     )  # (B,)
-    p_t = logits.softmax(dim=1).gather(1, target[:, None]).squeeze(1)  # (B,)
-    loss = (1.0 - p_t).pow(gamma) * ce
+    logp_t = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)  # (B,)
+    loss = _focal_factor(logp_t, gamma) * ce
     if weight is None:
         return loss.mean()
     return loss.sum() / weight[target].sum()

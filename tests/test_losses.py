@@ -130,3 +130,15 @@ def test_weighted_loss_turns_focal_with_gamma_and_keeps_the_penalty():
     assert loss(logits, y) < WeightedCrossEntropy(3, torch.tensor([1.0, 2.0, 0.5]))(logits, y)
     with pytest.raises(ValueError, match="gamma=-0.5 is invalid; allowed: a number >= 0"):
         WeightedCrossEntropy(3, gamma=-0.5)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_gradients_stay_finite_on_a_saturated_softmax(gamma):
+    # p == 1.0 exactly in float32: (1 - p)^gamma has an infinite slope there for gamma < 1.
+    logits = torch.tensor([[40.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    focal_cross_entropy(logits, torch.tensor([0, 1]), gamma).backward()
+    assert torch.isfinite(logits.grad).all()
+    logits.grad = None
+    soft = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.8, 0.0]])
+    soft_target_cross_entropy(logits, soft, gamma=gamma).backward()
+    assert torch.isfinite(logits.grad).all()
