@@ -559,21 +559,42 @@ def verdict_lines(v: dict[str, Any]) -> list[str]:
     if v["regimen_beats_plain"] is None:
         beats = f"regimen beats plain: n/a (regimen-{v['weights']} {v['regimen_accuracy']:.4f})"
     else:
-        answer = "yes" if v["regimen_beats_plain"] else "no"
-        plain = "plain" if v["plain_source"] == "measured" else "plain, README reference"
-        beats = (
-            f"regimen beats plain: {answer} ({v['regimen_accuracy']:.4f} regimen-{v['weights']} "
-            f"vs {v['plain_accuracy']:.4f} {plain})"
+        beats = _beats_line(
+            "",
+            v["regimen_beats_plain"],
+            v["regimen_accuracy"],
+            v["weights"],
+            v["plain_accuracy"],
+            v["plain_source"],
         )
     if v["scaled_ece"] is None:
         ece = f"temperature-scaled ECE < 1.5%: no (regimen-{v['weights']} has no temperature)"
     else:
-        answer = "yes" if v["scaled_ece_met"] else "no"
-        ece = (
-            f"temperature-scaled ECE < 1.5%: {answer} "
-            f"({100 * v['scaled_ece']:.2f}% regimen-{v['weights']}+T)"
-        )
+        ece = _ece_line("", v["scaled_ece_met"], v["scaled_ece"], v["weights"])
     return [beats, ece]
+
+
+def _beats_line(
+    scope: str,
+    beats: bool,
+    regimen: float,
+    weights: str,
+    plain: float,
+    plain_source: str,
+    tail: str = "",
+) -> str:
+    """``regimen beats plain<scope>: yes/no (<regimen> regimen-<weights> vs <plain> ...<tail>)``."""
+    label = "plain" if plain_source == "measured" else "plain, README reference"
+    return (
+        f"regimen beats plain{scope}: {'yes' if beats else 'no'} ({regimen:.4f} "
+        f"regimen-{weights} vs {plain:.4f} {label}{tail})"
+    )
+
+
+def _ece_line(scope: str, met: bool, ece: float, weights: str) -> str:
+    """``temperature-scaled ECE < 1.5%<scope>: yes/no (<ece>% regimen-<weights>+T)``."""
+    answer = "yes" if met else "no"
+    return f"temperature-scaled ECE < 1.5%{scope}: {answer} ({100 * ece:.2f}% regimen-{weights}+T)"
 
 
 def _jsonable(value: Any) -> Any:
@@ -683,25 +704,23 @@ def summary_verdict_lines(t: dict[str, Any]) -> list[str]:
             f"regimen beats plain (mean of {n} seeds): n/a (a regimen run has no scores)",
             f"temperature-scaled ECE < 1.5% (mean of {n} seeds): n/a",
         ]
-    weights = "/".join(t["weights"])
+    weights, scope = "/".join(t["weights"]), f" (mean of {n} seeds)"
     if t["regimen_beats_plain"] is None:
-        beats = f"regimen beats plain (mean of {n} seeds): n/a (no plain figure)"
+        beats = f"regimen beats plain{scope}: n/a (no plain figure)"
     else:
-        answer = "yes" if t["regimen_beats_plain"] else "no"
-        plain = "plain" if t["plain_source"] == "measured" else "plain, README reference"
-        beats = (
-            f"regimen beats plain (mean of {n} seeds): {answer} ({t['regimen_accuracy_mean']:.4f} "
-            f"regimen-{weights} vs {t['plain_accuracy_mean']:.4f} {plain}; "
-            f"won {t['wins']} of {t['judged']} seeds)"
+        beats = _beats_line(
+            scope,
+            t["regimen_beats_plain"],
+            t["regimen_accuracy_mean"],
+            weights,
+            t["plain_accuracy_mean"],
+            t["plain_source"],
+            f"; won {t['wins']} of {t['judged']} seeds",
         )
     if t["scaled_ece_mean"] is None:
-        ece = f"temperature-scaled ECE < 1.5% (mean of {n} seeds): no (a run has no temperature)"
+        ece = f"temperature-scaled ECE < 1.5%{scope}: no (a run has no temperature)"
     else:
-        answer = "yes" if t["scaled_ece_met"] else "no"
-        ece = (
-            f"temperature-scaled ECE < 1.5% (mean of {n} seeds): {answer} "
-            f"({100 * t['scaled_ece_mean']:.2f}% regimen-{weights}+T)"
-        )
+        ece = _ece_line(scope, t["scaled_ece_met"], t["scaled_ece_mean"], weights)
     return [beats, ece]
 
 
