@@ -92,6 +92,8 @@ class ModelConfig:
             stride-1 conv, then a 2x2 max-pool after the shortcut sum) or "stride" (a stride-2
             conv and a stride-2 1x1 shortcut). Checkpoints saved before this option existed
             were "stride".
+        block_channels: output channels of blocks 1, 2 and 3, each >= 1, used as given (``width``
+            then plays no part); empty (the default) scales :data:`BASE_CHANNELS` by ``width``.
     """
 
     in_channels: int = 3
@@ -105,10 +107,13 @@ class ModelConfig:
     dropout: tuple[float, float, float] = (0.1, 0.2, 0.3)
     active_blocks: int = 1
     downsample: str = "maxpool"
+    block_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.dropout, list):
             self.dropout = tuple(self.dropout)
+        if isinstance(self.block_channels, list):
+            self.block_channels = tuple(self.block_channels)
         self.validate()
 
     def validate(self) -> None:
@@ -126,6 +131,7 @@ class ModelConfig:
         self._validate_dropout()
         _check_choice("active_blocks", self.active_blocks, tuple(range(1, NUM_BLOCKS + 1)))
         _check_choice("downsample", self.downsample, DOWNSAMPLES)
+        self._validate_block_channels()
 
     def _validate_dropout(self) -> None:
         if not isinstance(self.dropout, tuple) or len(self.dropout) != NUM_BLOCKS:
@@ -133,9 +139,20 @@ class ModelConfig:
         for p in self.dropout:
             _check_rate(f"ModelConfig.dropout={self.dropout!r}: rate", p)
 
+    def _validate_block_channels(self) -> None:
+        value = self.block_channels
+        ok = isinstance(value, tuple) and (
+            value == () or (len(value) == NUM_BLOCKS and all(_is_int(c) and c >= 1 for c in value))
+        )
+        if not ok:
+            raise _invalid("block_channels", value, f"() or a tuple of {NUM_BLOCKS} ints >= 1")
+
     def channels(self) -> tuple[int, int, int]:
-        """Output channels of blocks 1, 2 and 3 after applying ``width``."""
-        c1, c2, c3 = (scaled_channels(c, self.width) for c in BASE_CHANNELS)
+        """Output channels of blocks 1, 2 and 3: ``block_channels``, else scaled by ``width``."""
+        if self.block_channels:
+            c1, c2, c3 = self.block_channels
+        else:
+            c1, c2, c3 = (scaled_channels(c, self.width) for c in BASE_CHANNELS)
         return c1, c2, c3
 
 

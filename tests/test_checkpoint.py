@@ -18,6 +18,7 @@ from training.checkpoint import (
     restore_model,
     save_checkpoint,
     saved_model_config,
+    stored_model_config,
 )
 from training.evaluate import build_model
 
@@ -31,8 +32,7 @@ def tiny_model(**overrides) -> BasicCNNModel:
 
 def payload(model: BasicCNNModel | None = None, **extra) -> dict:
     model = model or tiny_model()
-    config = dataclasses.asdict(model.config)
-    config["dropout"] = list(config["dropout"])
+    config = stored_model_config(model.config)  # as the trainer writes it
     return {
         "format": FORMAT,
         "epoch": 3,
@@ -206,6 +206,7 @@ def test_a_file_that_is_not_our_checkpoint_is_refused(tmp_path, content, message
         ("in_channels", 3),
         ("num_classes", 4),
         ("downsample", "stride"),
+        ("block_channels", [8, 16, 24]),
     ],
 )
 def test_another_architecture_is_refused_naming_the_field_and_both_values(field, value):
@@ -224,6 +225,20 @@ def test_another_class_list_is_refused_naming_the_classes():
     assert_one_line_naming(error, "class_names", "only in checkpoint: ['normal']", "'cyst'")
     with pytest.raises(CheckpointError, match="another order"):
         check_compatible(ckpt, ckpt["model_config"], list(reversed(CLASSES)))
+
+
+def test_block_channels_round_trip_through_a_checkpoint_and_older_ones_lack_none():
+    trained = tiny_model(block_channels=(8, 16, 24))
+    ckpt = payload(trained)
+    check_compatible(ckpt, trained.config, CLASSES)  # tuple in the model, list in the file
+    rebuilt = build_model(ckpt).eval()
+    assert rebuilt.config.channels() == (8, 16, 24)
+    with pytest.raises(CheckpointError, match=r"block_channels: checkpoint \[8, 16, 24\] vs"):
+        check_compatible(ckpt, tiny_model().config, CLASSES)
+    legacy = payload()
+    del legacy["model_config"]["block_channels"]  # written before the option existed
+    check_compatible(legacy, tiny_model().config, CLASSES)
+    assert build_model(legacy).config.block_channels == ()
 
 
 def test_a_checkpoint_from_before_the_downsample_option_is_rebuilt_strided():

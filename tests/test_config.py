@@ -112,6 +112,11 @@ def test_model_section_builds_a_model_config() -> None:
     assert isinstance(mc, ModelConfig)
     assert (mc.in_channels, mc.num_classes, mc.width, mc.norm) == (1, 4, 0.25, "batch")
     assert mc.dropout == (0.0, 0.1, 0.2)
+    assert mc.block_channels == ()
+    channels = load_config(overrides=["model.block_channels=[32, 64, 128]"]).model
+    assert channels.block_channels == [32.0, 64.0, 128.0]
+    mc = channels.to_model_config(in_channels=3, num_classes=8, input_size=28)
+    assert mc.block_channels == (32, 64, 128) and all(type(c) is int for c in mc.block_channels)
 
 
 # --------------------------------------------------------------------------- layering
@@ -287,6 +292,11 @@ def test_bad_set_key_is_a_config_error(item: str) -> None:
             "model.dropout=0.1",
             "model.dropout=0.1 is invalid; allowed: a list of 3 numbers in [0, 1)",
         ),
+        (
+            "model.block_channels=[32,64]",
+            "model.block_channels=[32.0, 64.0] is invalid; allowed: [] (base widths x width) or",
+        ),
+        ("model.block_channels=[32,0.5,8]", "model.block_channels=[32.0, 0.5, 8.0] is invalid"),
         ("optim.betas=[0.9,x]", "optim.betas=[0.9, 'x'] is invalid; allowed: a list of 2 numbers"),
         ("optim.lr=.nan", "optim.lr=nan is invalid; allowed: a number > 0"),
         ("optim.weight_decay=-1", "optim.weight_decay=-1.0 is invalid; allowed: a number >= 0"),
@@ -404,6 +414,8 @@ def test_config_from_dict_gives_older_stored_sections_their_legacy_values() -> N
     del d["model"]["downsample"]  # a run stored before the option existed
     assert config_from_dict(d).model.downsample == "stride"
     assert config_from_dict({"run": {"epochs": 4}}).model.downsample == "maxpool"
+    del d["model"]["block_channels"]
+    assert config_from_dict(d).model.block_channels == []
 
 
 def test_save_config_reads_back_equal(tmp_path: Path) -> None:

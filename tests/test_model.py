@@ -89,6 +89,18 @@ def test_maxpool_downsample_pools_the_sum_of_stride_1_paths() -> None:
     assert isinstance(ConvBlock(8, 8, downsample="maxpool").pool, nn.Identity)
 
 
+def test_block_channels_replace_the_width_scaled_channels() -> None:
+    model = tiny_model(block_channels=[8, 16, 24], active_blocks=3, width=3.0)
+    assert model.config.block_channels == (8, 16, 24)  # a list becomes a tuple
+    assert model.config.channels() == (8, 16, 24)  # width plays no part
+    outs = [block[-1].conv.out_channels for block in model.blocks]
+    assert outs == [8, 16, 24]
+    # Every head feeds the shared classifier at block 2's width.
+    assert model.classifier.in_features == 16
+    assert model(batch(model)).shape == (2, model.config.num_classes)
+    assert tiny_model().config.channels() == tuple(scaled_channels(c, TINY) for c in (64, 512, 256))
+
+
 def test_model_downsample_setting_reaches_every_strided_block() -> None:
     pooled = tiny_model(active_blocks=3)
     assert pooled.config.downsample == "maxpool"  # the default
@@ -363,6 +375,10 @@ def test_format_summary_lists_every_part_and_totals() -> None:
         ("active_blocks", 4),
         ("active_blocks", 0),
         ("downsample", "avg"),
+        ("block_channels", (32, 64)),
+        ("block_channels", (32, 0, 128)),
+        ("block_channels", (32, 64.0, 128)),
+        ("block_channels", 64),
     ],
 )
 def test_config_validation_names_field_and_value(field: str, value) -> None:

@@ -8,7 +8,7 @@ fails at save time rather than at resume.
 
 Public API:
     CheckpointError, FORMAT, ARCH_FIELDS, LEGACY_MODEL_FIELDS, save_checkpoint, load_checkpoint,
-    saved_model_config, check_compatible,
+    stored_model_config, saved_model_config, check_compatible,
     restore_model.
 """
 
@@ -43,6 +43,7 @@ ARCH_FIELDS: tuple[str, ...] = (
     "norm",
     "gn_groups",
     "downsample",
+    "block_channels",
 )
 #: ModelConfig fields added after checkpoints were first written, with the value those older
 #: checkpoints were trained with (their model_config lacks the key).
@@ -254,6 +255,11 @@ def _class_difference(saved: Sequence[str], current: Sequence[str]) -> str | Non
     )
 
 
+def stored_model_config(config: Any) -> dict[str, Any]:
+    """A ModelConfig as a checkpoint stores it: its fields, with the tuples as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in _as_dict(config).items()}
+
+
 def saved_model_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint's ``model_config``, with :data:`LEGACY_MODEL_FIELDS` filled in where an
     older checkpoint lacks them (so it is rebuilt as it was trained)."""
@@ -273,7 +279,9 @@ def check_compatible(ckpt: dict, model_config: Mapping[str, Any], class_names: l
     """
     if not isinstance(ckpt.get("model_config"), Mapping):
         raise CheckpointError("checkpoint has no 'model_config' dict; cannot check compatibility")
-    problems = _config_differences(saved_model_config(ckpt), _as_dict(model_config))
+    # Compared as stored (tuples as lists), so a ModelConfig and its checkpoint copy agree.
+    saved = stored_model_config(saved_model_config(ckpt))
+    problems = _config_differences(saved, stored_model_config(model_config))
     saved_classes = ckpt.get("class_names")
     if saved_classes is None:
         problems.append("class_names: absent from the checkpoint")

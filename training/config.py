@@ -101,6 +101,14 @@ def _n_above(length: int, low: float) -> Callable[[list[float]], bool]:
     return lambda v: len(v) == length and all(x > low for x in v)
 
 
+_BLOCK_CHANNELS = Rule(
+    f"[] (base widths x width) or a list of {NUM_BLOCKS} ints >= 1",
+    lambda v: (
+        v == [] or (len(v) == NUM_BLOCKS and all(float(c).is_integer() and c >= 1 for c in v))
+    ),
+)
+
+
 def _epochs_ok(v: list[float]) -> bool:
     ints = all(float(x).is_integer() and x >= 1 for x in v)
     return 1 <= len(v) <= 2 and ints and all(a < b for a, b in zip(v, v[1:], strict=False))
@@ -165,6 +173,8 @@ class ModelSection:
         active_blocks: blocks active at the start of training; the unfreezing schedule
             (section ``unfreeze``) activates the others during the run.
         downsample: "maxpool" or "stride", how each block halves the resolution.
+        block_channels: output channels of blocks 1, 2 and 3 (``width`` is then not used);
+            ``[]`` scales the base widths (64, 512, 256) by ``width``.
     """
 
     width: float = _field(1.0, POSITIVE)
@@ -175,6 +185,7 @@ class ModelSection:
     dropout: list[float] = _field([0.1, 0.2, 0.3], _rates(NUM_BLOCKS))
     active_blocks: int = _field(1, _int_between(1, NUM_BLOCKS))
     downsample: str = _field("maxpool", _choice(*DOWNSAMPLES))
+    block_channels: list[float] = _field([], _BLOCK_CHANNELS)
 
     def to_model_config(self, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
         """The :class:`ModelConfig` of this section for a dataset's channels, classes and size."""
@@ -190,6 +201,7 @@ class ModelSection:
             dropout=tuple(self.dropout),
             active_blocks=self.active_blocks,
             downsample=self.downsample,
+            block_channels=tuple(int(c) for c in self.block_channels),
         )
 
 
@@ -436,7 +448,9 @@ SECTIONS: dict[str, type] = {
 
 #: Fields added after runs were first stored, by section, with the value those older runs used
 #: (their stored section lacks the key): such a run resumes, or is rebuilt, as it was trained.
-LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"model": {"downsample": "stride"}}
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"downsample": "stride", "block_channels": []}
+}
 
 # Nested overrides on the defaults. "full" is the defaults themselves (full width, 60 epochs,
 # group norm, batch 128); "cpu" is narrow and short so a laptop finishes in minutes.

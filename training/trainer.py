@@ -31,6 +31,7 @@ from training.checkpoint import (
     load_checkpoint,
     restore_model,
     save_checkpoint,
+    stored_model_config,
 )
 from training.config import TrainConfig, config_to_dict, staged_schedule
 from training.evaluate import classification_metrics, predict
@@ -498,8 +499,7 @@ class Trainer:
 
     def checkpoint_payload(self) -> dict:
         """Everything needed to resume this run or to evaluate its weights."""
-        cfg = self.model.config
-        model_config = {**cfg.__dict__, "dropout": list(cfg.dropout)}
+        model_config = stored_model_config(self.model.config)
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch if self._progress is None else self.epoch - 1,
@@ -553,8 +553,7 @@ class Trainer:
 
     def load_state(self, ckpt: dict) -> None:
         """Restore a checkpoint written by :meth:`checkpoint_payload`, to continue exactly."""
-        model_config = {**self.model.config.__dict__, "dropout": list(self.model.config.dropout)}
-        check_compatible(ckpt, model_config, self.cache.class_names)
+        check_compatible(ckpt, stored_model_config(self.model.config), self.cache.class_names)
         restore_model(self.model, ckpt)
         for block, p in enumerate(ckpt.get("dropout_rates", []), start=1):
             self.model.set_dropout(block, p)
