@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict
 from io import StringIO
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dataset.cache import prepare
 from models.basic_cnn_model import BasicCNNModel, ModelConfig
 from training import calibration
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, stored_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["alpha", "beta", "gamma"]
@@ -71,7 +70,7 @@ def make_checkpoint(cache, seed: int, epoch: int) -> dict:
         "epoch": epoch,
         "step": epoch * 4,
         "model": model.state_dict(),
-        "model_config": {**asdict(config), "dropout": list(config.dropout)},
+        "model_config": stored_model_config(config),  # as the trainer writes it
         "active_blocks": 2,  # deeper than the config's 1: restoring must apply it
         "optimizer": {},
         "scheduler": {},
