@@ -26,6 +26,7 @@ BASE_CHANNELS: tuple[int, int, int] = (64, 512, 256)
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish}
 NORMS: tuple[str, ...] = ("group", "batch")
 DOWNSAMPLES: tuple[str, ...] = ("maxpool", "stride")
+LINEAR_INITS: tuple[str, ...] = ("kaiming", "torch")
 MIN_INPUT_SIZE = 28
 
 # (number of ConvBlocks, stride of the last one, dilation of the last one) per block.
@@ -94,6 +95,9 @@ class ModelConfig:
             were "stride".
         block_channels: output channels of blocks 1, 2 and 3, each >= 1, used as given (``width``
             then plays no part); empty (the default) scales :data:`BASE_CHANNELS` by ``width``.
+        linear_init: how the heads' adapters and the classifier start: "kaiming" (Kaiming-normal,
+            fan_out, like the convolutions) or "torch" (PyTorch's own ``nn.Linear`` default,
+            Kaiming-uniform with a=sqrt(5): std 1/sqrt(3 * fan_in), far smaller).
     """
 
     in_channels: int = 3
@@ -108,6 +112,7 @@ class ModelConfig:
     active_blocks: int = 1
     downsample: str = "maxpool"
     block_channels: tuple[int, ...] = ()
+    linear_init: str = "kaiming"
 
     def __post_init__(self) -> None:
         if isinstance(self.dropout, list):
@@ -132,6 +137,7 @@ class ModelConfig:
         _check_choice("active_blocks", self.active_blocks, tuple(range(1, NUM_BLOCKS + 1)))
         _check_choice("downsample", self.downsample, DOWNSAMPLES)
         self._validate_block_channels()
+        _check_choice("linear_init", self.linear_init, LINEAR_INITS)
 
     def _validate_dropout(self) -> None:
         if not isinstance(self.dropout, tuple) or len(self.dropout) != NUM_BLOCKS:
@@ -297,13 +303,20 @@ class StageHead(nn.Module):
         return self.adapter(self.norm(x))  # (B, out_features)
 
 
-def init_weights(module: nn.Module) -> None:
-    """Kaiming-normal (fan_out, relu) for conv and linear weights, zero biases, unit norms."""
+def init_weights(module: nn.Module, linear_init: str = "kaiming") -> None:
+    """Kaiming-normal (fan_out, relu) conv weights, zero biases, unit norms.
+
+    ``linear_init`` picks the Linear weights: "kaiming" treats them like the convolutions,
+    "torch" gives them PyTorch's ``nn.Linear`` default (Kaiming-uniform, a=sqrt(5)).
+    """
+    _check_choice("linear_init", linear_init, LINEAR_INITS)
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and linear_init == "kaiming"):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -337,7 +350,7 @@ class BasicCNNModel(nn.Module):
         # Every head ends at block 2's width so one classifier serves all depths.
         self.heads = nn.ModuleList(StageHead(c, channels[1]) for c in channels)
         self.classifier = nn.Linear(channels[1], cfg.num_classes)
-        init_weights(self)
+        init_weights(self, cfg.linear_init)
         self._active_blocks = cfg.active_blocks
         self._head_mix = 1.0
         self.freeze_blocks_until(cfg.active_blocks)

@@ -241,6 +241,18 @@ def test_block_channels_round_trip_through_a_checkpoint_and_older_ones_lack_none
     assert build_model(legacy).config.block_channels == ()
 
 
+def test_the_linear_init_is_kept_in_a_checkpoint_but_does_not_bar_loading_it():
+    trained = tiny_model(linear_init="torch")
+    ckpt = payload(trained)
+    check_compatible(ckpt, tiny_model().config, CLASSES)  # only the starting weights differ
+    rebuilt = build_model(ckpt)
+    assert rebuilt.config.linear_init == "torch"
+    assert torch.equal(rebuilt.classifier.weight, trained.classifier.weight)
+    legacy = payload()
+    del legacy["model_config"]["linear_init"]  # written before the option existed
+    assert build_model(legacy).config.linear_init == "kaiming"
+
+
 def test_a_checkpoint_from_before_the_downsample_option_is_rebuilt_strided():
     trained = tiny_model(downsample="stride")
     legacy = payload(trained)

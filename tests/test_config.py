@@ -117,6 +117,9 @@ def test_model_section_builds_a_model_config() -> None:
     assert channels.block_channels == [32.0, 64.0, 128.0]
     mc = channels.to_model_config(in_channels=3, num_classes=8, input_size=28)
     assert mc.block_channels == (32, 64, 128) and all(type(c) is int for c in mc.block_channels)
+    assert mc.linear_init == "kaiming"
+    torch_init = load_config(overrides=["model.linear_init=torch"]).model
+    assert torch_init.to_model_config(3, 8, 28).linear_init == "torch"
 
 
 # --------------------------------------------------------------------------- layering
@@ -297,6 +300,10 @@ def test_bad_set_key_is_a_config_error(item: str) -> None:
             "model.block_channels=[32.0, 64.0] is invalid; allowed: [] (base widths x width) or",
         ),
         ("model.block_channels=[32,0.5,8]", "model.block_channels=[32.0, 0.5, 8.0] is invalid"),
+        (
+            "model.linear_init=xavier",
+            "model.linear_init='xavier' is invalid; allowed: kaiming, torch",
+        ),
         ("optim.betas=[0.9,x]", "optim.betas=[0.9, 'x'] is invalid; allowed: a list of 2 numbers"),
         ("optim.lr=.nan", "optim.lr=nan is invalid; allowed: a number > 0"),
         ("optim.weight_decay=-1", "optim.weight_decay=-1.0 is invalid; allowed: a number >= 0"),
@@ -416,6 +423,10 @@ def test_config_from_dict_gives_older_stored_sections_their_legacy_values() -> N
     assert config_from_dict({"run": {"epochs": 4}}).model.downsample == "maxpool"
     del d["model"]["block_channels"]
     assert config_from_dict(d).model.block_channels == []
+    d["model"]["linear_init"] = "torch"
+    assert config_from_dict(d).model.linear_init == "torch"
+    del d["model"]["linear_init"]
+    assert config_from_dict(d).model.linear_init == "kaiming"
 
 
 def test_save_config_reads_back_equal(tmp_path: Path) -> None:

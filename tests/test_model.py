@@ -14,6 +14,7 @@ from models.basic_cnn_model import (
     ModelConfig,
     TrainOnlyNoise,
     format_summary,
+    init_weights,
     model_summary,
     scaled_channels,
 )
@@ -297,6 +298,30 @@ def test_kaiming_init_of_a_wide_conv() -> None:
     assert abs(conv.weight.mean().item()) < 0.1 * expected
 
 
+def test_torch_linear_init_gives_the_heads_and_classifier_pytorchs_default() -> None:
+    torch.manual_seed(0)
+    kaiming = BasicCNNModel(width=0.5, norm="batch", active_blocks=3)
+    torch.manual_seed(0)
+    default = BasicCNNModel(width=0.5, norm="batch", active_blocks=3, linear_init="torch")
+    assert default.config.linear_init == "torch" and kaiming.config.linear_init == "kaiming"
+    adapter = default.heads[2].adapter  # 128 -> 256
+    fan_in = adapter.in_features
+    # kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in).
+    assert adapter.weight.std().item() == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.05)
+    assert adapter.weight.abs().max().item() <= 1 / math.sqrt(fan_in)
+    assert 0 < adapter.bias.abs().max().item() <= 1 / math.sqrt(fan_in)
+    classifier = default.classifier
+    assert classifier.weight.std() < 0.2 * kaiming.classifier.weight.std()
+    for k, d in zip(kaiming.modules(), default.modules(), strict=True):  # the rest as before
+        if isinstance(k, (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+            assert torch.equal(k.weight, d.weight)
+
+
+def test_init_weights_rejects_an_unknown_linear_init() -> None:
+    with pytest.raises(ValueError, match=r"linear_init='xavier' is invalid; allowed: 'kaiming'"):
+        init_weights(nn.Linear(4, 2), "xavier")
+
+
 def test_linear_biases_zero_and_norms_unit() -> None:
     model = tiny_model(norm="batch")
     for m in model.modules():
@@ -379,6 +404,7 @@ def test_format_summary_lists_every_part_and_totals() -> None:
         ("block_channels", (32, 0, 128)),
         ("block_channels", (32, 64.0, 128)),
         ("block_channels", 64),
+        ("linear_init", "zeros"),
     ],
 )
 def test_config_validation_names_field_and_value(field: str, value) -> None:

@@ -36,7 +36,14 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from models.basic_cnn_model import ACTIVATIONS, DOWNSAMPLES, NORMS, NUM_BLOCKS, ModelConfig
+from models.basic_cnn_model import (
+    ACTIVATIONS,
+    DOWNSAMPLES,
+    LINEAR_INITS,
+    NORMS,
+    NUM_BLOCKS,
+    ModelConfig,
+)
 
 
 class ConfigError(ValueError):
@@ -175,6 +182,8 @@ class ModelSection:
         downsample: "maxpool" or "stride", how each block halves the resolution.
         block_channels: output channels of blocks 1, 2 and 3 (``width`` is then not used);
             ``[]`` scales the base widths (64, 512, 256) by ``width``.
+        linear_init: "kaiming" (like the convolutions) or "torch" (PyTorch's ``nn.Linear``
+            default) for the heads' adapters and the classifier.
     """
 
     width: float = _field(1.0, POSITIVE)
@@ -186,6 +195,7 @@ class ModelSection:
     active_blocks: int = _field(1, _int_between(1, NUM_BLOCKS))
     downsample: str = _field("maxpool", _choice(*DOWNSAMPLES))
     block_channels: list[float] = _field([], _BLOCK_CHANNELS)
+    linear_init: str = _field("kaiming", _choice(*LINEAR_INITS))
 
     def to_model_config(self, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
         """The :class:`ModelConfig` of this section for a dataset's channels, classes and size."""
@@ -202,6 +212,7 @@ class ModelSection:
             active_blocks=self.active_blocks,
             downsample=self.downsample,
             block_channels=tuple(int(c) for c in self.block_channels),
+            linear_init=self.linear_init,
         )
 
 
@@ -449,7 +460,7 @@ SECTIONS: dict[str, type] = {
 #: Fields added after runs were first stored, by section, with the value those older runs used
 #: (their stored section lacks the key): such a run resumes, or is rebuilt, as it was trained.
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"downsample": "stride", "block_channels": []}
+    "model": {"downsample": "stride", "block_channels": [], "linear_init": "kaiming"}
 }
 
 # Nested overrides on the defaults. "full" is the defaults themselves (full width, 60 epochs,
