@@ -112,12 +112,13 @@ def test_model_section_builds_a_model_config() -> None:
     assert isinstance(mc, ModelConfig)
     assert (mc.in_channels, mc.num_classes, mc.width, mc.norm) == (1, 4, 0.25, "batch")
     assert mc.dropout == (0.0, 0.1, 0.2)
-    assert mc.block_channels == ()
-    channels = load_config(overrides=["model.block_channels=[32, 64, 128]"]).model
-    assert channels.block_channels == [32.0, 64.0, 128.0]
+    assert mc.block_channels == (32, 64, 128) and mc.linear_init == "torch"  # the cpu preset's
+    defaults = load_config().model.to_model_config(in_channels=3, num_classes=8, input_size=28)
+    assert defaults.block_channels == () and defaults.linear_init == "kaiming"
+    channels = load_config(overrides=["model.block_channels=[16, 24, 40]"]).model
+    assert channels.block_channels == [16.0, 24.0, 40.0]
     mc = channels.to_model_config(in_channels=3, num_classes=8, input_size=28)
-    assert mc.block_channels == (32, 64, 128) and all(type(c) is int for c in mc.block_channels)
-    assert mc.linear_init == "kaiming"
+    assert mc.block_channels == (16, 24, 40) and all(type(c) is int for c in mc.block_channels)
     torch_init = load_config(overrides=["model.linear_init=torch"]).model
     assert torch_init.to_model_config(3, 8, 28).linear_init == "torch"
 
