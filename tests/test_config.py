@@ -116,7 +116,8 @@ def test_model_section_builds_a_model_config() -> None:
     defaults = load_config().model.to_model_config(in_channels=3, num_classes=8, input_size=28)
     assert defaults.block_channels == () and defaults.linear_init == "kaiming"
     channels = load_config(overrides=["model.block_channels=[16, 24, 40]"]).model
-    assert channels.block_channels == [16.0, 24.0, 40.0]
+    assert channels.block_channels == [16, 24, 40]
+    assert all(type(c) is int for c in channels.block_channels)  # echoed as ints, not 16.0
     mc = channels.to_model_config(in_channels=3, num_classes=8, input_size=28)
     assert mc.block_channels == (16, 24, 40) and all(type(c) is int for c in mc.block_channels)
     torch_init = load_config(overrides=["model.linear_init=torch"]).model
@@ -298,9 +299,10 @@ def test_bad_set_key_is_a_config_error(item: str) -> None:
         ),
         (
             "model.block_channels=[32,64]",
-            "model.block_channels=[32.0, 64.0] is invalid; allowed: [] (base widths x width) or",
+            "model.block_channels=[32, 64] is invalid; allowed: [] (base widths x width) or",
         ),
-        ("model.block_channels=[32,0.5,8]", "model.block_channels=[32.0, 0.5, 8.0] is invalid"),
+        ("model.block_channels=[32,0.5,8]", "model.block_channels=[32, 0.5, 8] is invalid"),
+        ("model.block_channels=[32,0,8]", "model.block_channels=[32, 0, 8] is invalid"),
         (
             "model.linear_init=xavier",
             "model.linear_init='xavier' is invalid; allowed: kaiming, torch",

@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
@@ -110,9 +110,7 @@ def _n_above(length: int, low: float) -> Callable[[list[float]], bool]:
 
 _BLOCK_CHANNELS = Rule(
     f"[] (base widths x width) or a list of {NUM_BLOCKS} ints >= 1",
-    lambda v: (
-        v == [] or (len(v) == NUM_BLOCKS and all(float(c).is_integer() and c >= 1 for c in v))
-    ),
+    lambda v: v == [] or (len(v) == NUM_BLOCKS and all(c >= 1 for c in v)),
 )
 
 
@@ -194,7 +192,7 @@ class ModelSection:
     dropout: list[float] = _field([0.1, 0.2, 0.3], _rates(NUM_BLOCKS))
     active_blocks: int = _field(1, _int_between(1, NUM_BLOCKS))
     downsample: str = _field("maxpool", _choice(*DOWNSAMPLES))
-    block_channels: list[float] = _field([], _BLOCK_CHANNELS)
+    block_channels: list[int] = _field([], _BLOCK_CHANNELS)
     linear_init: str = _field("kaiming", _choice(*LINEAR_INITS))
 
     def to_model_config(self, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
@@ -211,7 +209,7 @@ class ModelSection:
             dropout=tuple(self.dropout),
             active_blocks=self.active_blocks,
             downsample=self.downsample,
-            block_channels=tuple(int(c) for c in self.block_channels),
+            block_channels=tuple(self.block_channels),
             linear_init=self.linear_init,
         )
 
@@ -593,10 +591,11 @@ _SCALARS: dict[Any, Callable[[Any], Any]] = {
 def _coerce(value: Any, kind: Any) -> Any:
     if kind in _SCALARS:
         return _SCALARS[kind](value)
-    # The only container type in the sections is list[float].
+    # The only container types in the sections are list[float] and list[int].
     if not isinstance(value, (list, tuple)):
         raise _BadType
-    return [_to_float(item) for item in value]
+    (item_kind,) = get_args(kind)
+    return [_SCALARS[item_kind](item) for item in value]
 
 
 def _invalid(path: str, value: Any, allowed: str) -> ConfigError:
