@@ -45,9 +45,9 @@ temperature-scaled ECE. ``RUN_DIR/regimen_bench.json`` then holds ``seeds``, ``r
 ``n`` and the mean and sd of each figure) and ``targets`` (the means, the verdicts and ``wins``,
 the seeds whose regimen beat their own plain loop).
 
-Run from the repository root. It takes a while on 2 cores: on bloodcells, alone on them, the
-plain loop took 168 s and the regimen 436 s per seed; the brain MRI runs in the README took about
-three times as long as bloodcells runs under the same load::
+Run from the repository root. It takes a while on 2 cores: on bloodcells, alone on them with the
+``cpu`` preset of the README, the plain loop took 289 s and the regimen 670 s per seed; the brain
+MRI runs in the README took two to three times as long as bloodcells runs under the same load::
 
     .venv/bin/python bench/regimen.py
     .venv/bin/python bench/regimen.py --data ../shared/data/brain_tumor_mri_64.npz
