@@ -8,7 +8,10 @@ Layout of one cache folder::
     meta.json                                            written last: no meta.json, no cache
 
 A build writes into a hidden temporary folder beside the cache and renames it into place, so an
-interrupted build leaves either the previous cache or none, never a half-written one.
+interrupted build leaves either the previous cache or none, never a half-written one. Builds of
+one cache hold a lock (``.<name>.lock`` beside it, see :mod:`dataset.locking`): a second run
+started at the same time waits and then reuses what the first built, and the temporary folders
+of a killed build are deleted by the next build.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from dataset import medmnist
 from dataset.errors import DataError
 from dataset.leakage import find_duplicates, image_hashes
+from dataset.locking import exclusive_lock
 from dataset.sources import SPLITS, RawSplits, read_folder, read_npz
 
 CACHE_VERSION = 1
@@ -301,12 +305,41 @@ def prepare(
     }
     checksum = _source_checksum(src, old_meta)
     fingerprint = _fingerprint(checksum, params)
-    if not rebuild and old_meta and old_meta.get("fingerprint") == fingerprint:
-        try:
-            return load_cache(out), False
-        except DataError:
-            pass  # damaged: fall through and rebuild
+    if not rebuild:
+        reused = _reusable(out, old_meta, fingerprint)
+        if reused is not None:
+            return reused, False
+    with exclusive_lock(root / f".{name}.lock", f"building the cache {out}"):
+        # Another run may have built it while this one waited for the lock.
+        reused = None if rebuild else _reusable(out, _try_meta(out), fingerprint)
+        if reused is not None:
+            return reused, False
+        _remove_leftovers(out)
+        _build(src, name, out, params, checksum, fingerprint, drop_leaked_test)
+    return load_cache(out), True
 
+
+def _reusable(out: Path, meta: dict | None, fingerprint: str) -> CacheInfo | None:
+    if not meta or meta.get("fingerprint") != fingerprint:
+        return None
+    try:
+        return load_cache(out)
+    except DataError:
+        return None  # damaged: rebuild
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete the temporary folders of builds that were killed (``SIGKILL``, power loss).
+
+    Called with the build lock held, so no live build owns them.
+    """
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for folder in out.parent.glob(pattern):
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _build(src, name, out, params, checksum, fingerprint, drop_leaked_test) -> None:
     raw, split_info = _read_source(src, params)
     leakage = find_duplicates(raw.images, raw.labels)
     if drop_leaked_test:
@@ -314,7 +347,6 @@ def prepare(
         leakage = find_duplicates(raw.images, raw.labels)
     meta = _make_meta(name, src, raw, checksum, params, fingerprint, split_info, leakage.summary())
     _write_atomically(raw, meta, out)
-    return load_cache(out), True
 
 
 def _try_meta(out: Path) -> dict | None:

@@ -4,7 +4,9 @@ The file is streamed into ``DEST.part`` next to the destination, checked against
 only then moved onto ``DEST`` with :func:`os.replace`, so ``DEST`` is either absent, the old
 file, or the complete verified new one. An interrupted download leaves the ``.part`` behind;
 the next call asks the server for the missing bytes (``Range: bytes=N-``) and starts over when
-the server cannot resume.
+the server cannot resume. A download holds a lock (``DEST.lock``, see :mod:`dataset.locking`), so
+two runs that need the same file at once do not write one ``.part`` together: the second waits
+and reuses the file.
 
 Every failure is a :class:`~dataset.errors.DataError` with a one-line message; network failures
 say where to put the file by hand.
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dataset.errors import DataError
+from dataset.locking import exclusive_lock
 
 __all__ = ["download", "file_md5"]
 
@@ -75,9 +78,18 @@ def download(
     expected = _check_md5(md5, url)
     if dest.is_file() and (expected is None or file_md5(dest) == expected):
         return dest
-
-    part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(dest.with_name(dest.name + ".lock"), f"downloading {dest.name}"):
+        # Another run may have finished the download while this one waited for the lock.
+        if dest.is_file() and (expected is None or file_md5(dest) == expected):
+            return dest
+        return _download(url, dest, expected, progress, timeout, chunk)
+
+
+def _download(
+    url: str, dest: Path, expected: str | None, progress: bool, timeout: float, chunk: int
+) -> Path:
+    part = dest.with_name(dest.name + ".part")
     resumable = urllib.parse.urlsplit(url).scheme.lower() in ("http", "https")
 
     # Two attempts at most: a resume the server cannot serve falls back to a fresh download.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -115,7 +118,7 @@ def test_interrupted_build_leaves_previous_cache(npz_factory, tmp_path, monkeypa
     monkeypatch.undo()
     old = load_cache(tmp_path / "tiny")
     assert sum(old.counts("train")) == 30  # still the previous, complete cache
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tiny")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tiny")] == [".tiny.lock"]
 
 
 def test_interrupted_first_build_leaves_nothing_loadable(npz_factory, tmp_path, monkeypatch):
@@ -130,6 +133,39 @@ def test_interrupted_first_build_leaves_nothing_loadable(npz_factory, tmp_path, 
     monkeypatch.undo()
     with pytest.raises(DataError, match="meta.json missing"):
         load_cache(tmp_path / "tiny")
+
+
+def test_killed_build_leftovers_removed_by_next_build(npz_factory, tmp_path):
+    src = npz_factory()
+    # What a SIGKILL in the middle of a build (or of the swap) leaves behind.
+    for leftover in (".tiny.tmp-abc123", ".tiny.old-def456"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "train_images.npy").write_bytes(b"half")
+    (tmp_path / ".tiny_64.tmp-xyz").mkdir()  # another cache's build: not this one's to delete
+    cache, built = prepare(src, tmp_path)
+    assert built and sum(cache.counts("train")) == 30
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert hidden == [".tiny.lock", ".tiny_64.tmp-xyz"]
+
+
+def test_second_run_waits_for_the_build_lock_then_reuses(npz_factory, tmp_path, capfd):
+    src = npz_factory()
+    built_elsewhere = prepare(src, tmp_path / "other")[0].path
+    root = tmp_path / "data_npy"
+    root.mkdir()
+    result = {}
+    with open(root / ".tiny.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # another process is building "tiny"
+        waiter = threading.Thread(target=lambda: result.update(out=prepare(src, root)))
+        waiter.start()
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive() and not (root / "tiny").exists()  # waiting, not building
+        shutil.copytree(built_elsewhere, root / "tiny")  # the other process finishes its build
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    waiter.join(timeout=30)
+    cache, built = result["out"]
+    assert not built and cache.path == root / "tiny"  # reused, not built a second time
+    assert "waiting for another process that is building the cache" in capfd.readouterr().err
 
 
 def test_damaged_cache_is_rebuilt(npz_factory, tmp_path):

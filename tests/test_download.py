@@ -7,6 +7,7 @@ down in its fixture's finalizer.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import http.server
 import re
@@ -321,6 +322,26 @@ def test_file_url(tmp_path):
     assert _get(src.as_uri(), dest) == dest
     assert dest.read_bytes() == PAYLOAD
     assert not _part(dest).exists()
+
+
+def test_second_download_waits_for_the_lock_then_reuses_the_file(server, tmp_path, capfd):
+    dest = tmp_path / "out" / "data.bin"
+    dest.parent.mkdir()
+    result = {}
+    with open(dest.with_name("data.bin.lock"), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # another process is downloading data.bin
+        waiter = threading.Thread(
+            target=lambda: result.update(path=_get(f"{server.url}/data.bin", dest))
+        )
+        waiter.start()
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive() and not dest.exists() and not _part(dest).exists()
+        dest.write_bytes(PAYLOAD)  # the other process finishes its download
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    waiter.join(timeout=30)
+    assert result["path"] == dest and dest.read_bytes() == PAYLOAD
+    assert server.requests == []  # the file was reused, not fetched again
+    assert "waiting for another process that is downloading data.bin" in capfd.readouterr().err
 
 
 def test_missing_file_url_is_a_data_error(tmp_path):
