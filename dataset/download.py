@@ -76,14 +76,18 @@ def download(
     """
     dest = Path(dest)
     expected = _check_md5(md5, url)
-    if dest.is_file() and (expected is None or file_md5(dest) == expected):
+    if _already_there(dest, expected):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(dest.with_name(dest.name + ".lock"), f"downloading {dest.name}"):
         # Another run may have finished the download while this one waited for the lock.
-        if dest.is_file() and (expected is None or file_md5(dest) == expected):
+        if _already_there(dest, expected):
             return dest
         return _download(url, dest, expected, progress, timeout, chunk)
+
+
+def _already_there(dest: Path, expected: str | None) -> bool:
+    return dest.is_file() and (expected is None or file_md5(dest) == expected)
 
 
 def _download(
