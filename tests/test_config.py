@@ -72,7 +72,7 @@ def test_full_preset_is_the_defaults() -> None:
 def test_cpu_preset_is_narrow_and_short() -> None:
     cfg = load_config("cpu")
     assert cfg.preset == "cpu"
-    assert cfg.model.width == 0.25 and cfg.model.norm == "batch"
+    assert cfg.model.block_channels == [32, 64, 128] and cfg.model.norm == "batch"
     assert cfg.optim.batch_size == 128 and cfg.run.epochs == 30
     assert cfg.data.workers == 0 and cfg.run.amp == "auto"  # bf16 only where native
     assert cfg.model.downsample == "maxpool" and cfg.safety.rollback_threshold == 0.1
@@ -110,7 +110,7 @@ def test_model_section_builds_a_model_config() -> None:
     section = load_config("cpu", overrides=["model.dropout=[0.0,0.1,0.2]"]).model
     mc = section.to_model_config(in_channels=1, num_classes=4, input_size=28)
     assert isinstance(mc, ModelConfig)
-    assert (mc.in_channels, mc.num_classes, mc.width, mc.norm) == (1, 4, 0.25, "batch")
+    assert (mc.in_channels, mc.num_classes, mc.width, mc.norm) == (1, 4, 1.0, "batch")
     assert mc.dropout == (0.0, 0.1, 0.2)
     assert mc.block_channels == (32, 64, 128) and mc.linear_init == "torch"  # the cpu preset's
     defaults = load_config().model.to_model_config(in_channels=3, num_classes=8, input_size=28)
@@ -140,9 +140,11 @@ def test_preset_then_yaml_then_overrides(tmp_path: Path) -> None:
 def test_yaml_preset_key_is_applied_unless_a_preset_is_given(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, {"preset": "cpu", "run": {"epochs": 2}})
     from_file = load_config(yaml_path=path)
-    assert from_file.preset == "cpu" and from_file.model.width == 0.25 and from_file.run.epochs == 2
+    assert (
+        from_file.preset == "cpu" and from_file.model.norm == "batch" and from_file.run.epochs == 2
+    )
     explicit = load_config("full", yaml_path=path)
-    assert explicit.preset == "full" and explicit.model.width == 1.0 and explicit.run.epochs == 2
+    assert explicit.preset == "full" and explicit.model.norm == "group" and explicit.run.epochs == 2
 
 
 def test_empty_yaml_and_empty_section_mean_defaults(tmp_path: Path) -> None:
@@ -206,7 +208,7 @@ def test_set_is_repeatable() -> None:
         (["--deterministic"], "run.deterministic", True),
         (["--no-amp"], "run.amp", "off"),
         (["--workers", "2"], "data.workers", 2),
-        (["--preset", "cpu"], "model.width", 0.25),
+        (["--preset", "cpu"], "model.norm", "batch"),
     ],
 )
 def test_shortcut_flags_map_to_fields(argv: list[str], path: str, expected) -> None:
@@ -406,7 +408,7 @@ def test_config_from_dict_keeps_preset_as_label_only() -> None:
     d = config_to_dict(TrainConfig())
     d["preset"] = "cpu"
     cfg = config_from_dict(d)
-    assert cfg.preset == "cpu" and cfg.model.width == 1.0  # stored values win, not the preset
+    assert cfg.preset == "cpu" and cfg.model.norm == "group"  # stored values win, not the preset
 
 
 def test_config_from_dict_fills_missing_and_rejects_unknown_and_bad() -> None:

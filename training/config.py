@@ -473,7 +473,6 @@ PRESETS: dict[str, dict] = {
         # bloodcells test accuracy (swa, seeds 0/1) 0.9868/0.9851 against 0.9842/0.9804 with
         # width 0.25 (16/128/64) and Kaiming-initialised linear layers.
         "model": {
-            "width": 0.25,
             "block_channels": [32, 64, 128],
             "linear_init": "torch",
             "norm": "batch",
