@@ -2,7 +2,8 @@
 
 Scores the run's best (or last) and SWA weights side by side, each also divided by its fitted
 temperature where its checkpoint has one, prints the report, and writes ``test_report.json``,
-``confusion_matrix.png`` and ``reliability.png`` into the run folder.
+``confusion_matrix.png`` and ``reliability.png`` into the run folder. ``--tta`` averages the
+logits over flipped and rotated views (default: the run's own ``run.tta``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.text import Text
 from dataset.errors import DataError
 from training.checkpoint import CheckpointError
 from training.evaluate import evaluate_run, latest_run, print_report, save_report
+from training.tta import TTA_MODES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=-1, help="-1: none on CPU, 4 on a GPU")
     parser.add_argument("--amp", default="off", help="off | auto | fp16 | bf16")
+    parser.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        help="test-time augmentation: average the logits over flips/rotations; "
+        "default: the run's run.tta",
+    )
     return parser
 
 
@@ -47,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             amp=args.amp,
+            tta=args.tta,
         )
         print_report(report, console)
         written = save_report(report, run_dir)

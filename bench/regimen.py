@@ -83,7 +83,8 @@ from training.calibration import expected_calibration_error, nll
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import prepare_cache
-from training.evaluate import build_model, find_weights, predict, test_loader
+from training.evaluate import TEMPERATURE_TTA_KEY, build_model, find_weights, predict, test_loader
+from training.tta import resolve_tta, tta_logits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "models" / "train.py"
@@ -305,11 +306,13 @@ def random_flips(x: torch.Tensor, vertical: bool, generator: torch.Generator) ->
 
 
 @torch.no_grad()
-def plain_logits(model: nn.Module, split: Split, normalise: Normalise) -> torch.Tensor:
-    """Eval-mode logits ``(N, C)`` of a whole split."""
+def plain_logits(
+    model: nn.Module, split: Split, normalise: Normalise, tta: str = "none"
+) -> torch.Tensor:
+    """Eval-mode logits ``(N, C)`` of a whole split, averaged over the ``tta`` views."""
     model.eval()
     chunks = [
-        model(normalise(split.images[i : i + EVAL_BATCH]))
+        tta_logits(model, normalise(split.images[i : i + EVAL_BATCH]), tta)
         for i in range(0, len(split.labels), EVAL_BATCH)
     ]
     return torch.cat(chunks).float()
@@ -364,18 +367,29 @@ def train_plain(cache: CacheInfo, epochs: int, seed: int) -> tuple[PlainCNN, flo
     return model, time.perf_counter() - start
 
 
-def run_plain(cache: CacheInfo, epochs: int, seed: int) -> tuple[Scores, dict[str, Any]]:
-    """Train and score the plain arm; returns its scores and a description for the JSON."""
+def run_plain(
+    cache: CacheInfo, epochs: int, seed: int, tta: str = "none"
+) -> tuple[Scores, Scores | None, dict[str, Any]]:
+    """Train and score the plain arm.
+
+    Returns:
+        Its scores from one pass, its scores with the logits averaged over the ``tta`` views
+        (``None`` when ``tta`` is "none"), and a description for the JSON.
+    """
     model, wall_s = train_plain(cache, epochs, seed)
     test = load_split(cache, "test")
-    logits = plain_logits(model, test, Normalise(cache.mean, cache.std))
+    normalise = Normalise(cache.mean, cache.std)
+    logits = plain_logits(model, test, normalise)
+    with_tta = None
+    if tta != "none":
+        with_tta = score(plain_logits(model, test, normalise, tta), test.labels, wall_s)
     info = {
         "epochs": epochs,
         "seed": seed,
         "parameters": sum(p.numel() for p in model.parameters()),
         "test_labels_sha": _labels_digest(test.labels),
     }
-    return score(logits, test.labels, wall_s), info
+    return score(logits, test.labels, wall_s), with_tta, info
 
 
 def _labels_digest(labels: torch.Tensor) -> str:
@@ -433,12 +447,21 @@ def _temperature(ckpt: dict) -> float | None:
     return value if value > 0 else None
 
 
-def score_regimen(run_dir: Path, wall_s: float) -> tuple[dict[str, dict[str, Any]], str]:
+def score_regimen(
+    run_dir: Path, wall_s: float, tta: str = "none"
+) -> tuple[dict[str, dict[str, Any]], str]:
     """Score the run's ``best`` (or ``last``) and ``swa`` weights on the test split.
+
+    Args:
+        run_dir: the run folder.
+        wall_s: the run's wall time, copied into the scores.
+        tta: the resolved test-time augmentation mode the logits are averaged over; the
+            temperature scales them only when it was fitted under the same mode.
 
     Returns:
         Per weight set ``{"file", "epoch", "temperature", "raw": Scores, "scaled": Scores or
-        None}``, and the digest of the test labels (to check both arms saw the same split).
+        None, "single_view": Scores or None}`` (``single_view``: one pass, when ``tta`` is not
+        "none"), and the digest of the test labels (to check both arms saw the same split).
     """
     files = find_weights(run_dir)
     ckpts = {name: load_checkpoint(path) for name, path in files.items()}
@@ -449,15 +472,21 @@ def score_regimen(run_dir: Path, wall_s: float) -> tuple[dict[str, dict[str, Any
     for name, ckpt in ckpts.items():
         # A weight set saved without metadata (SWA) borrows the reference's.
         model = build_model({**reference, **ckpt})
-        logits, labels = predict(model, loader, "cpu")
+        logits, labels = predict(model, loader, "cpu", tta=tta)
         digest = _labels_digest(labels)
         temperature = _temperature(ckpt)
+        if ckpt.get(TEMPERATURE_TTA_KEY, "none") != tta:
+            temperature = None  # fitted on logits of another kind
+        single = None
+        if tta != "none":
+            single = score(predict(model, loader, "cpu")[0], labels, wall_s)
         results["best" if name == "last" else name] = {
             "file": str(files[name]),
             "epoch": ckpt.get("epoch"),
             "temperature": temperature,
             "raw": score(logits, labels, wall_s),
             "scaled": None if temperature is None else score(logits, labels, wall_s, temperature),
+            "single_view": single,
         }
     return results, digest
 
@@ -479,7 +508,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def table_rows(
-    plain: Scores | None, regimen: dict[str, dict[str, Any]] | None, regimen_status: str
+    plain: Scores | None,
+    regimen: dict[str, dict[str, Any]] | None,
+    regimen_status: str,
+    tta: str = "none",
+    plain_tta: Scores | None = None,
 ) -> dict[str, Scores | str]:
     """Row name -> ``Scores`` or the reason it has none, in the printed order.
 
@@ -487,17 +520,28 @@ def table_rows(
         plain: the plain arm's scores, ``None`` when skipped.
         regimen: :func:`score_regimen` results, ``None`` when skipped or failed.
         regimen_status: why ``regimen`` is ``None`` ("skipped", "failed").
+        tta: the test-time augmentation mode of the regimen rows; with a mode other than
+            "none" the table also has ``plain tta=<mode>`` (the plain network scored the same
+            way) and ``regimen-<name> 1-view`` (the regimen's weights without it).
+        plain_tta: the plain arm's scores under ``tta``.
     """
     rows: dict[str, Scores | str] = {"plain": plain if plain else "skipped"}
+    if tta != "none":
+        rows[f"plain tta={tta}"] = plain_tta if plain_tta else "skipped"
     for name in ("best", "swa"):
         entry = (regimen or {}).get(name)
+        names = [f"regimen-{name}", f"regimen-{name}+T"]
+        if tta != "none":
+            names.append(f"regimen-{name} 1-view")
         if regimen is None:
-            rows[f"regimen-{name}"] = rows[f"regimen-{name}+T"] = regimen_status
+            rows.update(dict.fromkeys(names, regimen_status))
         elif entry is None:
-            rows[f"regimen-{name}"] = rows[f"regimen-{name}+T"] = f"no {name}.pt"
+            rows.update(dict.fromkeys(names, f"no {name}.pt"))
         else:
-            rows[f"regimen-{name}"] = entry["raw"]
-            rows[f"regimen-{name}+T"] = entry["scaled"] or "no temperature in checkpoint"
+            rows[names[0]] = entry["raw"]
+            rows[names[1]] = entry["scaled"] or "no temperature fitted for these logits"
+            if tta != "none":
+                rows[names[2]] = entry.get("single_view") or "not scored"
     return rows
 
 
@@ -761,11 +805,13 @@ def run_once(
         "plain": None,
         "regimen": None,
     }
-    plain = regimen = None
+    plain = plain_tta = regimen = None
+    tta = resolve_tta(cfg.run.tta, cache.channels)
+    payload["tta"] = tta
     if not args.skip_plain:
         print(f"\n== plain loop: {args.plain_epochs} epochs, seed {seed}", flush=True)
-        plain, info = run_plain(cache, args.plain_epochs, seed)
-        payload["plain"] = {**info, "scores": plain}
+        plain, plain_tta, info = run_plain(cache, args.plain_epochs, seed, tta)
+        payload["plain"] = {**info, "scores": plain, "scores_tta": plain_tta}
     code = 0
     if not args.skip_regimen:
         data_root = Path(cfg.data.root).resolve()
@@ -778,7 +824,7 @@ def run_once(
             code = 1
         else:
             try:
-                regimen, digest = score_regimen(run_dir, wall_s)
+                regimen, digest = score_regimen(run_dir, wall_s, tta)
             except (FileNotFoundError, CheckpointError, DataError) as err:
                 print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
                 code = 1
@@ -789,7 +835,8 @@ def run_once(
                 )
     if plain and regimen:
         payload["same_test_split"] = payload["plain"]["test_labels_sha"] == digest
-    rows = table_rows(plain, regimen, "skipped" if args.skip_regimen else "failed")
+    status = "skipped" if args.skip_regimen else "failed"
+    rows = table_rows(plain, regimen, status, tta, plain_tta)
     v = verdicts(plain, regimen, reference)
     payload["rows"] = rows
     payload["targets"] = v

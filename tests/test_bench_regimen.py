@@ -114,6 +114,8 @@ def test_both_arms_score_and_write_json(npz_factory, tmp_path, capsys, keep_thre
         "model.width=0.125",
         "--set",
         "optim.batch_size=16",
+        "--set",
+        "run.tta=auto",
     )
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
@@ -127,21 +129,44 @@ def test_both_arms_score_and_write_json(npz_factory, tmp_path, capsys, keep_thre
     assert regimen["returncode"] == 0 and 0 < regimen["train_loop_s"] < regimen["wall_s"]
     best = regimen["weights"]["best"]
     assert 0.0 <= best["raw"]["accuracy"] <= 1.0 and 0.0 <= best["raw"]["macro_f1"] <= 1.0
-    if best["temperature"] is not None:  # a checkpoint from before temperature scaling has none
-        scaled = best["scaled"]
-        assert scaled["accuracy"] == best["raw"]["accuracy"]  # T never changes a prediction
+    scaled = best["scaled"]  # the temperature was fitted on d4-averaged logits: it applies
+    assert best["temperature"] > 0 and scaled["accuracy"] == best["raw"]["accuracy"]
+    assert scaled["nll"] != best["raw"]["nll"]
     assert report["same_test_split"] is True
 
-    assert set(report["rows"]) == {
+    # run.tta=auto on colour images: both arms are also scored over the 8 d4 views.
+    assert report["tta"] == "d4"
+    assert 0.0 <= report["plain"]["scores_tta"]["accuracy"] <= 1.0
+    assert report["plain"]["scores_tta"]["nll"] != plain["nll"]
+    assert best["single_view"]["nll"] != best["raw"]["nll"]
+    assert list(report["rows"]) == [
         "plain",
+        "plain tta=d4",
         "regimen-best",
         "regimen-best+T",
+        "regimen-best 1-view",
         "regimen-swa",
         "regimen-swa+T",
-    }
+        "regimen-swa 1-view",
+    ]
+    assert "plain tta=d4" in out and "regimen-swa 1-view" in out
     assert "regimen beats plain: " in out and "temperature-scaled ECE < 1.5%: " in out
     beats = report["targets"]["regimen_beats_plain"]
     assert beats == (report["targets"]["regimen_accuracy"] > plain["accuracy"])
+
+
+def test_rows_without_tta_leave_out_the_tta_and_single_view_rows():
+    plain = bench.Scores(0.98, 0.98, 0.1, 0.02, 5.0)
+    regimen = {"best": {**_entry(0.99, 0.01), "single_view": None}}
+    rows = bench.table_rows(plain, regimen, "failed")
+    assert list(rows) == ["plain", "regimen-best", "regimen-best+T", "regimen-swa", "regimen-swa+T"]
+    assert rows["regimen-swa"] == "no swa.pt"
+    single = bench.Scores(0.97, 0.97, 0.2, 0.03, 10.0)
+    regimen["best"]["single_view"] = single
+    rows = bench.table_rows(plain, regimen, "failed", "hflip", plain_tta=None)
+    assert rows["plain tta=hflip"] == "skipped" and rows["regimen-best 1-view"] is single
+    assert rows["regimen-swa 1-view"] == "no swa.pt"
+    assert bench.table_rows(None, None, "skipped", "d4")["regimen-best 1-view"] == "skipped"
 
 
 def test_skip_regimen_still_reports_plain(npz_factory, tmp_path, capsys, keep_threads):

@@ -274,6 +274,7 @@ def test_bad_set_key_is_a_config_error(item: str) -> None:
         ("run.amp=fp8", "run.amp='fp8' is invalid; allowed: auto, off, fp16, bf16"),
         ("run.progress=tqdm", "run.progress='tqdm' is invalid; allowed: auto, bar, plain, off"),
         ("run.threads=-1", "run.threads=-1 is invalid; allowed: an int >= 0"),
+        ("run.tta=flips", "run.tta='flips' is invalid; allowed: none, hflip, d4, auto"),
         ("run.seed=-3", "run.seed=-3 is invalid; allowed: an int in 0..4294967295"),
         ("run.deterministic=1", "run.deterministic=1 is invalid; allowed: true or false"),
         (

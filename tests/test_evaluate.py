@@ -25,6 +25,7 @@ from dataset.cache import prepare
 from models.basic_cnn_model import BasicCNNModel, ModelConfig
 from training import calibration
 from training.checkpoint import CheckpointError, stored_model_config
+from training.tta import tta_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["alpha", "beta", "gamma"]
@@ -320,6 +321,49 @@ def test_print_report_shows_every_weight_set(ev, tmp_path):
     assert "confusion: best+T" not in text and "best+T F1" not in text
 
 
+def _set_keys(path: Path, **keys) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.update(keys)
+    torch.save(ckpt, path)
+
+
+def test_tta_averages_every_row_and_drops_a_temperature_fitted_without_it(ev, tmp_path):
+    run_dir = make_run(tmp_path, {"best": 1.6, "swa": 0.8})
+    _set_keys(run_dir / "checkpoints" / "swa.pt", temperature_tta="d4")
+    single = ev.evaluate_run(run_dir, device="cpu")
+    assert single["tta"] == "none" and list(single["weights"]) == ["best", "best+T", "swa"]
+    report = ev.evaluate_run(run_dir, device="cpu", tta="auto")  # colour images: d4
+    assert report["tta"] == "d4" and list(report["weights"]) == ["best", "swa", "swa+T"]
+    assert report["checkpoints"]["best"]["temperature_tta"] == "none"
+
+    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    model = ev.build_model(ckpt).eval()
+    images = torch.from_numpy(np.load(tmp_path / "data_npy" / "tiny" / "test_images.npy"))
+    x = (images.float() / 255 - torch.tensor(CKPT_MEAN)) / torch.tensor(CKPT_STD)
+    with torch.no_grad():
+        logits = tta_logits(model, x.permute(0, 3, 1, 2), "d4")
+    expected = ev.classification_metrics(logits, torch.arange(12) % 3, CLASSES)
+    assert report["weights"]["best"]["nll"] == pytest.approx(expected["nll"], rel=1e-4)
+    assert report["weights"]["best"]["nll"] != pytest.approx(single["weights"]["best"]["nll"])
+
+    out = StringIO()
+    ev.print_report(report, Console(file=out, width=200, color_system=None))
+    text = " ".join(out.getvalue().split())
+    assert "logits averaged over 8 views (tta=d4)" in text
+    assert "best: the temperature in best.pt was fitted with tta=none" in text
+
+
+def test_the_run_config_chooses_the_default_tta(ev, tmp_path):
+    run_dir = make_run(tmp_path, {"best": 1.6})
+    best = run_dir / "checkpoints" / "best.pt"
+    config = torch.load(best, weights_only=True)["config"]
+    _set_keys(best, config={**config, "run": {"tta": "hflip"}}, temperature_tta="hflip")
+    report = ev.evaluate_run(run_dir, device="cpu")
+    assert report["tta"] == "hflip" and list(report["weights"]) == ["best", "best+T", "swa"]
+    with pytest.raises(ValueError, match="tta='flips' is invalid"):
+        ev.evaluate_run(run_dir, device="cpu", tta="flips")
+
+
 # --------------------------------------------------------------------------- temperature rows
 
 
@@ -357,7 +401,7 @@ def test_scaled_row_divides_the_same_logits_by_t(ev, tmp_path, monkeypatch):
     labels = torch.arange(12) % 3
     calls = []
 
-    def fake_predict(model, loader, device, amp_dtype=None):
+    def fake_predict(model, loader, device, amp_dtype=None, tta="none"):
         calls.append(model)
         return outputs[len(calls) - 1], labels
 
@@ -470,6 +514,18 @@ def test_script_refuses_a_bad_temperature_in_one_line(tmp_path, capsys):
     assert load_entry_script().main(["--run-dir", str(run_dir)]) == 2
     err = one_line_error(capsys)
     assert "best.pt" in err and "'temperature' is -2.0" in err
+
+
+def test_script_tta_flag_sets_the_views_and_refuses_unknown_modes(tmp_path, capsys):
+    run_dir = make_run(tmp_path, {"best": 1.6})
+    assert load_entry_script().main(["--run-dir", str(run_dir), "--tta", "hflip"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "logits averaged over 2 views (tta=hflip)" in out
+    saved = json.loads((run_dir / "test_report.json").read_text())
+    assert saved["tta"] == "hflip" and "best+T" not in saved["weights"]
+    with pytest.raises(SystemExit):
+        load_entry_script().main(["--run-dir", str(run_dir), "--tta", "rot"])
+    assert "invalid choice: 'rot'" in capsys.readouterr().err
 
 
 def test_script_reports_a_missing_run_dir(tmp_path, capsys):

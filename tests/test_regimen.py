@@ -136,6 +136,7 @@ def test_every_feature_acts_in_metrics_and_on_the_console(straight_run, tmp_path
     for name in ("best", "swa"):
         ckpt = load_checkpoint(run / "checkpoints" / f"{name}.pt")
         assert ckpt["temperature"] == end["calibration"][name]["temperature"] > 0
+        assert ckpt["temperature_tta"] == "none"  # run.tta's default: one pass
     assert "temperature scaling (validation set)" in out and "SWA: " in out
     assert (run / "lr_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -229,6 +230,30 @@ def test_switches_turn_features_off(separable_npz, tmp_path):
     assert not (tmp_path / "off" / "checkpoints" / "swa.pt").exists()
     assert "temperature" not in load_checkpoint(tmp_path / "off" / "checkpoints" / "best.pt")
     assert all("class_penalty" not in r and "mixup_alpha" not in r for r in rows)
+
+
+def test_temperature_is_fitted_on_the_test_time_augmented_logits(separable_npz, tmp_path, capsys):
+    from training.calibration import fit_temperature
+    from training.evaluate import evaluate_run
+
+    off = ["unfreeze.enabled=false", "safety.swa=false", "safety.early_stop=false"]
+    cfg = regimen_config(separable_npz, tmp_path, "tta", *off, "run.epochs=2", "run.tta=auto")
+    trainer = build_trainer(cfg, tmp_path / "tta")
+    trainer.fit()
+    assert "temperature scaling (validation set, tta=d4)" in capsys.readouterr().out
+    best = load_checkpoint(tmp_path / "tta" / "checkpoints" / "best.pt")
+    assert best["temperature_tta"] == "d4"  # "auto" on colour images
+    model = build_model(best)
+    logits, labels = predict(model, trainer.loaders["val"], torch.device("cpu"), None, tta="d4")
+    assert best["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-5)
+    single, _ = predict(model, trainer.loaders["val"], torch.device("cpu"), None)
+    assert not torch.allclose(single, logits)
+
+    report = evaluate_run(tmp_path / "tta", device="cpu")  # the run's own mode by default
+    assert report["tta"] == "d4" and list(report["weights"]) == ["best", "best+T"]
+    one_pass = evaluate_run(tmp_path / "tta", device="cpu", tta="none")
+    assert one_pass["tta"] == "none" and list(one_pass["weights"]) == ["best"]  # T is d4's
+    assert one_pass["weights"]["best"]["nll"] != report["weights"]["best"]["nll"]
 
 
 def test_weighted_loss_takes_labels_or_soft_targets():

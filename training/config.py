@@ -44,6 +44,7 @@ from models.basic_cnn_model import (
     NUM_BLOCKS,
     ModelConfig,
 )
+from training.tta import TTA_MODES
 
 
 class ConfigError(ValueError):
@@ -408,6 +409,9 @@ class RunConfig:
         threads: torch CPU threads; 0 keeps torch's default.
         progress: console progress, "auto", "bar", "plain" or "off".
         tensorboard: write TensorBoard event files.
+        tta: test-time augmentation of the final calibration and of ``test.py``: "none",
+            "hflip", "d4" or "auto" (the flips and rotations training augments with, see
+            ``training.tta``); validation during training stays a single pass.
     """
 
     epochs: int = _field(60, _int_at_least(1))
@@ -420,6 +424,7 @@ class RunConfig:
     threads: int = _field(0, _int_at_least(0, " (0 = torch default)"))
     progress: str = _field("auto", _choice("auto", "bar", "plain", "off"))
     tensorboard: bool = _field(True, BOOL)
+    tta: str = _field("none", _choice(*TTA_MODES))
 
 
 @dataclass

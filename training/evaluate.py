@@ -9,10 +9,15 @@ A checkpoint with a ``"temperature"`` (fitted on the validation set, see
 ``training.calibration``) also gets a ``<name>+T`` row: the same test logits divided by T, so
 accuracy and F1 are unchanged and only NLL and ECE move.
 
+With test-time augmentation (``run.tta`` of the run, or ``tta=``; see ``training.tta``) every
+row's logits are the mean over the mode's flipped and rotated views. The temperature is fitted
+under the run's own mode (``"temperature_tta"`` in the checkpoint) and is only applied to logits
+of that same mode.
+
 Public API:
     predict, classification_metrics, scored_metrics, checkpoint_temperature, build_model,
-    test_loader, find_weights, latest_run, evaluate_run, print_report, save_report, WEIGHT_FILES,
-    ECE_BINS.
+    test_loader, find_weights, latest_run, evaluate_run, run_tta, print_report, save_report,
+    WEIGHT_FILES, ECE_BINS.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from training.checkpoint import (
 from training.data import resolve_workers
 from training.device import amp_dtype as resolve_amp_dtype
 from training.device import resolve_device
+from training.tta import resolve_tta, tta_logits
 
 #: weight-set name -> file under ``run_dir/checkpoints/``, in report order.
 WEIGHT_FILES: dict[str, str] = {"best": "best.pt", "last": "last.pt", "swa": "swa.pt"}
@@ -65,6 +71,8 @@ REPORT_PNG = "confusion_matrix.png"
 RELIABILITY_PNG = "reliability.png"
 #: checkpoint key of the softmax temperature fitted on the validation set.
 TEMPERATURE_KEY = "temperature"
+#: checkpoint key of the test-time augmentation mode the temperature was fitted under.
+TEMPERATURE_TTA_KEY = "temperature_tta"
 #: suffix of the weight-set row whose logits are divided by the checkpoint's temperature.
 SCALED_SUFFIX = "+T"
 #: equal-width confidence bins of the ECE and the reliability diagram (Guo et al. use 15).
@@ -93,6 +101,7 @@ def predict(
     loader: DataLoader,
     device: torch.device | str,
     amp_dtype: torch.dtype | None = None,
+    tta: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` over ``loader`` in eval mode.
 
@@ -101,6 +110,8 @@ def predict(
         loader: yields ``(images, labels)`` batches.
         device: where to compute.
         amp_dtype: autocast dtype (``torch.float16``/``torch.bfloat16``), ``None`` for fp32.
+        tta: test-time augmentation (``training.tta``): the logits are averaged over the
+            views of this mode; "none" is a single pass.
 
     Returns:
         Logits ``(N, C)`` float32 and labels ``(N,)`` int64, both on the CPU.
@@ -116,7 +127,8 @@ def predict(
     try:
         for images, labels in loader:
             with autocast:
-                logits = model(images.to(device, non_blocking=non_blocking))  # (B, C)
+                images = images.to(device, non_blocking=non_blocking)
+                logits = tta_logits(model, images, tta)  # (B, C)
             all_logits.append(logits.float().cpu())
             all_labels.append(torch.as_tensor(labels, dtype=torch.int64))
     finally:
@@ -374,6 +386,7 @@ def evaluate_run(
     batch_size: int = 256,
     workers: int = -1,
     amp: str = "off",
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Score every weight set of a run on the test split.
 
@@ -384,10 +397,14 @@ def evaluate_run(
         batch_size: images per batch, >= 1.
         workers: DataLoader workers; -1 picks (none on the CPU, 4 on an accelerator).
         amp: autocast mode "off", "auto", "fp16" or "bf16"; "off" gives exact fp32 scores.
+        tta: test-time augmentation mode (see ``training.tta``); ``None`` uses the run's own
+            ``run.tta`` ("none" for a run from before the option). A temperature fitted under
+            another mode does not fit these logits: that weight set then gets no scaled row.
 
     Returns:
-        ``{"weights": {row: metrics}, "checkpoints": {name: {file, epoch, temperature}},
-        "dataset": name, "class_names": [...], "n_test": int, "ece_bins": int}``. The rows are
+        ``{"weights": {row: metrics}, "checkpoints": {name: {file, epoch, temperature,
+        temperature_tta}}, "dataset": name, "class_names": [...], "n_test": int,
+        "ece_bins": int, "tta": the resolved mode}``. The rows are
         each weight set (``temperature`` 1.0) followed, when its checkpoint has a temperature T,
         by ``<name>+T`` (the same logits divided by T, with ``scaled_from``: the weight set);
         metrics come from :func:`scored_metrics`. ``checkpoints[name]["temperature"]`` is the
@@ -407,29 +424,38 @@ def evaluate_run(
     temperatures = {name: checkpoint_temperature(ckpts[name], files[name]) for name in ckpts}
     reference = next(iter(ckpts.values()))
     loader, cache = test_loader(reference, data, batch_size, resolve_workers(workers, dev))
+    mode = resolve_tta(run_tta(reference) if tta is None else tta, cache.channels)
     report: dict[str, Any] = {
         "dataset": cache.name,
         "class_names": list(reference["class_names"]),
         "n_test": len(loader.dataset),
         "ece_bins": ECE_BINS,
+        "tta": mode,
         "checkpoints": {},
         "weights": {},
     }
     for name, ckpt in ckpts.items():
         # A weight set saved without metadata (an SWA model, say) borrows the reference's.
         model = build_model({**reference, **ckpt})
-        logits, labels = predict(model, loader, dev, dtype)
+        logits, labels = predict(model, loader, dev, dtype, tta=mode)
+        fitted_for = str(ckpt.get(TEMPERATURE_TTA_KEY, "none"))
+        temperature = temperatures[name] if fitted_for == mode else None
         report["weights"].update(
-            _weight_rows(
-                name, files[name], logits, labels, report["class_names"], temperatures[name]
-            )
+            _weight_rows(name, files[name], logits, labels, report["class_names"], temperature)
         )
         report["checkpoints"][name] = {
             "file": str(files[name]),
             "epoch": ckpt.get("epoch"),
             "temperature": temperatures[name],
+            "temperature_tta": fitted_for,
         }
     return report
+
+
+def run_tta(ckpt: Mapping) -> str:
+    """The ``run.tta`` a checkpoint's run was configured with; "none" when it has none."""
+    run = (ckpt.get("config") or {}).get("run") or {}
+    return str(run.get("tta", "none"))
 
 
 def _weight_rows(
@@ -489,14 +515,21 @@ def _summary_table(report: dict) -> Table:
 
 
 def _temperature_notes(report: dict) -> list[str]:
-    """One line per weight set whose checkpoint was read for a temperature and had none."""
+    """One line per weight set that has no temperature-scaled row, saying why."""
     notes = []
+    mode = report.get("tta", "none")
     for name, info in report.get("checkpoints", {}).items():
+        file = Path(info.get("file", name)).name
         if TEMPERATURE_KEY in info and info[TEMPERATURE_KEY] is None:
-            file = Path(info.get("file", name)).name
             notes.append(
                 f"{name}: temperature not fitted ({file} has no {TEMPERATURE_KEY!r}); "
                 "no temperature-scaled row"
+            )
+        elif info.get(TEMPERATURE_KEY) is not None and info.get(TEMPERATURE_TTA_KEY, mode) != mode:
+            fitted = info[TEMPERATURE_TTA_KEY]
+            notes.append(
+                f"{name}: the temperature in {file} was fitted with tta={fitted}, "
+                f"these logits use tta={mode}; no temperature-scaled row"
             )
     return notes
 
@@ -529,6 +562,13 @@ def _confusion_table(report: dict, name: str) -> Table:
     return table
 
 
+def _tta_text(mode: str) -> str:
+    views = {"none": 1, "hflip": 2, "d4": 8}.get(mode)
+    if mode == "none":
+        return ""
+    return f", logits averaged over {views} views (tta={mode})"
+
+
 def print_report(report: dict, console: Console) -> None:
     """Print the summary, per-class scores and confusion matrices, weight sets side by side.
 
@@ -537,7 +577,9 @@ def print_report(report: dict, console: Console) -> None:
     confusion matrices are those of the weight sets themselves, which T does not change.
     """
     console.print(
-        f"[bold]test set[/]: {report['dataset']}, {report['n_test']} images", highlight=False
+        f"[bold]test set[/]: {report['dataset']}, {report['n_test']} images"
+        f"{_tta_text(report.get('tta', 'none'))}",
+        highlight=False,
     )
     console.print(_summary_table(report))
     for note in _temperature_notes(report):

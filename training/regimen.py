@@ -31,6 +31,7 @@ from training.evaluate import predict
 from training.events import Callback, StopTraining
 from training.safety import EarlyStopping, RollbackPolicy
 from training.trainer import LOWER_IS_BETTER
+from training.tta import resolve_tta
 from training.unfreeze import UnfreezeSchedule
 
 
@@ -373,9 +374,18 @@ class StochasticWeightAveraging(Callback):
 
 class TemperatureScaling(Callback):
     """Fits one temperature per weights file (best.pt, swa.pt) on the validation set at the end
-    (Guo et al. 2017) and stores it, with NLL and ECE before and after, in that file."""
+    (Guo et al. 2017) and stores it, with NLL and ECE before and after, in that file.
+
+    Args:
+        tta: test-time augmentation mode (``training.tta``) of the validation logits the
+            temperature is fitted on; the resolved mode is stored as ``"temperature_tta"``.
+    """
 
     name = "temperature"
+
+    def __init__(self, tta: str = "none") -> None:
+        resolve_tta(tta, 3)  # an unknown mode fails here, before training
+        self.tta = tta
 
     def on_fit_end(self, trainer: Any, summary: dict) -> None:
         if trainer.stopped == "interrupted" or not trainer.is_main:
@@ -391,18 +401,23 @@ class TemperatureScaling(Callback):
             f"  ECE {100 * r['ece_before']:.2f}% -> {100 * r['ece_after']:.2f}%"
             for name, r in results.items()
         ]
-        trainer.notify("calibration", "temperature scaling (validation set)", lines)
+        mode = resolve_tta(self.tta, trainer.model.config.in_channels)
+        where = "validation set" if mode == "none" else f"validation set, tta={mode}"
+        trainer.notify("calibration", f"temperature scaling ({where})", lines)
 
-    @staticmethod
-    def _calibrate(trainer: Any, path) -> dict:
+    def _calibrate(self, trainer: Any, path) -> dict:
         ckpt = load_checkpoint(path)
         model = copy.deepcopy(trainer.model)
         restore_model(model, ckpt)
-        logits, labels = predict(model, trainer.loaders["val"], trainer.device, trainer.amp_dtype)
+        mode = resolve_tta(self.tta, model.config.in_channels)
+        logits, labels = predict(
+            model, trainer.loaders["val"], trainer.device, trainer.amp_dtype, tta=mode
+        )
         temperature = fit_temperature(logits, labels)
         report = calibration_report(logits, labels, temperature)
         result = {k: float(v) for k, v in report.items()}
         ckpt["temperature"] = float(temperature)
+        ckpt["temperature_tta"] = mode
         ckpt["calibration"] = result
         save_checkpoint(ckpt, path)
         return result
@@ -463,7 +478,7 @@ def regimen_callbacks(
         )
         callbacks.append(EarlyStop(stopper))
     if s.temperature:
-        callbacks.append(TemperatureScaling())
+        callbacks.append(TemperatureScaling(tta=cfg.run.tta))
     return callbacks
 
 
