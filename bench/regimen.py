@@ -21,6 +21,13 @@ Trains two models on the same ``.npz`` source and scores both on the same test s
   the loop trains on the train split only, does no validation or model selection, and is
   scored with its final weights. Its wall time is its training loop alone.
 
+With ``--set run.tta=MODE`` (test-time augmentation, ``training.tta``) the regimen's rows are
+scored on logits averaged over the mode's flipped and rotated views, as ``test.py`` scores that
+run, and the table gains ``plain tta=MODE`` (the plain network scored the same way) and
+``regimen-best 1-view`` / ``regimen-swa 1-view`` (the regimen's weights with one pass), so the
+gain from the views is not mistaken for a gain from training. The verdict still compares the
+regimen's rows with the plain loop's single pass.
+
 Scores per model: test accuracy, macro-F1 (scikit-learn), NLL and ECE with 15 equal-width bins
 (``training.calibration``). A table with the rows plain / regimen-best / regimen-best+T /
 regimen-swa / regimen-swa+T is printed, then two verdicts, both on the regimen's final weights
@@ -32,10 +39,11 @@ regimen-swa / regimen-swa+T is printed, then two verdicts, both on the regimen's
 The figures go to ``regimen_bench.json`` in the run folder: ``plain`` (epochs, seed, parameters,
 scores), ``regimen`` (command, returncode, wall_s, train_loop_s = the sum of the run's per-epoch
 training-loop seconds, and per weight set its file, epoch, temperature, raw and scaled scores),
-``rows`` (the table), ``targets`` (the two verdicts and the figures behind them) and
-``same_test_split`` (both arms scored the same test labels). Scores are accuracy, macro_f1, nll,
-ece and wall_s. With ``--skip-plain`` the regimen is compared with the README's reference
-accuracy for the file, when it has one.
+``rows`` (the table), ``targets`` (the two verdicts and the figures behind them),
+``same_test_split`` (both arms scored the same test labels) and ``tta`` (the resolved mode;
+``plain`` then also has ``scores_tta`` and each weight set ``single_view``). Scores are
+accuracy, macro_f1, nll, ece and wall_s. With ``--skip-plain`` the regimen is compared with the
+README's reference accuracy for the file, when it has one.
 
 One run is one sample: test accuracy moves by a few tenths of a point from seed to seed.
 ``--seeds 0 1 2`` runs both arms once per seed, each in ``RUN_DIR/seed-N`` with its own JSON as

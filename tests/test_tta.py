@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from training.evaluate import predict
-from training.tta import TTA_MODES, resolve_tta, tta_logits, tta_views
+from training.tta import TTA_MODES, resolve_tta, resolve_tta_for_images, tta_logits, tta_views
 
 
 def _image(channels: int = 3, size: int = 5, seed: int = 0) -> torch.Tensor:
@@ -97,3 +97,27 @@ def test_predict_averages_every_batch_over_the_views():
         torch.testing.assert_close(logits, tta_logits(model, images, "d4"))
     single, _ = predict(model, loader, "cpu")
     assert not torch.allclose(single, logits)
+
+
+def test_image_check_refuses_d4_on_non_square_images_only():
+    assert resolve_tta_for_images("auto", (28, 28, 3)) == "d4"
+    assert resolve_tta_for_images("auto", (28, 32, 1)) == "hflip"
+    assert resolve_tta_for_images("hflip", (28, 32, 3)) == "hflip"
+    with pytest.raises(ValueError, match=r"tta=auto \(d4 for 3-channel images\) needs square"):
+        resolve_tta_for_images("auto", (28, 32, 3))
+    with pytest.raises(ValueError, match="tta=d4 needs square images; these are 30x28; use hflip"):
+        resolve_tta_for_images("d4", (30, 28, 1))
+
+
+def test_a_run_with_d4_on_non_square_images_fails_before_training(folder_factory, tmp_path):
+    from training.build import build_trainer
+    from training.config import ConfigError, load_config
+
+    root = folder_factory({"a": 12, "b": 12}, size=(32, 28))  # 32 wide, 28 high
+    cfg = load_config(
+        preset="cpu",
+        overrides=[f"data.source={root}", f"data.root={tmp_path / 'cache'}", "run.tta=auto"],
+    )
+    with pytest.raises(ConfigError, match=r"^run.tta=auto \(d4 for 3-channel images\) needs"):
+        build_trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -14,7 +14,13 @@ from losses import WeightedCrossEntropy, class_weights
 from models.basic_cnn_model import BasicCNNModel
 from training.balance import double_correction_warning
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import TrainConfig, config_from_dict, save_config, staged_schedule
+from training.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    save_config,
+    staged_schedule,
+)
 from training.console import ConsoleCallback, warn
 from training.data import make_loaders, prepare_cache
 from training.device import amp_dtype, resolve_device
@@ -25,6 +31,7 @@ from training.regimen import regimen_callbacks
 from training.schedule import plot_schedule
 from training.seeding import make_generator, seed_everything
 from training.trainer import Trainer
+from training.tta import resolve_tta_for_images
 
 
 def is_main_process() -> bool:
@@ -75,6 +82,10 @@ def build_trainer(
             "slow here; add --preset cpu for a narrow model and a short schedule",
         )
     cache = prepare_cache(cfg.data, progress=is_main)
+    try:  # caught here, not after training, where the calibration would first use it
+        resolve_tta_for_images(cfg.run.tta, tuple(cache.meta["image_shape"]))
+    except ValueError as error:
+        raise ConfigError(f"run.{error}") from None
     model = build_model(cfg, cache).to(device)
     loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed))
     criterion = build_criterion(cfg, cache).to(device)

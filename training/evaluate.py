@@ -563,9 +563,9 @@ def _confusion_table(report: dict, name: str) -> Table:
 
 
 def _tta_text(mode: str) -> str:
-    views = {"none": 1, "hflip": 2, "d4": 8}.get(mode)
     if mode == "none":
         return ""
+    views = {"hflip": 2, "d4": 8}[mode]
     return f", logits averaged over {views} views (tta={mode})"
 
 

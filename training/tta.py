@@ -15,7 +15,7 @@ Logits, not probabilities, are averaged, so a temperature divides the averaged l
 it divides a single pass's, and :mod:`training.calibration` applies unchanged.
 
 Public API:
-    TTA_MODES, resolve_tta, tta_views, tta_logits.
+    TTA_MODES, resolve_tta, resolve_tta_for_images, tta_views, tta_logits.
 """
 
 from __future__ import annotations
@@ -42,6 +42,23 @@ def resolve_tta(mode: str, channels: int) -> str:
     if channels == 1:
         return "hflip"
     raise ValueError(f"tta='auto' needs 1- or 3-channel images; these have {channels}")
+
+
+def resolve_tta_for_images(mode: str, image_shape: tuple[int, ...]) -> str:
+    """:func:`resolve_tta` for images of ``image_shape`` ``(H, W, C)``, checked before a run.
+
+    Raises:
+        ValueError: as :func:`resolve_tta`, or when the mode is ``"d4"`` and the images are not
+            square (a quarter turn would change their shape).
+    """
+    height, width, channels = image_shape
+    resolved = resolve_tta(mode, channels)
+    if resolved == "d4" and height != width:
+        shown = mode if mode == "d4" else f"{mode} (d4 for {channels}-channel images)"
+        raise ValueError(
+            f"tta={shown} needs square images; these are {height}x{width}; use hflip or none"
+        )
+    return resolved
 
 
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
