@@ -96,6 +96,14 @@ def test_verdicts_judge_swa_when_the_run_has_it():
     assert bench.verdict_lines(v)[1].startswith("temperature-scaled ECE < 1.5%: yes")
 
 
+def test_verdicts_compare_single_passes_when_the_run_used_tta():
+    plain = bench.Scores(0.98, 0.98, 0.1, 0.02, 5.0)
+    entry = {**_entry(0.99, 0.01), "single_view": bench.Scores(0.97, 0.97, 0.2, 0.03, 10.0)}
+    v = bench.verdicts(plain, {"best": entry}, reference=None)
+    assert v["regimen_accuracy"] == 0.97 and v["regimen_beats_plain"] is False
+    assert v["scaled_ece"] == 0.01  # the calibrated output, under the run's own views
+
+
 def test_verdicts_without_plain_use_the_reference_or_none():
     v = bench.verdicts(None, {"best": _entry(0.99, None)}, reference=0.9851)
     assert v["plain_source"] == "reference" and v["regimen_beats_plain"] is True
@@ -150,6 +158,9 @@ def test_both_arms_score_and_write_json(npz_factory, tmp_path, capsys, keep_thre
         "regimen-swa 1-view",
     ]
     assert "plain tta=d4" in out and "regimen-swa 1-view" in out
+    # The accuracy verdict compares one pass with one pass, not the d4 average with one pass.
+    final = regimen["weights"][report["targets"]["weights"]]
+    assert report["targets"]["regimen_accuracy"] == final["single_view"]["accuracy"]
     assert "regimen beats plain: " in out and "temperature-scaled ECE < 1.5%: " in out
     beats = report["targets"]["regimen_beats_plain"]
     assert beats == (report["targets"]["regimen_accuracy"] > plain["accuracy"])
