@@ -111,6 +111,19 @@ def test_verdicts_without_plain_use_the_reference_or_none():
     assert bench.verdicts(None, {"best": _entry(0.99, None)}, None)["regimen_beats_plain"] is None
 
 
+def test_a_reference_verdict_names_where_the_figure_comes_from():
+    # The brain MRI reference (0.9214) is not the plain loop this bench measures (about 0.955),
+    # so a verdict judged on it must say whose figure it is.
+    v = bench.verdicts(None, {"swa": _entry(0.98, 0.01)}, reference=0.9214)
+    line = bench.verdict_lines(v)[0]
+    assert line.startswith("regimen beats plain: yes (0.9800 regimen-swa vs 0.9214 ")
+    assert bench.REFERENCE_SOURCE in line
+    measured = bench.verdict_lines(
+        bench.verdicts(bench.Scores(0.97, 0.97, 0.1, 0.01, 5.0), {"swa": _entry(0.98, 0.01)}, None)
+    )
+    assert bench.REFERENCE_SOURCE not in measured[0]
+
+
 def test_both_arms_score_and_write_json(npz_factory, tmp_path, capsys, keep_threads):
     source = npz_factory(n=(40, 12, 24), size=28)
     argv = _argv(
