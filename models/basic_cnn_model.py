@@ -26,11 +26,13 @@ BASE_CHANNELS: tuple[int, int, int] = (64, 512, 256)
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish}
 NORMS: tuple[str, ...] = ("group", "batch")
 DOWNSAMPLES: tuple[str, ...] = ("maxpool", "stride")
+CONV_BLOCKS: tuple[str, ...] = ("single", "basic")
 LINEAR_INITS: tuple[str, ...] = ("kaiming", "torch")
 MIN_INPUT_SIZE = 28
 
-# (number of ConvBlocks, stride of the last one, dilation of the last one) per block.
-_BLOCK_LAYOUT: tuple[tuple[int, int, int], ...] = ((2, 2, 1), (3, 2, 2), (3, 2, 1))
+# Number of ConvBlocks per block by default, and (stride, dilation) of each block's last one.
+DEFAULT_DEPTHS: tuple[int, int, int] = (2, 3, 3)
+_LAST_CONV: tuple[tuple[int, int], ...] = ((2, 1), (2, 2), (2, 1))
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -98,6 +100,10 @@ class ModelConfig:
         linear_init: how the heads' adapters and the classifier start: "kaiming" (Kaiming-normal,
             fan_out, like the convolutions) or "torch" (PyTorch's own ``nn.Linear`` default,
             Kaiming-uniform with a=sqrt(5): std 1/sqrt(3 * fan_in), far smaller).
+        conv_block: the layout of every :class:`ConvBlock`: "single" (one 3x3 conv on the
+            residual path, no activation after the sum) or "basic" (two 3x3 convs, as in a
+            ResNet basic block, with the activation after the sum). "basic" doubles the convs.
+        block_depths: how many ConvBlocks blocks 1, 2 and 3 stack, each >= 1.
     """
 
     in_channels: int = 3
@@ -113,12 +119,16 @@ class ModelConfig:
     downsample: str = "maxpool"
     block_channels: tuple[int, ...] = ()
     linear_init: str = "kaiming"
+    conv_block: str = "single"
+    block_depths: tuple[int, int, int] = DEFAULT_DEPTHS
 
     def __post_init__(self) -> None:
         if isinstance(self.dropout, list):
             self.dropout = tuple(self.dropout)
         if isinstance(self.block_channels, list):
             self.block_channels = tuple(self.block_channels)
+        if isinstance(self.block_depths, list):
+            self.block_depths = tuple(self.block_depths)
         self.validate()
 
     def validate(self) -> None:
@@ -138,6 +148,14 @@ class ModelConfig:
         _check_choice("downsample", self.downsample, DOWNSAMPLES)
         self._validate_block_channels()
         _check_choice("linear_init", self.linear_init, LINEAR_INITS)
+        _check_choice("conv_block", self.conv_block, CONV_BLOCKS)
+        depths = self.block_depths
+        if not (
+            isinstance(depths, tuple)
+            and len(depths) == NUM_BLOCKS
+            and all(_is_int(d) and d >= 1 for d in depths)
+        ):
+            raise _invalid("block_depths", depths, f"a tuple of {NUM_BLOCKS} ints >= 1")
 
     def _validate_dropout(self) -> None:
         if not isinstance(self.dropout, tuple) or len(self.dropout) != NUM_BLOCKS:
@@ -211,7 +229,11 @@ class TrainOnlyNoise(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """Conv 3x3 -> norm -> activation -> Dropout2d, plus a shortcut added to the result.
+    """A residual block: a conv path plus a shortcut added to its result.
+
+    With ``style="single"`` the path is conv 3x3 -> norm -> activation -> Dropout2d and the sum
+    is passed on as it is. With ``style="basic"`` (a ResNet basic block) it is conv 3x3 -> norm
+    -> activation -> Dropout2d -> conv 3x3 -> norm, and the activation follows the sum.
 
     The shortcut is the identity, or a 1x1 convolution with the same stride followed by a norm
     when the channel count or the stride changes. With ``downsample="maxpool"`` and
@@ -221,13 +243,15 @@ class ConvBlock(nn.Module):
     Args:
         in_channels: input channels.
         out_channels: output channels.
-        stride: stride of the 3x3 convolution (and of the projection shortcut).
-        dilation: dilation of the 3x3 convolution; padding equals it, so only stride changes size.
+        stride: stride of the first 3x3 convolution (and of the projection shortcut).
+        dilation: dilation of the first 3x3 convolution; padding equals it, so only stride
+            changes size.
         dropout: Dropout2d rate; kept as ``self.dropout`` so it can be changed at run time.
         activation: "silu", "gelu" or "mish".
         norm: "group" or "batch".
         gn_groups: GroupNorm groups (fitted to the channel count).
         downsample: "maxpool" or "stride"; how ``stride > 1`` is carried out.
+        style: "single" or "basic", the conv path described above.
     """
 
     def __init__(
@@ -241,11 +265,16 @@ class ConvBlock(nn.Module):
         norm: str = "group",
         gn_groups: int = 8,
         downsample: str = "maxpool",
+        style: str = "single",
     ) -> None:
         super().__init__()
         if downsample not in DOWNSAMPLES:
             allowed = " | ".join(map(repr, DOWNSAMPLES))
             raise ValueError(f"downsample={downsample!r} is invalid; allowed: {allowed}")
+        if style not in CONV_BLOCKS:
+            allowed = " | ".join(map(repr, CONV_BLOCKS))
+            raise ValueError(f"style={style!r} is invalid; allowed: {allowed}")
+        self.style = style
         pool = downsample == "maxpool" and stride > 1
         conv_stride = 1 if pool else stride
         self.conv = nn.Conv2d(
@@ -260,6 +289,14 @@ class ConvBlock(nn.Module):
         self.norm = make_norm(norm, out_channels, gn_groups)
         self.act = make_activation(activation)
         self.dropout = nn.Dropout2d(dropout)
+        # The second conv of a basic block, and the activation after the sum.
+        self.conv2: nn.Module = nn.Identity()
+        self.norm2: nn.Module = nn.Identity()
+        self.out_act: nn.Module = nn.Identity()
+        if style == "basic":
+            self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+            self.norm2 = make_norm(norm, out_channels, gn_groups)
+            self.out_act = make_activation(activation)
         self.shortcut = self._make_shortcut(in_channels, out_channels, conv_stride, norm, gn_groups)
         self.pool: nn.Module = nn.MaxPool2d(stride, ceil_mode=True) if pool else nn.Identity()
 
@@ -277,7 +314,11 @@ class ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H', W') with H' = (H - 1) // stride + 1 either way.
         out = self.dropout(self.act(self.norm(self.conv(x))))
-        return self.pool(out + self.shortcut(x))
+        out = self.norm2(self.conv2(out))  # identities in a "single" block
+        return self.pool(self.out_act(out + self.shortcut(x)))
+
+    def extra_repr(self) -> str:
+        return f"style={self.style!r}"
 
 
 class StageHead(nn.Module):
@@ -461,8 +502,8 @@ def _resolve_config(config: ModelConfig | None, overrides: Mapping[str, Any]) ->
 def _make_blocks(cfg: ModelConfig, channels: Sequence[int]) -> list[nn.Sequential]:
     blocks = []
     in_channels = cfg.in_channels
-    for (depth, stride, dilation), out_channels, p in zip(
-        _BLOCK_LAYOUT, channels, cfg.dropout, strict=True
+    for depth, (stride, dilation), out_channels, p in zip(
+        cfg.block_depths, _LAST_CONV, channels, cfg.dropout, strict=True
     ):
         layers = []
         for i in range(depth):
@@ -478,6 +519,7 @@ def _make_blocks(cfg: ModelConfig, channels: Sequence[int]) -> list[nn.Sequentia
                     norm=cfg.norm,
                     gn_groups=cfg.gn_groups,
                     downsample=cfg.downsample,
+                    style=cfg.conv_block,
                 )
             )
         blocks.append(nn.Sequential(*layers))

@@ -131,6 +131,43 @@ def test_conv_block_rejects_an_unknown_downsample() -> None:
         ConvBlock(8, 8, stride=2, downsample="avg")
 
 
+def test_basic_conv_block_is_two_convs_with_the_activation_after_the_sum() -> None:
+    block = ConvBlock(8, 8, stride=2, style="basic", norm="batch").eval()
+    x = torch.randn(2, 8, 6, 6)
+    inner = block.norm2(block.conv2(block.act(block.norm(block.conv(x)))))  # no dropout in eval
+    assert torch.allclose(block(x), nn.functional.max_pool2d(block.act(inner + x), 2))
+    assert block.conv2.stride == (1, 1) and block.conv2.in_channels == 8
+    # The single block has no second conv and passes the sum on unchanged, negatives included.
+    single = ConvBlock(8, 8, style="single").eval()
+    assert isinstance(single.conv2, nn.Identity) and isinstance(single.out_act, nn.Identity)
+    assert (single(x) < 0).any() and not (block(x) < -0.5).any()  # SiLU's minimum is -0.28
+    with pytest.raises(ValueError, match=r"style='wide' is invalid; allowed: 'single' \| 'basic'"):
+        ConvBlock(8, 8, style="wide")
+
+
+def test_conv_block_and_block_depths_shape_every_block() -> None:
+    single = tiny_model(active_blocks=3)
+    assert [len(b) for b in single.blocks] == [2, 3, 3]  # the default depths
+    model = tiny_model(active_blocks=3, conv_block="basic", block_depths=[1, 2, 4])
+    assert model.config.block_depths == (1, 2, 4)  # a list becomes a tuple
+    assert [len(b) for b in model.blocks] == [1, 2, 4]
+    convs = [
+        m for m in model.blocks.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
+    assert len(convs) == 2 * (1 + 2 + 4)
+    assert all(b.style == "basic" for b in model.modules() if isinstance(b, ConvBlock))
+    # Only the last ConvBlock of each block downsamples, whatever the depth.
+    pooled = [
+        b for b in model.modules() if isinstance(b, ConvBlock) and b.pool.__class__ is nn.MaxPool2d
+    ]
+    assert [b is blk[-1] for b, blk in zip(pooled, model.blocks, strict=True)] == [True] * 3
+    assert model(batch(model)).shape == (2, model.config.num_classes)
+    model.set_dropout(3, 0.25)
+    assert model.dropout_rates()[2] == 0.25
+    # A single-block model keeps the parameter names checkpoints were saved with.
+    assert not any("conv2" in k or "norm2" in k for k in single.state_dict())
+
+
 def test_channels_follow_width_and_groups_fit() -> None:
     assert [scaled_channels(c, 1.0) for c in (64, 512, 256)] == [64, 512, 256]
     assert [scaled_channels(c, TINY) for c in (64, 512, 256)] == [8, 64, 32]
@@ -405,6 +442,10 @@ def test_format_summary_lists_every_part_and_totals() -> None:
         ("block_channels", (32, 64.0, 128)),
         ("block_channels", 64),
         ("linear_init", "zeros"),
+        ("conv_block", "wide"),
+        ("block_depths", (2, 3)),
+        ("block_depths", (2, 0, 3)),
+        ("block_depths", (2, 3.0, 3)),
     ],
 )
 def test_config_validation_names_field_and_value(field: str, value) -> None:

@@ -38,6 +38,8 @@ import yaml
 
 from models.basic_cnn_model import (
     ACTIVATIONS,
+    CONV_BLOCKS,
+    DEFAULT_DEPTHS,
     DOWNSAMPLES,
     LINEAR_INITS,
     NORMS,
@@ -115,6 +117,12 @@ _BLOCK_CHANNELS = Rule(
 )
 
 
+_BLOCK_DEPTHS = Rule(
+    f"a list of {NUM_BLOCKS} ints >= 1",
+    lambda v: len(v) == NUM_BLOCKS and all(d >= 1 for d in v),
+)
+
+
 def _epochs_ok(v: list[float]) -> bool:
     ints = all(float(x).is_integer() and x >= 1 for x in v)
     return 1 <= len(v) <= 2 and ints and all(a < b for a, b in zip(v, v[1:], strict=False))
@@ -183,6 +191,8 @@ class ModelSection:
             ``[]`` scales the base widths (64, 512, 256) by ``width``.
         linear_init: "kaiming" (like the convolutions) or "torch" (PyTorch's ``nn.Linear``
             default) for the heads' adapters and the classifier.
+        conv_block: "single" (one conv per residual block) or "basic" (two, ResNet-style).
+        block_depths: how many residual blocks each of blocks 1, 2 and 3 stacks, each >= 1.
     """
 
     width: float = _field(1.0, POSITIVE)
@@ -195,6 +205,8 @@ class ModelSection:
     downsample: str = _field("maxpool", _choice(*DOWNSAMPLES))
     block_channels: list[int] = _field([], _BLOCK_CHANNELS)
     linear_init: str = _field("kaiming", _choice(*LINEAR_INITS))
+    conv_block: str = _field("single", _choice(*CONV_BLOCKS))
+    block_depths: list[int] = _field(list(DEFAULT_DEPTHS), _BLOCK_DEPTHS)
 
     def to_model_config(self, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
         """The :class:`ModelConfig` of this section for a dataset's channels, classes and size."""
@@ -212,6 +224,8 @@ class ModelSection:
             downsample=self.downsample,
             block_channels=tuple(self.block_channels),
             linear_init=self.linear_init,
+            conv_block=self.conv_block,
+            block_depths=tuple(self.block_depths),
         )
 
 
