@@ -437,18 +437,26 @@ def test_config_from_dict_gives_older_stored_sections_their_legacy_values() -> N
 
 def test_block_layout_settings_reach_the_model_and_older_runs_keep_theirs() -> None:
     section = load_config(
-        "cpu", overrides=["model.conv_block=basic", "model.block_depths=[1, 2, 2]"]
+        "cpu",
+        overrides=[
+            "model.conv_block=basic",
+            "model.block_depths=[1, 2, 2]",
+            "model.block_strides=[1, 2, 2]",
+        ],
     ).model
     mc = section.to_model_config(in_channels=3, num_classes=8, input_size=28)
-    assert (mc.conv_block, mc.block_depths) == ("basic", (1, 2, 2))
+    assert (mc.conv_block, mc.block_depths, mc.block_strides) == ("basic", (1, 2, 2), (1, 2, 2))
     assert all(type(d) is int for d in section.block_depths)
-    # A run stored before these options existed was built with single blocks of depth 2/3/3.
+    # A run stored before these options existed was built with single blocks of depth 2/3/3,
+    # each block halving the feature map.
     d = config_to_dict(TrainConfig())
-    del d["model"]["conv_block"], d["model"]["block_depths"]
+    del d["model"]["conv_block"], d["model"]["block_depths"], d["model"]["block_strides"]
     old = config_from_dict(d).model
-    assert (old.conv_block, old.block_depths) == ("single", [2, 3, 3])
+    assert (old.conv_block, old.block_depths, old.block_strides) == ("single", [2, 3, 3], [2, 2, 2])
     with pytest.raises(ConfigError, match=r"model\.block_depths=\[2, 3\] is invalid"):
         load_config(overrides=["model.block_depths=[2, 3]"])
+    with pytest.raises(ConfigError, match=r"model\.block_strides=\[1, 3, 2\] is invalid"):
+        load_config(overrides=["model.block_strides=[1, 3, 2]"])
     with pytest.raises(ConfigError, match=r"model\.conv_block='wide' is invalid"):
         load_config(overrides=["model.conv_block=wide"])
 

@@ -168,6 +168,21 @@ def test_conv_block_and_block_depths_shape_every_block() -> None:
     assert not any("conv2" in k or "norm2" in k for k in single.state_dict())
 
 
+@pytest.mark.parametrize(
+    ("strides", "sizes"),
+    [((2, 2, 2), [14, 7, 4]), ((1, 2, 2), [28, 14, 7]), ((2, 1, 2), [14, 14, 7])],
+)
+def test_block_strides_set_where_the_feature_map_shrinks(strides, sizes) -> None:
+    model = tiny_model(active_blocks=3, block_strides=list(strides))
+    assert model.config.block_strides == strides  # a list becomes a tuple
+    shapes = {r["name"]: r["output_shape"] for r in model_summary(model, 28)}
+    assert [shapes[f"block{k}"][1:] for k in (1, 2, 3)] == [(s, s) for s in sizes]
+    # Only a block that halves the resolution ends in a max-pool.
+    for block, stride in zip(model.blocks, strides, strict=True):
+        assert isinstance(block[-1].pool, nn.MaxPool2d) == (stride == 2)
+    assert model(batch(model)).shape == (2, model.config.num_classes)
+
+
 def test_channels_follow_width_and_groups_fit() -> None:
     assert [scaled_channels(c, 1.0) for c in (64, 512, 256)] == [64, 512, 256]
     assert [scaled_channels(c, TINY) for c in (64, 512, 256)] == [8, 64, 32]
@@ -446,6 +461,9 @@ def test_format_summary_lists_every_part_and_totals() -> None:
         ("block_depths", (2, 3)),
         ("block_depths", (2, 0, 3)),
         ("block_depths", (2, 3.0, 3)),
+        ("block_strides", (2, 2)),
+        ("block_strides", (2, 3, 2)),
+        ("block_strides", (1, 2.0, 2)),
     ],
 )
 def test_config_validation_names_field_and_value(field: str, value) -> None:

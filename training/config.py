@@ -38,8 +38,10 @@ import yaml
 
 from models.basic_cnn_model import (
     ACTIVATIONS,
+    BLOCK_STRIDES,
     CONV_BLOCKS,
     DEFAULT_DEPTHS,
+    DEFAULT_STRIDES,
     DOWNSAMPLES,
     LINEAR_INITS,
     NORMS,
@@ -123,6 +125,12 @@ _BLOCK_DEPTHS = Rule(
 )
 
 
+_BLOCK_STRIDES = Rule(
+    f"a list of {NUM_BLOCKS} ints, each 1 or 2",
+    lambda v: len(v) == NUM_BLOCKS and all(s in BLOCK_STRIDES for s in v),
+)
+
+
 def _epochs_ok(v: list[float]) -> bool:
     ints = all(float(x).is_integer() and x >= 1 for x in v)
     return 1 <= len(v) <= 2 and ints and all(a < b for a, b in zip(v, v[1:], strict=False))
@@ -193,6 +201,7 @@ class ModelSection:
             default) for the heads' adapters and the classifier.
         conv_block: "single" (one conv per residual block) or "basic" (two, ResNet-style).
         block_depths: how many residual blocks each of blocks 1, 2 and 3 stacks, each >= 1.
+        block_strides: 1 (keep) or 2 (halve the feature map) at the end of blocks 1, 2 and 3.
     """
 
     width: float = _field(1.0, POSITIVE)
@@ -207,6 +216,7 @@ class ModelSection:
     linear_init: str = _field("kaiming", _choice(*LINEAR_INITS))
     conv_block: str = _field("single", _choice(*CONV_BLOCKS))
     block_depths: list[int] = _field(list(DEFAULT_DEPTHS), _BLOCK_DEPTHS)
+    block_strides: list[int] = _field(list(DEFAULT_STRIDES), _BLOCK_STRIDES)
 
     def to_model_config(self, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
         """The :class:`ModelConfig` of this section for a dataset's channels, classes and size."""
@@ -226,6 +236,7 @@ class ModelSection:
             linear_init=self.linear_init,
             conv_block=self.conv_block,
             block_depths=tuple(self.block_depths),
+            block_strides=tuple(self.block_strides),
         )
 
 
