@@ -253,6 +253,50 @@ def test_summary_judges_the_means_not_the_seeds():
     assert "0.9850 (0.0014)" in bench.render_summary(summary)
 
 
+def test_paired_difference_gives_the_interval_of_the_per_seed_gap():
+    d = bench.paired_difference([0.986, 0.984, 0.990], [0.984, 0.983, 0.985])
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.0026667, abs=1e-7)
+    assert d["sd"] == pytest.approx(0.0020817, abs=1e-7)
+    assert d["t"] == pytest.approx(d["mean"] / (d["sd"] / 3**0.5))
+    # Student's t with 2 degrees of freedom: 4.303 standard errors each side.
+    half = 4.302653 * d["sd"] / 3**0.5
+    assert (d["low"], d["high"]) == (
+        pytest.approx(d["mean"] - half, abs=1e-7),
+        pytest.approx(d["mean"] + half, abs=1e-7),
+    )
+    assert d["low"] < 0 < d["high"]  # three seeds this noisy cannot call it
+    assert bench.paired_difference([0.9], [0.8]) is None  # one seed has no spread
+    same = bench.paired_difference([0.99, 0.98], [0.98, 0.97])
+    assert same["t"] is None and same["low"] == pytest.approx(same["high"])
+
+
+@pytest.mark.parametrize(
+    ("regimen", "plain", "reading"),
+    [
+        ([0.986, 0.987, 0.988, 0.989], [0.984, 0.984, 0.985, 0.985], "above zero"),
+        ([0.981, 0.980, 0.982, 0.981], [0.984, 0.984, 0.985, 0.985], "below zero"),
+        ([0.986, 0.983, 0.985, 0.984], [0.984, 0.984, 0.985, 0.985], "holds zero"),
+    ],
+)
+def test_summary_reads_the_paired_interval(regimen, plain, reading):
+    payloads = [_payload(p, r, 0.01) for r, p in zip(regimen, plain, strict=True)]
+    t = bench.summarize(payloads)["targets"]
+    assert t["paired"]["n"] == 4
+    line = bench.summary_verdict_lines(t)[2]
+    assert line.startswith("paired difference regimen-swa - plain over 4 seeds: ")
+    assert reading in line
+
+
+def test_no_paired_line_against_a_reference_figure():
+    regimen = {"best": _entry(0.98, 0.01), "swa": _entry(0.985, 0.01)}
+    payload = {
+        "rows": bench.table_rows(None, regimen, "skipped"),
+        "targets": bench.verdicts(None, regimen, reference=0.9851),
+    }
+    t = bench.summarize([payload, payload])["targets"]
+    assert t["paired"] is None and len(bench.summary_verdict_lines(t)) == 2
+
+
 def test_summary_without_regimen_scores_judges_nothing():
     plain = bench.Scores(0.98, 0.98, 0.1, 0.02, 5.0)
     skipped = {
