@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from losses import WeightedCrossEntropy
 from tests.conftest import brightness_npz
 from tests.test_trainer import StopAfter
 from training.build import build_trainer, load_resume
@@ -25,6 +26,7 @@ from training.config import load_config, staged_schedule
 from training.evaluate import build_model, evaluate_run, predict
 from training.events import Callback
 from training.metrics_log import read_metrics
+from training.regimen import EarlyStop, earliest_stop_epoch, regimen_callbacks
 from training.schedule import group_multiplier, staged_lr
 
 SABOTAGED_EPOCH = 5
@@ -362,3 +364,20 @@ def test_an_activation_without_blend_switches_heads_at_once(separable_npz, tmp_p
     trainer.activate_block(2, head_blend_epochs=0.0)
     assert trainer.model.head_mix == 1.0
     assert "head 1 -> 2: switched at once" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "last_quiet_epoch"),
+    [
+        ([], 24),  # the cpu preset: blocks in by epoch 4, SWA from 24
+        (["safety.swa=false"], 4),
+        (["unfreeze.enabled=false"], 24),
+        (["unfreeze.enabled=false", "safety.swa=false"], 0),
+    ],
+)
+def test_early_stopping_waits_for_every_block_and_for_swa(overrides, last_quiet_epoch):
+    cfg = load_config(preset="cpu", overrides=overrides)
+    assert earliest_stop_epoch(cfg) == last_quiet_epoch
+    criterion = WeightedCrossEntropy(3)
+    stop = next(c for c in regimen_callbacks(cfg, criterion, None) if isinstance(c, EarlyStop))
+    assert stop.stopper.not_before_epoch == last_quiet_epoch

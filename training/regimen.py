@@ -256,7 +256,8 @@ class ClassPenaltyControl(Callback):
 
 class EarlyStop(Callback):
     """Stops the run after ``patience`` epochs without improvement (never before the last
-    scheduled activation; the count restarts when a block activates).
+    scheduled activation, nor before SWA starts: :func:`earliest_stop_epoch`; the count
+    restarts when a block activates).
 
     The decision is taken at the end of an epoch and carried out at the start of the next, so
     the deciding epoch is logged and checkpointed like any other (and a run resumed from it
@@ -468,18 +469,29 @@ def regimen_callbacks(
     if s.swa:
         callbacks.append(StochasticWeightAveraging(s.swa_start_epoch))
     if s.early_stop:
-        last = unfreeze.final_activation_epoch() if u.enabled else 0
         stopper = EarlyStopping(
             patience=s.patience,
             min_delta=s.min_delta,
             mode=mode,
-            not_before_epoch=last,
+            not_before_epoch=earliest_stop_epoch(cfg),
             monitor=monitor,
         )
         callbacks.append(EarlyStop(stopper))
     if s.temperature:
         callbacks.append(TemperatureScaling(tta=cfg.run.tta))
     return callbacks
+
+
+def earliest_stop_epoch(cfg: TrainConfig) -> int:
+    """The last epoch at which early stopping may not yet end the run.
+
+    Not before the last scheduled activation (every block must have joined), and with SWA on
+    not before ``safety.swa_start_epoch``: validation accuracy swings most while the rate is
+    high, so a patience can run out in the middle of the schedule, and a run stopped there
+    would end with no weight average at all (no ``swa.pt`` for ``test.py`` to compare).
+    """
+    last = _unfreeze_schedule(cfg).final_activation_epoch() if cfg.unfreeze.enabled else 0
+    return max(last, cfg.safety.swa_start_epoch if cfg.safety.swa else 0)
 
 
 def _unfreeze_schedule(cfg: TrainConfig) -> UnfreezeSchedule:
@@ -506,5 +518,6 @@ __all__ = [
     "StochasticWeightAveraging",
     "TemperatureScaling",
     "Unfreeze",
+    "earliest_stop_epoch",
     "regimen_callbacks",
 ]
