@@ -110,7 +110,8 @@ class ModelConfig:
         block_strides: how much the last ConvBlock of blocks 1, 2 and 3 shrinks the feature map,
             each 1 (keeps it) or 2 (halves it). The default (2, 2, 2) takes 28 px to 4 px; with
             (1, 2, 2) the network keeps the input's full resolution through block 1 and ends at
-            7 px, as CIFAR-style ResNets do, for about 3x the compute.
+            7 px, as CIFAR-style ResNets do, for 2-3.5x the compute (blocks 2 and 3 then run
+            at four times the pixels).
     """
 
     in_channels: int = 3
