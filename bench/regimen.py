@@ -754,13 +754,10 @@ def summarize(payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
         mean_of("scaled_ece"),
     )
     judged = [t["regimen_beats_plain"] for t in targets if t["regimen_beats_plain"] is not None]
-    measured = [
-        t for t in targets if t["plain_source"] == "measured" and t["regimen_accuracy"] is not None
-    ]
     paired = None
-    if len(measured) == len(targets):
+    if all(t["plain_source"] == "measured" and t["regimen_accuracy"] is not None for t in targets):
         paired = paired_difference(
-            [t["regimen_accuracy"] for t in measured], [t["plain_accuracy"] for t in measured]
+            [t["regimen_accuracy"] for t in targets], [t["plain_accuracy"] for t in targets]
         )
     return {
         "rows": rows,
@@ -824,7 +821,7 @@ def summary_verdict_lines(t: dict[str, Any]) -> list[str]:
     else:
         ece = _ece_line(scope, t["scaled_ece_met"], t["scaled_ece_mean"], weights)
     lines = [beats, ece]
-    if t.get("paired"):
+    if t["paired"]:
         lines.append(paired_line(t["paired"], weights))
     return lines
 
