@@ -43,6 +43,8 @@ def regimen_config(npz: Path, tmp_path: Path, run: str, *extra: str):
         overrides=[
             f"data.source={npz}",
             f"data.root={tmp_path / 'cache'}",
+            "data.aug_start_strength=0.2",
+            "data.aug_strength=0.5",
             "data.aug_ramp_epochs=3",
             "model.width=0.125",
             "optim.batch_size=16",
