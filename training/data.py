@@ -12,6 +12,11 @@ from dataset.cache import CacheInfo, prepare
 from dataset.npy_dataset import NpyDataset
 from dataset.transforms import StrengthRamp, eval_transform, train_transform
 from training.balance import make_balanced_sampler
+from training.config import ConfigError
+
+#: Fewest images in a training batch: the model's heads normalise with BatchNorm1d, which in
+#: training mode needs more than one value per channel.
+MIN_TRAIN_BATCH = 2
 
 
 def resolve_workers(requested: int, device: torch.device) -> int:
@@ -49,12 +54,16 @@ class EpochBatchSampler(Sampler[list[int]]):
     case), this sampler makes that one draw itself, so the order after ``manual_seed(s)`` is the
     same either way.
 
+    A last batch shorter than ``min_batch`` joins the batch before it (10 indices, batch 3,
+    ``min_batch`` 2: 3, 3, 4), so no batch but an epoch's only one is below ``min_batch``.
+
     Args:
         sampler: yields the epoch's sample indices (shuffled, or weighted by class) and draws
             from ``generator``.
         batch_size: indices per batch, an int >= 1.
         drop_last: drop the last batch when it is smaller than ``batch_size``.
         generator: the generator ``sampler`` and the DataLoader share; ``None`` for none.
+        min_batch: the smallest last batch kept apart, an int in 1..batch_size; 1 never folds.
     """
 
     def __init__(
@@ -63,13 +72,19 @@ class EpochBatchSampler(Sampler[list[int]]):
         batch_size: int,
         drop_last: bool = False,
         generator: torch.Generator | None = None,
+        min_batch: int = 1,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an int >= 1")
+        if isinstance(min_batch, bool) or not isinstance(min_batch, int):
+            raise ValueError(f"min_batch={min_batch!r} is invalid; allowed: an int")
+        if not 1 <= min_batch <= batch_size:
+            raise ValueError(f"min_batch={min_batch} is invalid; allowed: 1..{batch_size}")
         self.sampler = sampler
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.generator = generator
+        self.min_batch = min_batch
 
     def _as_after_new_iterator(self) -> None:
         """Make the base-seed draw of a new DataLoader iterator if none followed the seeding."""
@@ -84,18 +99,26 @@ class EpochBatchSampler(Sampler[list[int]]):
         # A generator function: nothing runs until the first batch is asked for, after the
         # DataLoader's own draw (it calls iter() on the sampler before and after that draw).
         self._as_after_new_iterator()
+        held: list[int] | None = None  # a full batch, kept until the next one reaches min_batch
         batch: list[int] = []
         for index in self.sampler:
             batch.append(int(index))
+            if held is not None and len(batch) >= self.min_batch:
+                yield held
+                held = None
             if len(batch) == self.batch_size:
-                yield batch
-                batch = []
+                held, batch = batch, []
+        if batch and len(batch) < self.min_batch and held is not None and not self.drop_last:
+            held, batch = held + batch, []
+        if held is not None:
+            yield held
         if batch and not self.drop_last:
             yield batch
 
     def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        folded = 0 < rest < self.min_batch and full > 0
+        return full if self.drop_last or rest == 0 or folded else full + 1
 
 
 def train_dataset(cache: CacheInfo, data_cfg) -> NpyDataset:
@@ -128,6 +151,8 @@ def make_loaders(
     replacement (:func:`training.balance.make_balanced_sampler`), N draws an epoch either way.
     Before each epoch, reseed ``generator`` and call the train dataset's ``set_epoch(epoch)`` and
     ``reseed(seed)``; the epoch's batches then depend on (seed, epoch) and the worker count only.
+    A last train batch of one image joins the batch before it (see :data:`MIN_TRAIN_BATCH`), so
+    an epoch has ``N // batch_size`` batches when ``N % batch_size == 1``.
 
     Args:
         cache: the dataset cache.
@@ -135,8 +160,17 @@ def make_loaders(
         device: where the batches go (workers and pinned memory are chosen for it).
         generator: random generator of the train order.
         persistent_workers: keep worker processes between epochs; ``None`` keeps them on CUDA.
+
+    Raises:
+        ConfigError: ``optim.batch_size`` below :data:`MIN_TRAIN_BATCH`.
     """
     data = cfg.data
+    batch_size = cfg.optim.batch_size
+    if batch_size < MIN_TRAIN_BATCH:
+        raise ConfigError(
+            f"optim.batch_size={batch_size!r} is invalid; allowed: an int >= {MIN_TRAIN_BATCH} "
+            "(the model's BatchNorm needs two images per training batch)"
+        )
     workers = resolve_workers(data.workers, device)
     if persistent_workers is None:
         persistent_workers = device.type == "cuda"
@@ -150,11 +184,14 @@ def make_loaders(
         sampler = make_balanced_sampler(train_set.labels, generator=generator)
     else:
         sampler = RandomSampler(train_set, generator=generator)
-    train = DataLoader(
-        train_set,
-        batch_sampler=EpochBatchSampler(sampler, cfg.optim.batch_size, generator=generator),
-        generator=generator,
-        **common,
-    )
-    val = DataLoader(NpyDataset(cache, "val"), batch_size=max(256, cfg.optim.batch_size), **common)
+    # A last batch of one image is folded into the one before, not dropped: every image still
+    # trains every epoch and the balanced sampler's N draws are all used; the batch count the
+    # schedule and the accumulation groups are computed from is len(loader) either way, and the
+    # batches stay a function of the sampler's order, i.e. of (seed, epoch), so a resumed epoch
+    # replays them. The cost is one image more in one batch of the epoch. Inside an
+    # accumulation group the folded micro-batch's images weigh 1/(B+1) instead of 1/B, the same
+    # small unevenness that any shorter last batch already brings.
+    batches = EpochBatchSampler(sampler, batch_size, generator=generator, min_batch=MIN_TRAIN_BATCH)
+    train = DataLoader(train_set, batch_sampler=batches, generator=generator, **common)
+    val = DataLoader(NpyDataset(cache, "val"), batch_size=max(256, batch_size), **common)
     return {"train": train, "val": val}

@@ -92,7 +92,9 @@ def tta_logits(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     """Mean of ``model``'s logits over :func:`tta_views`; ``(B, C, H, W)`` -> ``(B, classes)``.
 
     With ``"none"`` this is exactly ``model(x)``. The model is called once per view, so the
-    batch size (and memory) of each call is that of ``x``.
+    batch size (and memory) of each call is that of ``x``. Call it in eval mode, as
+    :func:`training.evaluate.predict` does: in training mode BatchNorm would normalise each view
+    by its own statistics, and fails outright on a batch of one image.
     """
     views = tta_views(x, mode)
     if len(views) == 1:
