@@ -14,6 +14,7 @@ from training.balance import (
     ClassPenalty,
     double_correction_warning,
     make_balanced_sampler,
+    moved_classes,
     per_class_accuracy,
     sample_weights,
 )
@@ -257,3 +258,69 @@ def test_per_class_accuracy_absent_class_gets_mean_of_present():
 def test_per_class_accuracy_validates(preds, labels, n, match):
     with pytest.raises(ValueError, match=match):
         per_class_accuracy(preds, labels, n)
+
+
+# --------------------------------------------------------------------------- notable moves
+
+
+SETTINGS = [
+    {"num_classes": 2},
+    {"num_classes": 3, "momentum": 0.5},
+    {"num_classes": 8},
+    {"num_classes": 8, "momentum": 0.9, "strength": 3.0},
+    {"num_classes": 4, "min_weight": 0.25, "max_weight": 4.0, "use_recall": False},
+]
+
+
+def extreme_epoch(c: int) -> tuple[list[float], list[float], list[float]]:
+    """The last class overfits completely and is never recalled; the others are perfect."""
+    return [1.0] * c, [1.0] * (c - 1) + [0.0], [1.0] * (c - 1) + [0.0]
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_no_single_epoch_from_rest_moves_a_weight_past_notable_move(kwargs):
+    c = kwargs["num_classes"]
+    generator = torch.Generator().manual_seed(0)
+    largest = 0.0
+    for _ in range(200):
+        penalty = ClassPenalty(**kwargs)
+        train, val, recall = torch.rand(3, c, generator=generator).tolist()
+        penalty.update(train, val, recall)
+        largest = max(largest, *(abs(d) for d in penalty.changes()))
+    assert largest <= penalty.notable_move
+    extreme = ClassPenalty(**kwargs)
+    extreme.update(*extreme_epoch(c))
+    assert max(abs(d) for d in extreme.changes()) == pytest.approx(extreme.notable_move)
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_the_same_push_over_a_few_epochs_drifts_past_notable_move(kwargs):
+    penalty = ClassPenalty(**kwargs)
+    epoch = extreme_epoch(kwargs["num_classes"])
+    drift = [penalty.update(*epoch)[-1].item() - 1.0 for _ in range(5)]
+    assert drift[0] <= penalty.notable_move + 1e-6 < drift[-1]  # weights are float32
+
+
+def test_notable_move_grows_with_strength_and_shrinks_with_momentum_and_a_tight_bound():
+    base = ClassPenalty(4).notable_move
+    assert ClassPenalty(4, strength=2.0).notable_move > base
+    assert ClassPenalty(4, momentum=0.9).notable_move < base
+    assert ClassPenalty(4, max_weight=1.2).notable_move < base
+    assert ClassPenalty(4, strength=0.0).notable_move == 0.0
+
+
+def test_moved_classes_compare_with_the_reference_largest_first():
+    reference = [1.0, 1.0, 1.0, 1.0]
+    assert moved_classes([1.1, 0.5, 1.6, 0.8], reference, 0.4) == [2, 1]
+    assert moved_classes([1.1, 0.9, 1.0, 1.0], reference, 0.4) == []
+    assert moved_classes([1.4, 1.0, 1.0, 1.0], reference, 0.4) == []  # must exceed it
+    assert moved_classes(reference, reference, 0.0) == []
+
+
+@pytest.mark.parametrize(
+    ("weights", "threshold", "match"),
+    [([1.0], 0.1, "1 weights against 2"), ([1.0, 1.0], -0.1, "threshold=-0.1")],
+)
+def test_moved_classes_validates(weights, threshold, match):
+    with pytest.raises(ValueError, match=match):
+        moved_classes(weights, [1.0, 1.0], threshold)

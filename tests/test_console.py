@@ -1,4 +1,4 @@
-"""ConsoleCallback: header, progress per mode, epoch lines and their colours, notices, summary."""
+"""ConsoleCallback: header, progress per mode, epoch lines and their colours, banners, summary."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from dataset.cache import CacheInfo
 from models.basic_cnn_model import BasicCNNModel, ModelConfig, model_summary
@@ -174,8 +175,7 @@ def test_plain_mode_prints_few_progress_lines_and_no_escapes(model):
     assert [line.split("batch ")[1].split()[0] for line in progress] == ["10/40", "20/40", "30/40"]
     epoch_lines = [line for line in out.splitlines() if line.startswith("epoch 1/5")]
     assert len(epoch_lines) == 1
-    assert "80.00%" in epoch_lines[0] and "1.00e-03 [2 groups]" in epoch_lines[0]
-    assert "4,321 img/s" in epoch_lines[0]
+    assert "80.00%" in epoch_lines[0] and "lr 1.00e-03" in epoch_lines[0]
 
 
 def test_off_mode_prints_nothing_per_batch(model):
@@ -212,8 +212,8 @@ def test_new_best_is_marked_and_green(model):
     cb = ConsoleCallback(console, "plain")
     cb.on_epoch_end(trainer, metrics(1, val_acc=0.8))
     out = buf.getvalue()
-    assert "(best)" in out
-    assert f"{GREEN}acc 80.00%" in out
+    assert "new best" in out
+    assert f"{GREEN}80.00%" in out
 
 
 def test_drop_is_red_and_not_best(model):
@@ -222,8 +222,8 @@ def test_drop_is_red_and_not_best(model):
     trainer = make_trainer(model, best=best, history=[metrics(1, 0.8), metrics(2, 0.7)])
     ConsoleCallback(console, "plain").on_epoch_end(trainer, metrics(2, val_acc=0.7))
     out = buf.getvalue()
-    assert "(best)" not in out and GREEN not in out
-    assert f"{RED}acc 70.00%" in out
+    assert "new best" not in out and GREEN not in out
+    assert f"{RED}70.00%" in out
 
 
 def test_loss_monitor_turns_red_when_the_loss_rises(model):
@@ -232,7 +232,7 @@ def test_loss_monitor_turns_red_when_the_loss_rises(model):
     previous = {**metrics(1), "val_loss": 0.5}
     trainer.history = [previous]
     ConsoleCallback(console, "plain").on_epoch_end(trainer, {**metrics(2), "val_loss": 0.6})
-    assert f"{RED}loss 0.6000" in buf.getvalue()
+    assert f"{RED}0.6000" in buf.getvalue()
 
 
 def test_no_change_keeps_the_default_colour(model):
@@ -241,38 +241,118 @@ def test_no_change_keeps_the_default_colour(model):
     trainer.history = [metrics(1, 0.7)]
     ConsoleCallback(console, "plain").on_epoch_end(trainer, metrics(2, val_acc=0.75))
     out = buf.getvalue()
-    assert GREEN not in out and RED not in out and "acc 75.00%" in out
+    assert GREEN not in out and RED not in out and " 75.00%" in out
 
 
-# --------------------------------------------------------------------------------- notices
+# ------------------------------------------------------------------------- epoch line text
 
 
-def test_plain_notice_is_a_framed_block(model):
+def test_epoch_line_says_where_the_run_is_stage_lr_and_best_so_far(model):
+    console, buf = make_console()
+    best = {"metric": "val_acc", "value": 0.9, "epoch": 3}
+    trainer = make_trainer(model, best=best, history=[metrics(3, 0.9)])
+    ConsoleCallback(console, "plain").on_epoch_end(trainer, metrics(4, val_acc=0.85))
+    line = buf.getvalue().strip()
+    assert line.startswith("epoch 4/5  stage 2/3  ")  # 2 of the model's 3 blocks active
+    assert "train 0.5000 81.00%" in line and "val 0.6000 85.00%" in line
+    assert "f1 70.00%" in line and "lr 1.00e-03" in line and "12.3s" in line
+    assert line.endswith("best 90.00% @3")
+    assert len(line) <= 110  # fits a README-wide terminal
+
+
+def test_epoch_lines_keep_their_columns_across_digit_counts(model):
+    console, buf = make_console()
+    trainer = make_trainer(model, best={"metric": "val_acc", "value": 0.99, "epoch": 1})
+    trainer.config.run.epochs = 10
+    cb = ConsoleCallback(console, "plain")
+    cb.on_epoch_end(trainer, {**metrics(9, val_acc=0.095), "train_acc": 0.5})
+    cb.on_epoch_end(trainer, {**metrics(10, val_acc=0.95), "train_acc": 0.999})
+    short, long = buf.getvalue().splitlines()
+    assert short.startswith("epoch  9/10") and long.startswith("epoch 10/10")
+    for field in ("stage", "train", "val", "f1", "lr", "best"):
+        assert short.index(f" {field} ") == long.index(f" {field} "), field
+
+
+# ------------------------------------------------------------------------------- banners
+
+
+def test_plain_block_banner_is_a_titled_frame_with_indented_lines(model):
     console, buf = make_console()
     cb = ConsoleCallback(console, "plain")
     lines = ["block2 unfrozen: 83,584 parameters", "lr warmup 2 epochs"]
     cb.on_notice(make_trainer(model), "stage", "STAGE 2: block 2 active", lines)
     out = buf.getvalue().splitlines()
-    assert out[0].startswith("=" * 40) and out[-1].startswith("=" * 40)
-    assert "STAGE 2: block 2 active" in out[1]
-    assert [line.strip() for line in out[3:5]] == lines
+    assert len(out) == 3  # no separator or closing frame
+    assert out[0].startswith("== STAGE 2: block 2 active ==") and out[0].endswith("=")
+    assert out[1:] == [f"   {line}" for line in lines]
     assert "\x1b[" not in buf.getvalue()
 
 
-def test_plain_notice_names_a_warning(model):
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_one_line_decision_is_one_line(model, terminal):
+    console, buf = make_console(terminal)
+    cb = ConsoleCallback(console, "plain" if not terminal else "bar")
+    reason = "gap +0.0875 > overfit_gap 0.05: dropout raised [0.0, 0.05] -> [0.05, 0.1]"
+    cb.on_notice(make_trainer(model), "dropout", "dropout", [reason])
+    out = Text.from_ansi(buf.getvalue()).plain
+    assert out.count("\n") == 1 and "dropout: gap +0.0875" in out and reason in out
+    assert "╭" not in out
+
+
+def test_plain_warning_is_one_named_line(model):
     console, buf = make_console()
-    ConsoleCallback(console, "plain").on_notice(make_trainer(model), "warning", "NaN loss", [])
-    assert "WARNING: NaN loss" in buf.getvalue()
+    cb = ConsoleCallback(console, "plain")
+    cb.on_notice(make_trainer(model), "warning", "rollback pending", ["val_acc fell", "wait 1"])
+    assert buf.getvalue() == "WARNING: rollback pending; val_acc fell; wait 1\n"
 
 
-@pytest.mark.parametrize(("kind", "code"), [("stage", "\x1b[35m"), ("error", "\x1b[31m")])
-def test_terminal_notice_is_a_coloured_panel(model, kind, code):
+@pytest.mark.parametrize(("kind", "code"), [("stage", "\x1b[35m"), ("rollback", "\x1b[31m")])
+def test_terminal_block_banner_is_a_coloured_panel(model, kind, code):
     console, buf = make_console(terminal=True)
     cb = ConsoleCallback(console, "bar")
-    cb.on_notice(make_trainer(model), kind, "STAGE 2: block 2 active", ["block2 unfrozen"])
+    cb.on_notice(make_trainer(model), kind, "STAGE 2: block 2 active", ["block2 unfrozen", "x"])
     out = buf.getvalue()
     assert "STAGE 2: block 2 active" in out and "block2 unfrozen" in out
     assert "╭" in out and code in out  # a panel with the kind's border colour
+
+
+def test_a_notice_without_banner_is_not_printed(model):
+    console, buf = make_console()
+    cb = ConsoleCallback(console, "plain")
+    trainer = make_trainer(model)
+    cb.on_notice(trainer, "schedule", "learning rate reduced on plateau", ["x"], banner=False)
+    assert buf.getvalue() == ""
+
+
+@pytest.mark.parametrize("mode", ["plain", "bar"])
+def test_decisions_follow_their_epoch_line_and_warnings_come_at_once(model, mode):
+    console, buf = make_console(terminal=mode == "bar")
+    trainer = make_trainer(model)
+    cb = ConsoleCallback(console, mode)
+    cb.on_epoch_start(trainer, 2)
+    cb.on_notice(trainer, "warning", "non-finite loss", ["epoch 2, batch 3: nan"])
+    cb.on_notice(trainer, "stage", "STAGE 3: block 3 active", ["a", "b"])
+    cb.on_notice(trainer, "balance", "class penalty", ["normal 1.00 -> 1.50 since the start"])
+    assert "non-finite loss" in buf.getvalue() and "STAGE 3" not in buf.getvalue()
+    cb.on_epoch_end(trainer, metrics(2))
+    out = Text.from_ansi(buf.getvalue()).plain
+    order = [
+        out.index(s) for s in ("non-finite loss", "epoch 2/5  stage", "STAGE 3", "class penalty")
+    ]
+    assert order == sorted(order)
+    cb.on_notice(trainer, "swa", "SWA finished: 3 epochs averaged", ["saved swa.pt"])
+    assert "SWA finished" in buf.getvalue()  # between epochs: at once
+
+
+def test_decisions_of_an_epoch_that_never_ended_still_show(model):
+    console, buf = make_console()
+    trainer = make_trainer(model)
+    cb = ConsoleCallback(console, "plain")
+    cb.on_epoch_start(trainer, 3)
+    cb.on_notice(trainer, "rollback", "training diverged", ["loss is nan"])
+    cb.on_fit_end(trainer, finish(stopped="diverged: loss is nan"))
+    out = buf.getvalue()
+    assert out.index("training diverged") < out.index("training stopped: diverged")
 
 
 # --------------------------------------------------------------------------------- summary
@@ -287,6 +367,35 @@ def test_summary_lists_best_time_stop_reason_and_files(model):
     assert "1h 02m 03s" in out
     for path in finish()["files"].values():
         assert path in out
+
+
+def test_summary_shows_the_temperatures_with_their_tta(model):
+    console, buf = make_console()
+    calibration = {
+        "best": {
+            "temperature": 1.066,
+            "nll_before": 0.1185,
+            "nll_after": 0.1181,
+            "ece_before": 0.0203,
+            "ece_after": 0.0254,
+            "tta": "none",
+        },
+        "swa": {
+            "temperature": 1.321,
+            "nll_before": 0.1236,
+            "nll_after": 0.1164,
+            "ece_before": 0.0232,
+            "ece_after": 0.0151,
+            "tta": "d4",
+        },
+    }
+    ConsoleCallback(console, "plain").on_fit_end(
+        make_trainer(model), {**finish(), "calibration": calibration}
+    )
+    rows = {line.split("  ")[0]: line for line in buf.getvalue().splitlines()}
+    assert "T=1.066  NLL 0.1185 -> 0.1181  ECE 2.03% -> 2.54%" in rows["temperature best"]
+    assert "tta" not in rows["temperature best"]
+    assert rows["temperature swa"].rstrip().endswith("ECE 2.32% -> 1.51%  tta=d4")
 
 
 def test_summary_without_stop_reason_says_finished(model):

@@ -151,12 +151,13 @@ def test_sigint_saves_and_resumes_exactly(tiny_npz, tmp_path):
 
 
 def test_activated_block_joins_optimizer_and_schedule(tiny_npz, tmp_path):
-    cfg = tiny_config(tiny_npz, tmp_path, "run", "run.epochs=1")
+    # The schedule activates nothing in this one epoch (a scaled plan would join block 2 at once).
+    cfg = tiny_config(tiny_npz, tmp_path, "run", "run.epochs=1", "unfreeze.activate_at=[2, 4]")
     trainer, _ = fit(cfg)
     notices = []
 
     class Listen(Callback):
-        def on_notice(self, trainer, kind, title, lines):
+        def on_notice(self, trainer, kind, title, lines, banner=True):
             notices.append((kind, title))
 
     trainer.callbacks.append(Listen())

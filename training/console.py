@@ -1,8 +1,12 @@
-"""What a training run prints: a header, per-epoch progress and results, notices, a summary.
+"""What a training run prints: a header, per-epoch progress and results, banners, a summary.
 
 :class:`ConsoleCallback` renders with ``rich``. On a terminal it shows a live progress bar per
 epoch; in a log file or CI (``plain`` mode) it prints a few progress lines per epoch and never a
-cursor-moving escape sequence. Only the main process (``trainer.is_main``) prints.
+cursor-moving escape sequence. Each epoch ends with one line that says where the run is: the
+epoch, the stage (active blocks), the losses and accuracies, the lr and the best so far. The
+decisions taken on that epoch follow it as banners: a block for a stage change or a rollback, one
+line for the smaller ones; notices sent with ``banner=False`` are left to the logs. Only the main
+process (``trainer.is_main``) prints.
 
 Public API:
     ConsoleCallback, warn, resolve_mode, counts_table, model_table, settings_grid, summary_grid,
@@ -41,14 +45,24 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 # epoch's result line, keeps a log readable however many batches an epoch has.
 PLAIN_MILESTONES: tuple[float, ...] = (0.25, 0.5, 0.75)
 
-# Border and title style of a notice, by kind; unknown kinds fall back to "info".
+# Border and title style of a banner, by kind; unknown kinds fall back to "info".
 NOTICE_STYLES: dict[str, tuple[str, str]] = {
     "stage": ("magenta", "bold cyan"),
+    "rollback": ("red", "bold red"),
+    "stop": ("magenta", "bold magenta"),
+    "swa": ("cyan", "bold cyan"),
     "intervention": ("yellow", "bold yellow"),
     "warning": ("yellow", "bold yellow"),
     "error": ("red", "bold red"),
     "info": ("blue", "bold"),
 }
+
+# Kinds printed the moment they come, even in the middle of an epoch (a NaN loss, a Ctrl-C);
+# every other banner waits for the epoch's line, since it is a decision taken on that epoch.
+URGENT_KINDS: frozenset[str] = frozenset({"warning", "error"})
+
+# Widest '=' frame of a block banner in plain mode; the epoch line is about as wide.
+FRAME_WIDTH = 100
 
 
 def resolve_mode(mode: str, console: Console) -> str:
@@ -90,11 +104,12 @@ def _lower_is_better(monitor: str) -> bool:
 
 
 def _lr_text(lr: Any) -> str:
+    """The first group's rate (block 1 and the classifier); every group's is in metrics.jsonl
+    and TensorBoard, and the stage banner lists them when a group joins."""
     rates = list(lr) if isinstance(lr, (list, tuple)) else [lr]
     if not rates or rates[0] is None:
         return "-"
-    extra = f" [{len(rates)} groups]" if len(rates) > 1 else ""
-    return f"{float(rates[0]):.2e}{extra}"
+    return f"{float(rates[0]):.2e}"
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
@@ -189,13 +204,13 @@ def settings_grid(trainer: Any) -> Table:
 
 
 class ConsoleCallback(Callback):
-    """Print the run: header, per-epoch progress, one result line per epoch, notices, summary.
+    """Print the run: header, per-epoch progress, one result line per epoch, banners, summary.
 
     Args:
         console: where to print; a new ``rich.console.Console()`` (stdout) by default.
         mode: "auto" (a live bar on a terminal, plain lines otherwise), "bar", "plain"
             (at most three progress lines per epoch, for logs and CI) or "off" (nothing per
-            batch; the header, epoch lines, notices and summary are still printed).
+            batch; the header, epoch lines, banners and summary are still printed).
     """
 
     def __init__(self, console: Console | None = None, mode: str = "auto") -> None:
@@ -203,6 +218,8 @@ class ConsoleCallback(Callback):
         self.mode = resolve_mode(mode, self.console)
         self._progress: Progress | None = None
         self._task: Any = None
+        self._in_epoch = False
+        self._pending: list[tuple[str, str, list[str]]] = []
         self._reset_epoch(0, 0)
 
     # -- plumbing
@@ -216,8 +233,10 @@ class ConsoleCallback(Callback):
         self._milestones = sorted(m for m in marks if 0 < m < total)
 
     def close(self) -> None:
-        """Stop a live bar (restoring the cursor); for a trainer's ``finally`` after a crash."""
+        """Stop a live bar (restoring the cursor) and print any banner still held back; for a
+        trainer's ``finally`` after a crash."""
         self._stop_bar()
+        self._flush()
 
     def _stop_bar(self) -> None:
         if self._progress is not None:
@@ -230,7 +249,9 @@ class ConsoleCallback(Callback):
         return self.mode == "plain" or not self.console.is_terminal
 
     def _epochs_text(self, trainer: Any, epoch: int) -> str:
-        return f"{epoch}/{trainer.config.run.epochs}"
+        total = trainer.config.run.epochs
+        # Padded to the width of the total, so the columns of the epoch lines stay aligned.
+        return f"{epoch:>{len(str(total))}}/{total}"
 
     # -- hooks
 
@@ -248,6 +269,8 @@ class ConsoleCallback(Callback):
         if not trainer.is_main:
             return
         self._stop_bar()
+        self._flush()
+        self._in_epoch = True
         self._reset_epoch(epoch, trainer.batches_per_epoch)
         if self.mode != "bar":
             return
@@ -295,9 +318,12 @@ class ConsoleCallback(Callback):
         self._stop_bar()
         # soft_wrap: one epoch, one line, also in a log read by grep.
         self.console.print(self.epoch_line(trainer, metrics), soft_wrap=True)
+        self._in_epoch = False
+        self._flush()
 
     def epoch_line(self, trainer: Any, metrics: Mapping[str, Any]) -> Text:
-        """The epoch's result line; the monitored metric is coloured and a new best marked."""
+        """The epoch's result line: where the run is (epoch, stage), the epoch's losses and
+        accuracies, the lr, the time and the best so far; the monitored metric is coloured."""
         epoch = int(metrics.get("epoch", trainer.epoch))
         monitor = trainer.best.get("metric") or trainer.config.run.monitor
         is_best = trainer.best.get("epoch") == epoch and trainer.best.get("value") is not None
@@ -305,64 +331,114 @@ class ConsoleCallback(Callback):
         style = _monitor_style(metrics.get(monitor), previous, is_best, monitor)
 
         def field(label: str, key: str) -> tuple[str, str]:
-            return f"{label} {_metric(key, metrics.get(key))}", style if key == monitor else ""
+            value = _metric(key, metrics.get(key)).rjust(6)  # "91.25%", " 9.50%": aligned
+            return f"{label}{value}", style if key == monitor else ""
 
-        speed = metrics.get("images_per_s")
         parts: list[tuple[str, str] | str] = [
             (f"epoch {self._epochs_text(trainer, epoch)}", "bold"),
+            ("  " + _stage_text(metrics.get("active_blocks"), trainer.model), "cyan"),
             "  train ",
-            field("loss", "train_loss"),
+            field("", "train_loss"),
             " ",
-            field("acc", "train_acc"),
+            field("", "train_acc"),
             "  val ",
-            field("loss", "val_loss"),
+            field("", "val_loss"),
             " ",
-            field("acc", "val_acc"),
-            " ",
-            field("f1", "val_macro_f1"),
+            field("", "val_acc"),
+            "  ",
+            field("f1 ", "val_macro_f1"),
             f"  lr {_lr_text(metrics.get('lr'))}",
-            f"  blocks {metrics.get('active_blocks', '-')}",
-            f"  {_duration(float(metrics.get('epoch_s') or 0.0))}",
-            f"  {speed:,.0f} img/s" if isinstance(speed, (int, float)) else "",
+            f"  {_duration(float(metrics.get('epoch_s') or 0.0)):>5}",
+            "  ",
+            _best_text(trainer.best, is_best),
         ]
-        if is_best:
-            parts.append(("  (best)", "bold green"))
         return Text.assemble(*parts)
 
-    def on_notice(self, trainer: Any, kind: str, title: str, lines: list[str]) -> None:
-        if not trainer.is_main:
+    def on_notice(
+        self, trainer: Any, kind: str, title: str, lines: list[str], banner: bool = True
+    ) -> None:
+        if not trainer.is_main or not banner:
             return
+        if self._in_epoch and kind not in URGENT_KINDS:
+            self._pending.append((kind, title, list(lines)))
+            return
+        self._print_banner(kind, title, lines)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for kind, title, lines in pending:
+            self._print_banner(kind, title, lines)
+
+    def _print_banner(self, kind: str, title: str, lines: Sequence[str]) -> None:
+        """A block (title, then its lines) when there is more than one line to say, else one
+        line; warnings are always one line."""
+        if kind in URGENT_KINDS or len(lines) <= 1:
+            self._print_one_line(kind, title, lines)
+        elif self._framed_text:
+            self._print_framed(title, lines)
+        else:
+            border, title_style = NOTICE_STYLES.get(kind, NOTICE_STYLES["info"])
+            panel = Panel(
+                Text("\n".join(lines)),
+                title=Text(title, style=title_style),
+                title_align="left",
+                border_style=border,
+                expand=False,
+            )
+            self.console.print(panel)
+
+    def _print_one_line(self, kind: str, title: str, lines: Sequence[str]) -> None:
+        urgent = kind in URGENT_KINDS
+        # A decision reads "what: how it changed"; a warning lists all it has to say.
         if self._framed_text:
-            self._print_framed(kind, title, lines)
+            text = ("; " if urgent else ": ").join([title, *lines])
+            prefix = f"{kind.upper()}: " if urgent else "-- "
+            self.console.print(prefix + text, markup=False, highlight=False, soft_wrap=True)
             return
         border, title_style = NOTICE_STYLES.get(kind, NOTICE_STYLES["info"])
-        body = Text("\n".join(lines)) if lines else Text(kind, style="dim")
-        panel = Panel(body, title=Text(title, style=title_style), border_style=border, expand=True)
-        self.console.print(panel)
+        if urgent:
+            line = Text.assemble((f"{kind}: ", title_style), ("; ".join([title, *lines]), border))
+        else:
+            line = Text.assemble(("» ", border), (title, title_style), *(f": {x}" for x in lines))
+        self.console.print(line, soft_wrap=True)
 
-    def _print_framed(self, kind: str, title: str, lines: Sequence[str]) -> None:
-        width = min(self.console.width, 100)
-        text = [
-            "=" * width,
-            f"  {title}" if kind == "stage" else f"  {kind.upper()}: {title}",
-            "-" * width,
-            *(f"  {line}" for line in lines),
-            "=" * width,
-        ]
+    def _print_framed(self, title: str, lines: Sequence[str]) -> None:
+        width = min(self.console.width, FRAME_WIDTH)
+        head = f"== {title} "
+        text = [head + "=" * max(2, width - len(head)), *(f"   {line}" for line in lines)]
         self.console.print("\n".join(text), markup=False, highlight=False, soft_wrap=True)
 
     def on_fit_end(self, trainer: Any, summary: dict) -> None:
         if not trainer.is_main:
             return
         self._stop_bar()
+        self._in_epoch = False
+        self._flush()  # a run stopped inside an epoch (divergence) still shows its decisions
         stopped = summary.get("stopped")
-        headline = f"training stopped: {stopped}" if stopped else "training finished"
+        # The reason's first part only: the whole reason is a row of the grid below.
+        headline = f"training stopped: {stopped.split(':')[0]}" if stopped else "training finished"
         self.console.rule(Text(headline, style="bold"))
         self.console.print(summary_grid(summary))
 
 
+def _stage_text(active: Any, model: Any) -> str:
+    """``"stage 2/3"``: blocks active now, out of the model's blocks (stage k runs blocks 1..k)."""
+    blocks = getattr(model, "blocks", None)
+    total = f"/{len(blocks)}" if blocks is not None else ""
+    return f"stage {active if active is not None else '-'}{total}"
+
+
+def _best_text(best: Mapping[str, Any], is_best: bool) -> tuple[str, str]:
+    if is_best:
+        return "new best", "bold green"
+    if best.get("value") is None:
+        return "", ""
+    monitor = best.get("metric") or "metric"
+    return f"best {_metric(monitor, best['value'])} @{best.get('epoch')}", ""
+
+
 def summary_grid(summary: Mapping[str, Any]) -> Table:
-    """Best epoch and value, total time, stop reason and where the run's files are."""
+    """Best epoch and value, total time, stop reason, temperatures and where the files are."""
     monitor = summary.get("monitor") or "metric"
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -374,7 +450,20 @@ def summary_grid(summary: Mapping[str, Any]) -> Table:
     ]
     if summary.get("stopped"):
         rows.append(("stopped", str(summary["stopped"])))
+    for name, result in (summary.get("calibration") or {}).items():
+        rows.append((f"temperature {name}", _calibration_text(result)))
     rows += [(name, str(path)) for name, path in (summary.get("files") or {}).items()]
     for key, value in rows:
         grid.add_row(key, Text(value))
     return grid
+
+
+def _calibration_text(result: Mapping[str, Any]) -> str:
+    """``"T=1.066  NLL 0.1185 -> 0.1181  ECE 2.03% -> 2.54%"`` on the validation set, with the
+    test-time augmentation it was fitted under when there was one."""
+    tta = result.get("tta", "none")
+    return (
+        f"T={result['temperature']:.3f}  NLL {result['nll_before']:.4f} -> "
+        f"{result['nll_after']:.4f}  ECE {100 * result['ece_before']:.2f}% -> "
+        f"{100 * result['ece_after']:.2f}%" + ("" if tta == "none" else f"  tta={tta}")
+    )

@@ -27,8 +27,9 @@ class Callback:
     ``on_batch_end`` (after the forward/backward, with ``stepped`` telling whether the optimizer
     stepped) -> ``on_validation_end`` (with the epoch's metrics dict, which hooks may extend) ->
     ``on_epoch_end`` (after checkpoints are written) -> ``on_fit_end``. ``on_notice`` comes
-    whenever something calls ``trainer.notify(kind, title, lines)``: a block activated, a
-    feature intervened.
+    whenever something calls ``trainer.notify(kind, title, lines, banner=...)``: a block
+    activated, a feature intervened. ``banner`` says whether the console should show it (a
+    decision a user should see, or a warning) or only the logs should keep it.
     """
 
     #: key of this callback's state in a checkpoint; defaults to the class name.
@@ -50,7 +51,9 @@ class Callback:
 
     def on_fit_end(self, trainer: Any, summary: dict) -> None: ...
 
-    def on_notice(self, trainer: Any, kind: str, title: str, lines: list[str]) -> None:
+    def on_notice(
+        self, trainer: Any, kind: str, title: str, lines: list[str], banner: bool = True
+    ) -> None:
         """A feature intervened or the stage changed (``kind``: "stage", "warning", ...)."""
 
     def state_dict(self) -> dict:

@@ -159,7 +159,10 @@ class MetricsLogger(Callback):
                 self._writer.add_scalar(tag, value, global_step=step)
             self._writer.flush()
 
-    def on_notice(self, trainer: Any, kind: str, title: str, lines: list[str]) -> None:
+    def on_notice(
+        self, trainer: Any, kind: str, title: str, lines: list[str], banner: bool = True
+    ) -> None:
+        # Every notice, banner or not: the log keeps what the console leaves out.
         if not trainer.is_main or self._writer is None:
             return
         # Markdown: a blank line between lines keeps them apart in TensorBoard's text view.

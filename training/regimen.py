@@ -5,7 +5,11 @@ The decisions themselves live in small units with their own tests (:mod:`trainin
 :mod:`training.schedule`, :mod:`training.calibration`). The callbacks here feed them the epoch's
 metrics at ``on_validation_end`` (before ``last.pt`` is written, so a resumed run continues from
 the decided state), carry out what they decide on the trainer, record it in the epoch's metrics
-(``metrics.jsonl``) and announce it on the console through :meth:`Trainer.notify`.
+(``metrics.jsonl``) and report it through :meth:`Trainer.notify`. The console shows a banner only
+for a decision a user should see (a stage change, a rollback, SWA starting and ending, an early
+stop, a dropout move, a class-penalty drift past :attr:`ClassPenalty.notable_move`) and for
+warnings; the plateau cut and the calibration are notices with ``banner=False``: the logs keep
+them, the epoch line shows the lr and the closing summary the temperatures.
 
 Order matters and is fixed by :func:`regimen_callbacks`: rollback first (a rolled-back epoch's
 metrics say nothing about the restored weights, so later decisions of that epoch skip), then the
@@ -22,7 +26,7 @@ from typing import Any
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from losses import WeightedCrossEntropy
-from training.balance import ClassPenalty
+from training.balance import ClassPenalty, moved_classes
 from training.calibration import calibration_report, fit_temperature
 from training.checkpoint import copy_checkpoint, load_checkpoint, restore_model, save_checkpoint
 from training.config import TrainConfig
@@ -148,6 +152,7 @@ class PlateauCut(Callback):
                     f"{monitor} did not improve for {plateau.sched.plateau_patience} epochs",
                     f"plateau scale now {plateau.scale:g}; lr {trainer.schedule.lrs()[0]:.2e}",
                 ],
+                banner=False,  # the epoch line's lr shows it
             )
 
 
@@ -174,7 +179,8 @@ class Unfreeze(Callback):
             warmup_epochs=s.warmup_epochs,
             old_group_decay=s.old_group_decay,
             head_blend_epochs=self.head_blend_epochs,
-            reason=s.last_reason,
+            # The banner's title names the block already.
+            reason=s.last_reason.removeprefix(f"block {block}: "),
         )
         metrics["unfreeze"] = s.last_reason
 
@@ -211,7 +217,7 @@ class DropoutControl(Callback):
             return
         apply_rates(trainer.model, rates)
         metrics["dropout"] = list(rates)
-        trainer.notify("dropout", "dropout adjusted", [self.control.last_reason])
+        trainer.notify("dropout", "dropout", [self.control.last_reason])
 
     def state_dict(self) -> dict:
         return self.control.state_dict()
@@ -221,37 +227,48 @@ class DropoutControl(Callback):
 
 
 class ClassPenaltyControl(Callback):
-    """Updates per-class loss weights from each class's train-val gap and validation recall."""
+    """Updates per-class loss weights from each class's train-val gap and validation recall.
+
+    The weights are logged every epoch (``class_penalty``); a banner comes only when a class's
+    weight has drifted more than :attr:`ClassPenalty.notable_move` (more than any single epoch
+    can move it) since the last banner, or since the start for the first: the small moves of
+    every epoch stay in the log.
+    """
 
     name = "class_penalty"
 
     def __init__(self, penalty: ClassPenalty, criterion: WeightedCrossEntropy) -> None:
         self.penalty = penalty
         self.criterion = criterion
+        self.announced: list[float] = penalty.weights.tolist()
+        self.announced_epoch = 0
 
     def on_validation_end(self, trainer: Any, metrics: dict) -> None:
         if trainer.rolled_back:
             return
         recall = metrics["val_recall_per_class"]
-        weights = self.penalty.update(metrics["train_acc_per_class"], recall, recall)
-        self.criterion.set_penalty(weights)
-        metrics["class_penalty"] = [round(w, 4) for w in weights.tolist()]
-        change = max(abs(d) for d in self.penalty.changes())
-        if change >= 0.05:
-            names = trainer.cache.class_names
-            top = max(range(len(names)), key=lambda c: float(weights[c]))
-            trainer.notify(
-                "balance",
-                "class penalty moved",
-                [f"largest weight: {names[top]} {float(weights[top]):.2f} (change {change:.2f})"],
-            )
+        weights = self.penalty.update(metrics["train_acc_per_class"], recall, recall).tolist()
+        self.criterion.set_penalty(self.penalty.weights)
+        metrics["class_penalty"] = [round(w, 4) for w in weights]
+        moved = moved_classes(weights, self.announced, self.penalty.notable_move)
+        if not moved:
+            return
+        names = trainer.cache.class_names
+        moves = ", ".join(f"{names[c]} {self.announced[c]:.2f} -> {weights[c]:.2f}" for c in moved)
+        since = f"epoch {self.announced_epoch}" if self.announced_epoch else "the start"
+        trainer.notify("balance", "class penalty", [f"{moves} since {since}"])
+        self.announced, self.announced_epoch = weights, int(metrics["epoch"])
 
     def state_dict(self) -> dict:
-        return self.penalty.state_dict()
+        state = self.penalty.state_dict()
+        return {**state, "announced": self.announced, "announced_epoch": self.announced_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.penalty.load_state_dict(state)
         self.criterion.set_penalty(self.penalty.weights)
+        # A checkpoint from before announcements were tracked: count drift from here on.
+        self.announced = list(state.get("announced", self.penalty.weights.tolist()))
+        self.announced_epoch = int(state.get("announced_epoch", 0))
 
 
 class EarlyStop(Callback):
@@ -334,9 +351,8 @@ class StochasticWeightAveraging(Callback):
         averaged.update_parameters(trainer.model)
         metrics["swa_models"] = self.n_averaged
         if self.n_averaged == 1:
-            trainer.notify(
-                "swa", "weight averaging started", [f"epoch {metrics['epoch']}: first weights in"]
-            )
+            first = f"the weights of epoch {metrics['epoch']} and every later epoch are averaged"
+            trainer.notify("swa", "SWA started", [first])
 
     def on_fit_end(self, trainer: Any, summary: dict) -> None:
         if trainer.stopped == "interrupted" or not trainer.is_main:
@@ -361,7 +377,7 @@ class StochasticWeightAveraging(Callback):
         summary["files"]["swa"] = str(path)
         trainer.notify(
             "swa",
-            f"SWA: {self.n_averaged} epochs averaged",
+            f"SWA finished: {self.n_averaged} epochs averaged",
             [f"BatchNorm statistics recomputed on the training data; saved {path.name}"],
         )
 
@@ -396,15 +412,16 @@ class TemperatureScaling(Callback):
             path = trainer.checkpoint_dir / f"{name}.pt"
             if path.exists():
                 results[name] = self._calibrate(trainer, path)
-        summary["calibration"] = results
+        mode = resolve_tta(self.tta, trainer.model.config.in_channels)
+        summary["calibration"] = {name: {**r, "tta": mode} for name, r in results.items()}
         lines = [
             f"{name}: T={r['temperature']:.3f}  NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}"
             f"  ECE {100 * r['ece_before']:.2f}% -> {100 * r['ece_after']:.2f}%"
             for name, r in results.items()
         ]
-        mode = resolve_tta(self.tta, trainer.model.config.in_channels)
         where = "validation set" if mode == "none" else f"validation set, tta={mode}"
-        trainer.notify("calibration", f"temperature scaling ({where})", lines)
+        # A result, not a decision: the closing summary shows it.
+        trainer.notify("calibration", f"temperature scaling ({where})", lines, banner=False)
 
     def _calibrate(self, trainer: Any, path) -> dict:
         ckpt = load_checkpoint(path)

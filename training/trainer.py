@@ -165,14 +165,17 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def notify(self, kind: str, title: str, lines: Sequence[str] = ()) -> None:
+    def notify(
+        self, kind: str, title: str, lines: Sequence[str] = (), *, banner: bool = True
+    ) -> None:
         """Tell every callback that something happened (a stage change, an intervention).
 
-        The notice is also kept in the epoch's ``events`` list in ``metrics.jsonl``.
+        The notice is also kept in the epoch's ``events`` list in ``metrics.jsonl``. ``banner``
+        False: worth keeping in the logs, not worth interrupting the console for.
         """
-        self._events.append({"kind": kind, "title": title, "lines": list(lines)})
+        self._events.append({"kind": kind, "title": title, "lines": list(lines), "banner": banner})
         for cb in self.callbacks:
-            cb.on_notice(self, kind, title, list(lines))
+            cb.on_notice(self, kind, title, list(lines), banner=banner)
 
     def activate_block(
         self,
