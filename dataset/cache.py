@@ -30,7 +30,20 @@ from dataset import medmnist
 from dataset.errors import DataError
 from dataset.leakage import find_duplicates, image_hashes
 from dataset.locking import exclusive_lock
-from dataset.sources import SPLITS, RawSplits, read_folder, read_npz
+from dataset.near_duplicates import (
+    DEFAULT_MAX_DISTANCE,
+    check_distance,
+    duplicate_groups,
+    find_near_duplicates,
+)
+from dataset.sources import (
+    EMBEDDED,
+    SPLITS,
+    RawSplits,
+    embedded_sample,
+    read_folder,
+    read_npz,
+)
 
 CACHE_VERSION = 1
 DEFAULT_ROOT = Path("data_npy")
@@ -96,10 +109,14 @@ def stratified_split(
         fraction: share held out, in (0, 1).
         seed: seed of the permutation.
         groups: optional ``(N,)`` group id of each item; a group goes wholly to one side, so
-            exact duplicates never straddle the split. Its class is its first member's.
+            copies of one image never straddle the split. Its class is its first member's.
 
-    Each class with at least two groups gives at least one to the held-out part, so small
-    classes still appear there. Both index arrays are sorted.
+    The groups of each class are visited in a seeded random order, and each one is held out
+    if that brings the held-out images closer to ``round(fraction * n)`` of the class's ``n``,
+    so a few large groups do not skew the share (without groups this holds out the first
+    ``round(fraction * n)`` items of the order). Each class with at least two groups gives at
+    least one to the held-out part, so small classes still appear there, and keeps at least
+    one. Both index arrays are sorted.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
@@ -107,20 +124,33 @@ def stratified_split(
         groups = np.arange(len(labels))
     _, first, member_of = np.unique(groups, return_index=True, return_inverse=True)
     group_label = labels[first]
+    group_size = np.bincount(member_of.ravel())
     rng = np.random.default_rng(seed)
     held_groups = []
     for c in np.unique(group_label):
         g = rng.permutation(np.flatnonzero(group_label == c))
-        k = int(round(len(g) * fraction))
-        if len(g) >= 2:
-            k = min(max(k, 1), len(g) - 1)
-        held_groups.append(g[:k])
+        held_groups.append(g[_fill(group_size[g].tolist(), round(group_size[g].sum() * fraction))])
     held = (
         np.isin(member_of, np.concatenate(held_groups))
         if held_groups
         else np.zeros(len(labels), bool)
     )
     return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def _fill(sizes: list[int], target: int) -> np.ndarray:
+    """Which of the groups, visited in order, to take so their sizes sum close to ``target``."""
+    take = np.zeros(len(sizes), dtype=bool)
+    count = 0
+    for i, size in enumerate(sizes):
+        if abs(count + size - target) < abs(count - target):
+            take[i] = True
+            count += size
+    if len(sizes) >= 2 and not take.any():
+        take[0] = True
+    if len(sizes) >= 2 and take.all():
+        take[-1] = False
+    return take
 
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
@@ -205,13 +235,18 @@ def _resolve(source: str | Path, root: Path, progress: bool) -> _Source:
         if not p.is_file():
             raise DataError(p, "file not found")
         return _Source("npz", p, p.stem)
+    sample = embedded_sample(source)
+    if sample is not None:
+        return _Source("npz", sample.path, sample.name)
     parsed = medmnist.parse_name(str(source))
     if parsed is None:
         raise DataError(
             source,
             "not a folder, an .npz file or a MedMNIST name (one of: "
             + ", ".join(sorted(medmnist.MEDMNIST))
-            + ", optionally with _64, _128 or _224)",
+            + ", optionally with _64, _128 or _224), nor an embedded sample ("
+            + ", ".join(EMBEDDED)
+            + ")",
         )
     flag, size = parsed
     info = medmnist.require_single_label(flag)
@@ -265,6 +300,7 @@ def prepare(
     image_size: int | None = None,
     strict_size: bool = False,
     drop_leaked_test: bool = False,
+    near_distance: int = DEFAULT_MAX_DISTANCE,
     rebuild: bool = False,
     progress: bool = True,
 ) -> tuple[CacheInfo, bool]:
@@ -280,6 +316,9 @@ def prepare(
         seed: the seed of those carved splits (recorded in ``meta.json``).
         image_size / strict_size: for folders, see :func:`dataset.sources.read_folder`.
         drop_leaked_test: drop test images whose exact pixels also occur in train or val.
+        near_distance: the Hamming distance (of 256 bits) within which two images count as
+            near duplicates (:mod:`dataset.near_duplicates`), for the report and for carving,
+            which keeps each group of copies on one side; -1 turns the check off.
         rebuild: build even if an up-to-date cache exists.
 
     Returns:
@@ -289,6 +328,7 @@ def prepare(
     for label, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < frac < 0.5:
             raise DataError(None, f"{label} must be in (0, 0.5), got {frac}")
+    check_distance(near_distance)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     src = _resolve(source, root, progress)
@@ -302,6 +342,8 @@ def prepare(
         "image_size": image_size,
         "strict_size": strict_size,
         "drop_leaked_test": drop_leaked_test,
+        # Part of the fingerprint: it decides which images a carved split keeps together.
+        "near_distance": near_distance,
     }
     checksum = _source_checksum(src, old_meta)
     fingerprint = _fingerprint(checksum, params)
@@ -346,7 +388,18 @@ def _build(src, name, out, params, checksum, fingerprint, drop_leaked_test) -> N
         _drop_leaked_test(raw, leakage)
         leakage = find_duplicates(raw.images, raw.labels)
     meta = _make_meta(name, src, raw, checksum, params, fingerprint, split_info, leakage.summary())
+    meta["near_duplicates"] = _near_summary(raw, params["near_distance"])
     _write_atomically(raw, meta, out)
+
+
+def _near_summary(raw: RawSplits, near_distance: int) -> dict:
+    """The near-duplicate counts for ``meta.json``, or why there are none."""
+    if near_distance < 0:
+        return {"skipped": "turned off (near_distance -1)"}
+    report = find_near_duplicates(raw.images, raw.labels, near_distance, max_examples=0)
+    if report is None:
+        return {"skipped": "images under 16x16 pixels are too small for the hash"}
+    return report.summary()
 
 
 def _try_meta(out: Path) -> dict | None:
@@ -364,7 +417,7 @@ def _read_source(src: _Source, params: dict) -> tuple[RawSplits, dict]:
             src.path, image_size=params["image_size"], strict_size=params["strict_size"]
         )
         if not has_splits:
-            _carve(raw, "train", "test", params["test_fraction"], seed)
+            _carve(raw, "train", "test", params["test_fraction"], seed, params["near_distance"])
             split_info.update(test="carved from all images", test_fraction=params["test_fraction"])
         if "test" not in raw.images:
             raise DataError(src.path, "split 'test' has no images (add a test/ or Testing/ folder)")
@@ -372,15 +425,21 @@ def _read_source(src: _Source, params: dict) -> tuple[RawSplits, dict]:
         raw = read_npz(src.path, list(src.class_names) if src.class_names else None)
     if "val" not in raw.images:
         # Seeded +1 so that a folder's test and val carving draw different permutations.
-        _carve(raw, "train", "val", params["val_fraction"], seed + 1)
+        _carve(raw, "train", "val", params["val_fraction"], seed + 1, params["near_distance"])
         split_info.update(val="carved from train", val_fraction=params["val_fraction"])
     return raw, split_info
 
 
-def _carve(raw: RawSplits, src: str, dst: str, fraction: float, seed: int) -> None:
-    # Copies of one image stay together, so the carved split does not leak into the other.
-    digests = np.array(image_hashes(raw.images[src]), dtype="S16")
-    keep, held = stratified_split(raw.labels[src], fraction, seed, groups=digests)
+def _carve(
+    raw: RawSplits, src: str, dst: str, fraction: float, seed: int, near_distance: int
+) -> None:
+    # Copies of one image (exact, and near within near_distance) stay together, so the carved
+    # split does not leak into the other. The other splits join the search: two images that
+    # are each a near copy of one test image belong to one group.
+    parts = [raw.images[src]] + [a for s, a in raw.images.items() if s != src]
+    digests = [d for a in parts for d in image_hashes(a)]
+    groups = duplicate_groups(parts, digests, near_distance)[: len(raw.images[src])]
+    keep, held = stratified_split(raw.labels[src], fraction, seed, groups=groups)
     files = raw.files.get(src)
     raw.images[dst], raw.labels[dst] = raw.images[src][held], raw.labels[src][held]
     raw.images[src], raw.labels[src] = raw.images[src][keep], raw.labels[src][keep]

@@ -14,7 +14,16 @@ from rich.table import Table
 from dataset.cache import DEFAULT_ROOT, CacheInfo, load_cache, prepare
 from dataset.errors import DataError
 from dataset.leakage import LeakageReport, find_duplicates
-from dataset.sources import SPLITS
+from dataset.near_duplicates import (
+    DEFAULT_MAX_DISTANCE,
+    HASH_BITS,
+    NearDuplicateReport,
+    check_distance,
+    find_near_duplicates,
+    orientation,
+)
+from dataset.pair_figure import write_pairs_png
+from dataset.sources import EMBEDDED, SPLITS
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +57,12 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         help="drop test images whose pixels also occur in train or val",
     )
     parser.add_argument(
+        "--near-distance",
+        type=int,
+        help=f"Hamming distance (of {HASH_BITS} hash bits) within which images count as near "
+        f"duplicates, flips and rotations included; -1: off (default {DEFAULT_MAX_DISTANCE})",
+    )
+    parser.add_argument(
         "--rebuild", action="store_true", help="rebuild the cache even if it is up to date"
     )
     parser.add_argument("--no-progress", action="store_true", help="no download progress bar")
@@ -70,6 +85,7 @@ def open_source(args: argparse.Namespace) -> tuple[CacheInfo, bool, float]:
         image_size=args.image_size,
         strict_size=args.strict_size,
         drop_leaked_test=args.drop_leaked_test,
+        near_distance=DEFAULT_MAX_DISTANCE if args.near_distance is None else args.near_distance,
         rebuild=args.rebuild,
         progress=not args.no_progress,
     )
@@ -153,41 +169,120 @@ def print_leakage(
         console.print(table)
 
 
+def print_near(console: Console, near: dict | None) -> None:
+    """One line: the near-duplicate groups of ``meta.json`` (or of a fresh check)."""
+    if near is None:
+        console.print(
+            "[yellow]near duplicates[/]: not checked (cache built before the check; "
+            "`--rebuild` adds it)"
+        )
+        return
+    if "skipped" in near:
+        console.print(f"near duplicates: not checked ({near['skipped']})")
+        return
+    within = ", ".join(f"{s} {n}" for s, n in near["within"].items() if n)
+    beyond = near["across_beyond_exact"]
+    across = ", ".join(
+        f"{k} {n} ({beyond.get(k, 0)} not byte-identical)" for k, n in near["across"].items()
+    )
+    leaked = ", ".join(f"{s} {n}" for s, n in near["leaked"].items())
+    style = "yellow" if near["groups"] else "green"
+    console.print(
+        f"[{style}]near duplicates[/] (hash distance <= {near['max_distance']} of "
+        f"{near['bits']} bits, flips and rotations included): {near['groups']} group(s) of "
+        f"{near['images']} images (largest {near['largest']}); within splits: "
+        f"{within or 'none'}; across splits: [{'red' if beyond else 'green'}]"
+        f"{across or 'none'}[/]"
+        + (f"; images in a group reaching an earlier split: {leaked}" if leaked else "")
+        + f"; label conflicts: {near['label_conflicts']}"
+    )
+
+
+def print_near_pairs(console: Console, report: NearDuplicateReport, files=None) -> None:
+    if not report.closest:
+        return
+    table = Table(
+        title="closest near-duplicate pairs that are not byte-identical (across splits first)",
+        title_justify="left",
+    )
+    for col in ("image A", "label A", "image B", "label B", "distance", "B vs A"):
+        table.add_column(col)
+    for pair in report.closest:
+        row = []
+        for split, idx, label in (pair.a, pair.b):
+            name = files[split][idx] if files and split in files else ""
+            row += [f"{split}[{idx}] {name}", str(label)]
+        row += [str(pair.distance), orientation(pair.transform)]
+        table.add_row(*row, style="red" if pair.label_conflict else None)
+    console.print(table)
+
+
+def _near_distance(args: argparse.Namespace, cache: CacheInfo) -> int:
+    if args.near_distance is not None:
+        return check_distance(args.near_distance)
+    return cache.meta["params"].get("near_distance", DEFAULT_MAX_DISTANCE)
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     cache, built, seconds = open_source(args)
     if args.command in ("prepare", "inspect"):
         print_summary(console, cache, built, seconds)
-    if args.command in ("prepare", "check"):
-        report = None
-        if args.command == "check":
-            splits = {s: cache.images(s) for s in SPLITS}
-            report = find_duplicates(
-                splits, {s: cache.labels(s) for s in SPLITS}, max_examples=args.examples
-            )
-        files_path = cache.path / "files.json"
-        files = json.loads(files_path.read_text()) if files_path.is_file() else None
-        print_leakage(console, cache.meta["leakage"], report, files)
+    if args.command not in ("prepare", "check"):
+        return 0
+    files_path = cache.path / "files.json"
+    files = json.loads(files_path.read_text()) if files_path.is_file() else None
+    if args.command == "prepare":
+        print_leakage(console, cache.meta["leakage"], None, files)
+        print_near(console, cache.meta.get("near_duplicates"))
+        return 0
+    images = {s: cache.images(s) for s in SPLITS}
+    labels = {s: cache.labels(s) for s in SPLITS}
+    report = find_duplicates(images, labels, max_examples=args.examples)
+    print_leakage(console, cache.meta["leakage"], report, files)
+    distance = _near_distance(args, cache)
+    near = None
+    if distance >= 0:
+        near = find_near_duplicates(images, labels, distance, max_examples=args.examples)
+    if near is None:
+        print_near(console, {"skipped": "turned off" if distance < 0 else "images under 16x16"})
+    else:
+        print_near(console, near.summary())
+        print_near_pairs(console, near, files)
+    if args.pairs_png and near is not None:
+        path = write_pairs_png(args.pairs_png, near.closest, images, cache.class_names, files)
+        console.print(f"pairs drawn in {path}")
     return 0
 
 
+SOURCE_HELP = (
+    "an embedded sample ("
+    + ", ".join(f"{name}: {sample.description}" for name, sample in EMBEDDED.items())
+    + "), a MedMNIST name (bloodmnist, bloodmnist_64), an .npz file, an image folder, "
+    "or a cache name under --root"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dataset", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m dataset", description=__doc__, epilog=f"SOURCE: {SOURCE_HELP}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
         "prepare": "build the cache (download if needed); print counts, statistics and duplicates",
         "inspect": "print counts per split and class, image shape and channel statistics",
-        "check": "print the exact-duplicate (leakage) report with the worst pairs",
+        "check": "print the exact- and near-duplicate (leakage) reports with example pairs",
     }
     for command, text in helps.items():
         p = sub.add_parser(command, help=text, description=text)
-        p.add_argument(
-            "source",
-            help="MedMNIST name (bloodmnist, bloodmnist_64), .npz file, image folder, "
-            "or a cache name under --root",
-        )
+        p.add_argument("source", help=SOURCE_HELP)
         add_source_arguments(p)
         if command == "check":
             p.add_argument("--examples", type=int, default=10, help="pairs to list (default 10)")
+            p.add_argument(
+                "--pairs-png",
+                type=Path,
+                help="draw the closest near-duplicate pairs (not byte-identical) in this PNG",
+            )
     return parser
 
 

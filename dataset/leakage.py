@@ -1,7 +1,8 @@
 """Exact-duplicate check: the same pixels within a split, or in two splits.
 
 Every image is hashed (BLAKE2b of its bytes and shape), so the check is linear in the data and
-finds byte-identical copies only; near-duplicates (re-encoded, shifted) are out of its reach.
+finds byte-identical copies only; flipped, rotated, re-encoded or shifted copies are the work of
+:mod:`dataset.near_duplicates`.
 """
 
 from __future__ import annotations

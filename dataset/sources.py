@@ -314,3 +314,55 @@ def _load_image(path: Path, mode: str, size: tuple[int, int]) -> tuple[np.ndarra
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(path, f"unreadable image: {exc}") from exc
     return (arr[..., None] if arr.ndim == 2 else arr), changed
+
+
+# ---------------------------------------------------------------------- embedded
+
+
+@dataclass(frozen=True)
+class EmbeddedSample:
+    """A small dataset shipped inside the package (``dataset/default/``), usable by name.
+
+    Args:
+        name: the short name that stands for it as a source, e.g. ``"bloodcells_mini"``.
+        filename: its MedMNIST-layout ``.npz`` in ``dataset/default/``.
+        description: what it holds, in a few words, for start-up messages.
+    """
+
+    name: str
+    filename: str
+    description: str
+
+    @property
+    def path(self) -> Path:
+        return EMBEDDED_DIR / self.filename
+
+
+# Beside this module, so an installed package finds it whatever the working directory.
+EMBEDDED_DIR = Path(__file__).resolve().parent / "default"
+EMBEDDED: dict[str, EmbeddedSample] = {
+    sample.name: sample
+    for sample in (
+        EmbeddedSample(
+            "bloodcells_mini",
+            "bloodcells_mini.npz",
+            "3,000 of the 17,092 PBC blood-cell images, 28x28, 8 classes, CC BY 4.0",
+        ),
+    )
+}
+
+
+def embedded_sample(source: str | Path) -> EmbeddedSample | None:
+    """The embedded sample that ``source`` names, or ``None``.
+
+    A file or folder of that name in the working directory wins over the sample, as it does
+    over a MedMNIST name.
+    """
+    sample = EMBEDDED.get(str(source).strip().lower())
+    if sample is None or Path(source).exists():
+        return None
+    if not sample.path.is_file():
+        raise DataError(
+            sample.path, f"the embedded sample {sample.name!r} is missing from the package"
+        )
+    return sample

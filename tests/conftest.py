@@ -19,6 +19,14 @@ def shared_file(name: str) -> Path:
     return path
 
 
+def shared_folder(name: str) -> Path:
+    """A folder of ../shared/data, or a skip that says why the test cannot run."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {path} is absent (../shared/data is not beside this checkout)")
+    return path
+
+
 def make_arrays(n: int, size: int = 8, channels: int = 3, classes: int = 3, seed: int = 0):
     """``n`` random uint8 images ``(n, size, size, channels)`` and balanced labels ``(n,)``."""
     rng = np.random.default_rng(seed)

@@ -1,0 +1,72 @@
+"""A PNG of near-duplicate pairs side by side, to judge by eye whether they are copies."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from dataset.near_duplicates import NearPair, orientation
+
+
+def _caption(where: tuple[str, int, int], files, class_names) -> str:
+    split, index, label = where
+    name = files[split][index] if files and split in files else f"#{index}"
+    cls = class_names[label] if 0 <= label < len(class_names) else str(label)
+    return f"{split}[{index}] {cls}\n{name}"
+
+
+def write_pairs_png(
+    path: str | Path,
+    pairs: list[NearPair],
+    images: dict[str, np.ndarray],
+    class_names: list[str],
+    files: dict[str, list[str]] | None = None,
+) -> Path:
+    """Draw each pair as a row (image A, image B) with split, index, class, file and distance.
+
+    Args:
+        path: the PNG to write (written to a temporary name, then renamed).
+        pairs: the pairs, e.g. ``NearDuplicateReport.closest``; an empty list draws a note.
+        images: split -> uint8 ``(N, H, W, C)``.
+        class_names: index = label.
+        files: split -> the original file name of each image, where known.
+    """
+    from matplotlib.figure import Figure  # imported here: only this command draws
+
+    path = Path(path)
+    rows = max(len(pairs), 1)
+    fig = Figure(figsize=(5.2, 2.7 * rows), layout="constrained")
+    axes = fig.subplots(rows, 2, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not pairs:
+        axes[0, 0].text(0, 0.5, "no near-duplicate pairs\nbeyond byte-identical copies")
+    for row, pair in zip(axes, pairs, strict=False):
+        for ax, where in zip(row, (pair.a, pair.b), strict=True):
+            img = images[where[0]][where[1]]
+            grey = img.shape[-1] == 1
+            ax.imshow(img[..., 0] if grey else img, cmap="gray" if grey else None, vmin=0, vmax=255)
+            ax.set_title(_caption(where, files, class_names), fontsize=7)
+        conflict = "  LABELS DIFFER" if pair.label_conflict else ""
+        row[1].text(
+            0.5,
+            -0.06,
+            f"distance {pair.distance}; B vs A: {orientation(pair.transform)}{conflict}",
+            transform=row[1].transAxes,
+            ha="center",
+            va="top",
+            fontsize=7,
+            color="red" if conflict else "black",
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
