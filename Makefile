@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= bloodmnist
 ARGS ?=
+RUN_DIR ?=
 
 .PHONY: venv train data test lint bench bench-regimen
 
@@ -16,9 +17,15 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 venv: $(STAMP)
 
-## Train on the default dataset (BloodMNIST); pass options with ARGS="--preset cpu ...".
+## Train, then score the run on its test split. Without options: the embedded bloodcells_mini
+## sample and the preset that suits the machine (full on a CUDA GPU, cpu otherwise). Options go in
+## ARGS="--data bloodmnist --preset full ..."; RUN_DIR=runs/NAME names the run folder.
 train: $(STAMP)
-	$(PY) models/train.py $(ARGS)
+	@run="$(RUN_DIR)"; run="$${run:-runs/train-$$(date +%Y%m%d-%H%M%S)}"; \
+	echo "$(PY) models/train.py --run-dir $$run $(ARGS)"; \
+	$(PY) models/train.py --run-dir "$$run" $(ARGS) && \
+	echo "$(PY) test.py --run-dir $$run" && \
+	$(PY) test.py --run-dir "$$run"
 
 data: $(STAMP)
 	$(PY) -m dataset prepare $(DATA)

@@ -2,25 +2,46 @@
 
 Configuration: typed defaults -> ``--preset`` -> ``--config FILE.yaml`` -> ``--set key=value`` ->
 the shortcut flags; ``--resume RUN_DIR`` continues a run from its ``checkpoints/last.pt``.
+Without ``--data`` it trains on the embedded sample ``bloodcells_mini``; without a preset it
+picks ``full`` on a CUDA GPU and ``cpu`` elsewhere.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
 from dataset.errors import DataError
+from dataset.sources import embedded_sample
 from training.build import build_trainer, default_run_dir, load_resume
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, build_parser, config_from_args, format_config
 from training.console import warn
 
 
+def data_note(source: str) -> str | None:
+    """One line when ``source`` is an embedded sample: what it is and how to train on more."""
+    sample = embedded_sample(source)
+    if sample is None:
+        return None
+    return (
+        f"data: {sample.name}, the embedded sample ({sample.description}); "
+        "the full BloodMNIST: --data bloodmnist; your own images: --data path/to/folder"
+    )
+
+
+def eval_command(run_dir: Path) -> str:
+    """The command that scores ``run_dir`` on its test split."""
+    return f"python test.py --run-dir {shlex.quote(str(run_dir))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(highlight=False)
+    notes: list[str] = []
     try:
         if args.resume:
             cfg, ckpt = load_resume(args.resume)
@@ -31,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.run.epochs = args.epochs  # allow extending a finished run
             run_dir = Path(args.resume)
         else:
-            cfg, ckpt = config_from_args(args), None
+            cfg, ckpt = config_from_args(args, announce=notes.append), None
             run_dir = Path(cfg.run.run_dir) if cfg.run.run_dir else default_run_dir(cfg)
         console.print("[bold]configuration[/]\n" + format_config(cfg), markup=True)
+        # After the long configuration dump, so the choices made for the user stay in view.
+        notes.append(data_note(cfg.data.source) or "")
+        for note in filter(None, notes):
+            console.print(note, soft_wrap=True, markup=False)
         summary = build_trainer(cfg, run_dir, console=console, resume=ckpt).fit()
     except (ConfigError, DataError, CheckpointError) as exc:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
@@ -41,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["stopped"] == "interrupted":
         console.print(f"[yellow]stopped; resume with: python models/train.py --resume {run_dir}[/]")
         return 130
+    console.print(f"test it with: {eval_command(run_dir)}", soft_wrap=True, markup=False)
     return 0
 
 

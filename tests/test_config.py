@@ -42,7 +42,8 @@ def write_yaml(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
 
 
 def from_cli(*argv: str) -> TrainConfig:
-    return config_from_args(build_parser().parse_args(list(argv)))
+    # A CUDA machine's choice (the full preset) wherever the tests run; see tests/test_device.py.
+    return config_from_args(build_parser().parse_args(list(argv)), cuda_available=lambda: True)
 
 
 # --------------------------------------------------------------------------- defaults and presets

@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from training.metrics_log import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,7 +83,8 @@ def test_ctrl_c_saves_and_says_how_to_resume(tiny_npz, tmp_path):
     )
     deadline = time.monotonic() + 120
     for line in proc.stdout:  # wait until training is under way
-        if line.startswith("epoch 2/40") or time.monotonic() > deadline:
+        # "epoch 2/40" or "epoch  2/40": the console may pad the number to the total's width.
+        if line.split()[:2] == ["epoch", "2/40"] or time.monotonic() > deadline:
             break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -92,3 +97,25 @@ def test_ctrl_c_saves_and_says_how_to_resume(tiny_npz, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "resuming at epoch" in proc.stdout and "epoch 3/3" in proc.stdout
+    # --epochs extends the stored plan as it is: the 40-epoch boundaries are not rescaled.
+    assert "plan: 3 epochs (the resumed run's stored plan, not rescaled)" in proc.stdout
+
+
+def test_epochs_compresses_the_presets_plan(tiny_npz, tmp_path):
+    """--epochs 6 runs the cpu preset's 30-epoch regimen in 6: every block joins, SWA averages
+    the last epochs and the lr ends at the end of its schedule."""
+    run_dir = tmp_path / "run"
+    # A fall of validation accuracy on 12 images would roll back and halve the lr for good.
+    cmd = train_cmd(tiny_npz, tmp_path, run_dir, "--epochs", "6", "--set", "safety.rollback=false")
+    proc = run(cmd, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "plan: 6 epochs (cpu preset's 30-epoch plan scaled x0.2)" in proc.stdout
+    assert (run_dir / "checkpoints" / "swa.pt").is_file()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["active_blocks"] == 3
+    assert rows[-1]["swa_models"] == 2  # epochs 5 and 6
+    # Block 1's rate (multiplier 1) ends at the cosine's end rate, the lowest of the run.
+    cosine_end = 3e-3 * 0.05  # the preset's optim.lr x schedule.cosine_end_ratio
+    assert rows[-1]["lr"][0] == pytest.approx(cosine_end)
+    assert min(r["lr"][0] for r in rows) == rows[-1]["lr"][0]

@@ -7,10 +7,12 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from training.schedule import (
     LR_PLOT_NAME,
     LRSchedule,
+    Marker,
     PlateauState,
     StagedSchedule,
     plot_schedule,
@@ -343,3 +345,18 @@ def test_plot_rejects_reduction_before_plateau(tmp_path):
     with pytest.raises(ValueError, match=r"plateau_epochs=\(30,\).*cosine_end_epoch=40"):
         plot_schedule(DEFAULT, 2, 60, tmp_path, plateau_epochs=(30,))
     assert not (tmp_path / LR_PLOT_NAME).exists()
+
+
+def test_plot_draws_the_plans_spans_in_lanes_under_the_curve(tmp_path):
+    plain = plot_schedule(DEFAULT, 5, 60, tmp_path / "plain.png")
+    moment = [Marker("block 2 joins", 15.0)]
+    spans = [Marker("SWA", 44.0, 60.0, "epochs 45-60 averaged"), Marker("Mixup", 0.0, 15.0)]
+    marked = plot_schedule(DEFAULT, 5, 60, tmp_path / "marked.png", markers=[*moment, *spans])
+    late = plot_schedule(DEFAULT, 5, 60, tmp_path / "late.png", markers=[Marker("SWA", 61, 70)])
+    height = {p.stem: Image.open(p).size[1] for p in (plain, marked, late)}
+    assert height["marked"] > height["plain"]  # the lanes add height
+    assert height["late"] == height["plain"]  # a span after the run is left out
+    assert (
+        plain.read_bytes()
+        != plot_schedule(DEFAULT, 5, 60, tmp_path / "m.png", markers=moment).read_bytes()
+    )

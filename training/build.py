@@ -23,11 +23,12 @@ from training.config import (
 )
 from training.console import ConsoleCallback, warn
 from training.data import make_loaders, prepare_cache
-from training.device import amp_dtype, resolve_device
+from training.device import amp_dtype, resolve_device, slow_settings_warning
 from training.events import Callback
 from training.metrics_log import MetricsLogger
 from training.mixup import Mixup
-from training.regimen import regimen_callbacks
+from training.plan import plan_lines, plan_markers
+from training.regimen import earliest_stop_epoch, regimen_callbacks
 from training.schedule import plot_schedule
 from training.seeding import make_generator, seed_everything
 from training.trainer import Trainer
@@ -75,12 +76,8 @@ def build_trainer(
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
-    if device.type == "cpu" and not cfg.preset and is_main:
-        warn(
-            console,
-            "no GPU found: the default (full) settings are made for a GPU and will be "
-            "slow here; add --preset cpu for a narrow model and a short schedule",
-        )
+    if is_main and (message := slow_settings_warning(device, cfg.preset)):
+        warn(console, message)
     cache = prepare_cache(cfg.data, progress=is_main)
     try:  # caught here, not after training, where the calibration would first use it
         resolve_tta_for_images(cfg.run.tta, tuple(cache.meta["image_shape"]))
@@ -119,6 +116,7 @@ def build_trainer(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        print_plan(cfg, console, resumed=resume is not None)
         if cfg.schedule.kind == "staged":
             plot_schedule(
                 staged_schedule(cfg),
@@ -126,8 +124,18 @@ def build_trainer(
                 cfg.run.epochs,
                 run_dir,
                 trainer.schedule.plateau.reductions,
+                markers=plan_markers(cfg),
             )
     return trainer
+
+
+def print_plan(cfg: TrainConfig, console: Console, *, resumed: bool = False) -> None:
+    """The run's phases in epochs, one line each (:func:`training.plan.plan_lines`)."""
+    stop = earliest_stop_epoch(cfg) if cfg.safety.early_stop else None
+    lines = plan_lines(cfg, resumed=resumed, stop_not_before=stop)
+    console.print(lines[0], style="bold", markup=False, highlight=False, soft_wrap=True)
+    for line in lines[1:]:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def build_criterion(cfg: TrainConfig, cache) -> WeightedCrossEntropy:

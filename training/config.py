@@ -4,10 +4,15 @@ Every setting lives in one :class:`TrainConfig` made of five sections (``data``,
 ``optim``, ``schedule``, ``run``). A run's configuration is resolved in layers, later ones winning:
 
 1. the dataclass defaults (the designed long GPU run);
-2. a preset from :data:`PRESETS` (``--preset cpu`` for a laptop run of minutes);
+2. a preset from :data:`PRESETS` (``--preset cpu`` for a laptop run of minutes); the command
+   line picks one from the hardware when neither ``--preset`` nor the file names one;
 3. a YAML file with the same nested section names (``--config FILE.yaml``);
 4. ``--set section.field=value`` overrides, values read as YAML (numbers, bools, lists);
 5. the shortcut flags (``--epochs``, ``--lr``, ...).
+
+A preset plans for its own length (``run.epochs`` after layer 2). When layers 3-5 ask for another
+length, every setting counted in epochs that they do not set is scaled to it
+(:func:`training.plan.scale_plan`); values the user sets stay as given.
 
 Each field carries a rule (its allowed values in words plus a check), so one validator covers
 every field and every error message names the field path, the bad value and what is allowed::
@@ -48,6 +53,8 @@ from models.basic_cnn_model import (
     NUM_BLOCKS,
     ModelConfig,
 )
+from training.device import choose_preset
+from training.plan import EPOCH_FIELDS, Rescale, first_swa_epoch, scale_plan
 from training.tta import TTA_MODES
 
 
@@ -152,8 +159,9 @@ class DataConfig:
     """Where the images come from and how they are split, augmented and loaded.
 
     Args:
-        source: a MedMNIST name (``bloodmnist``, ``bloodmnist_64``), an ``.npz`` path or an
-            image folder.
+        source: the embedded sample ``bloodcells_mini`` (the default: 3,000 blood-cell images
+            shipped with the package, no download), a MedMNIST name (``bloodmnist``,
+            ``bloodmnist_64``), an ``.npz`` path or an image folder.
         root: the cache root the source is converted into.
         val_fraction: share of train carved out as validation when the source has none.
         split_seed: seed of the carved splits.
@@ -167,7 +175,7 @@ class DataConfig:
         balanced_sampling: draw training batches with class-balanced sampling.
     """
 
-    source: str = _field("bloodmnist", TEXT)
+    source: str = _field("bloodcells_mini", TEXT)
     root: str = _field("data_npy", TEXT)
     # dataset.cache.prepare accepts (0, 0.5); checking here fails before any data is touched.
     val_fraction: float = _field(0.1, Rule("a number in (0, 0.5)", lambda v: 0 < v < 0.5))
@@ -423,7 +431,9 @@ class RunConfig:
     """How and where the run executes.
 
     Args:
-        epochs: epochs to train.
+        epochs: epochs to train. The other settings counted in epochs follow it: a length other
+            than the preset's (60, 30 for ``cpu``) scales those not set explicitly
+            (``training.plan``).
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         amp: mixed precision, "auto" (float16 on CUDA, bfloat16 on a CPU with native bf16,
             off elsewhere), "off", "fp16", "bf16".
@@ -459,6 +469,8 @@ class TrainConfig:
     Args:
         data, model, optim, schedule, run: the sections.
         preset: name of the preset the run started from ("" for none).
+        scaling: how the epoch settings were fitted to ``run.epochs`` when the configuration was
+            resolved (None: as planned, or rebuilt from a stored config); not saved.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -471,6 +483,7 @@ class TrainConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = ""
+    scaling: Rescale | None = field(default=None, compare=False, repr=False)
 
 
 SECTIONS: dict[str, type] = {
@@ -651,17 +664,22 @@ def _check_section(name: str, section: Any) -> None:
         setattr(section, f.name, value)
 
 
+def _check_fields(cfg: TrainConfig) -> None:
+    """Coerce and check every field on its own (no rule between fields)."""
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        if not isinstance(section, SECTIONS[name]):
+            raise ConfigError(f"{name} must be a {SECTIONS[name].__name__}, got {section!r}")
+        _check_section(name, section)
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Check every field (normalising types in place, e.g. an int lr becomes a float).
 
     Raises:
         ConfigError: naming the first bad field, its value and the allowed values.
     """
-    for name in SECTIONS:
-        section = getattr(cfg, name)
-        if not isinstance(section, SECTIONS[name]):
-            raise ConfigError(f"{name} must be a {SECTIONS[name].__name__}, got {section!r}")
-        _check_section(name, section)
+    _check_fields(cfg)
     if cfg.schedule.min_lr > cfg.optim.lr:
         allowed = f"a number in [0, optim.lr={cfg.optim.lr!r}]"
         raise _invalid("schedule.min_lr", cfg.schedule.min_lr, allowed)
@@ -706,7 +724,7 @@ def _check_staged(cfg: TrainConfig) -> None:
 def earliest_swa_epoch(u: UnfreezeConfig) -> int:
     """The first epoch whose weights may enter the SWA average: after the last activation in
     ``u.activate_at``, and once the head blend that follows it is over."""
-    return int(u.activate_at[-1]) + max(1, math.ceil(u.head_blend_epochs))
+    return first_swa_epoch(u.activate_at[-1], u.head_blend_epochs)
 
 
 def _check_regimen(cfg: TrainConfig) -> None:
@@ -752,11 +770,15 @@ def _check_key(section: str, key: str, origin: str) -> None:
         raise _unknown_key(f"{section}.{key}", allowed, origin)
 
 
-def _merge(tree: dict, layer: Mapping[str, Any], origin: str) -> None:
+def _merge(tree: dict, layer: Mapping[str, Any], origin: str) -> set[str]:
     """Copy a nested ``{section: {field: value}}`` mapping onto ``tree``, rejecting unknown keys.
 
     A top-level ``preset`` key is skipped: callers that honour it read it themselves.
+
+    Returns:
+        The ``section.field`` paths the layer set.
     """
+    paths: set[str] = set()
     for section, values in layer.items():
         if section == "preset":
             continue
@@ -770,6 +792,8 @@ def _merge(tree: dict, layer: Mapping[str, Any], origin: str) -> None:
         for key, value in values.items():
             _check_key(section, str(key), origin)
             tree[section][key] = copy.deepcopy(value)
+            paths.add(f"{section}.{key}")
+    return paths
 
 
 def _parse_override(item: str) -> tuple[str, str, Any]:
@@ -830,22 +854,66 @@ def _resolve(
     overrides: Sequence[str],
     values: Mapping[str, Any],
 ) -> TrainConfig:
-    """Defaults -> preset -> YAML -> ``overrides`` strings -> typed ``values`` (path -> value)."""
+    """Defaults -> preset -> YAML -> ``overrides`` strings -> typed ``values`` (path -> value).
+
+    When ``run.epochs`` ends up other than the preset's (or the defaults') length, the epoch
+    settings the YAML file and the overrides do not set follow it (:func:`_fit_to_length`).
+    """
     tree = config_to_dict(TrainConfig())
     layer = _read_yaml(Path(yaml_path)) if yaml_path is not None else {}
     # An explicit preset beats the file's "preset:" key, as the command line beats the file.
     preset = preset or str(layer.get("preset") or "")
     if preset:
         _merge(tree, _preset_layer(preset), f"preset {preset!r}")
-    _merge(tree, layer, str(yaml_path))
+    base_epochs = tree["run"]["epochs"]
+    given = _merge(tree, layer, str(yaml_path))
     for item in overrides:
         section, key, value = _parse_override(item)
         tree[section][key] = value
+        given.add(f"{section}.{key}")
     for path, value in values.items():
         section, _, key = path.partition(".")
         _check_key(section, key, "")
         tree[section][key] = value
-    return _build(tree, preset)
+        given.add(path)
+    cfg = TrainConfig(**{name: cls(**tree[name]) for name, cls in SECTIONS.items()}, preset=preset)
+    _check_fields(cfg)  # typed values first: the scaling does arithmetic on them
+    _fit_to_length(cfg, base_epochs, given)
+    _check_given(cfg, given)
+    validate_config(cfg)
+    return cfg
+
+
+def _fit_to_length(cfg: TrainConfig, base_epochs: int, given: set[str]) -> None:
+    """Scale the epoch settings not in ``given`` from a ``base_epochs`` plan to ``run.epochs``."""
+    if cfg.run.epochs == base_epochs:
+        return
+    paths = [*EPOCH_FIELDS, "run.epochs", "schedule.kind", "unfreeze.enabled"]
+    flat = {path: _get(cfg, path) for path in paths}
+    for path, value in scale_plan(flat, base_epochs, given).items():
+        section, _, key = path.partition(".")
+        setattr(getattr(cfg, section), key, value)
+    origin = f"{cfg.preset} preset's" if cfg.preset else "default"
+    kept = tuple(path for path in EPOCH_FIELDS if path in given)
+    cfg.scaling = Rescale(base_epochs, cfg.run.epochs, origin, kept)
+
+
+def _get(cfg: TrainConfig, path: str) -> Any:
+    section, _, key = path.partition(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _check_given(cfg: TrainConfig, given: set[str]) -> None:
+    """Refuse the user's own values that cannot work in a run of ``run.epochs`` epochs.
+
+    Derived values that do not fit a short run are not refused: the plan says what is not reached.
+    """
+    s, epochs = cfg.safety, cfg.run.epochs
+    if "safety.swa_start_epoch" in given and s.swa and s.swa_start_epoch > epochs:
+        allowed = (
+            f"an epoch <= run.epochs={epochs} (SWA would never start), or set safety.swa=false"
+        )
+        raise _invalid("safety.swa_start_epoch", s.swa_start_epoch, allowed)
 
 
 def load_config(
@@ -872,7 +940,7 @@ def load_config(
 
 def config_to_dict(cfg: TrainConfig) -> dict:
     """The configuration as nested plain dicts, lists and scalars (fit for YAML and checkpoints)."""
-    return asdict(cfg)
+    return {**{name: asdict(getattr(cfg, name)) for name in SECTIONS}, "preset": cfg.preset}
 
 
 def config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
@@ -952,8 +1020,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--config", metavar="FILE.yaml", help="YAML file with data/model/optim/schedule/run")
-    add("--preset", metavar="NAME", choices=list(PRESETS), help=f"one of {', '.join(PRESETS)}")
-    add("--data", metavar="SOURCE", help="MedMNIST name, .npz file or image folder (data.source)")
+    add(
+        "--preset",
+        metavar="NAME",
+        choices=list(PRESETS),
+        help=f"one of {', '.join(PRESETS)}; default (unless the --config file names one): "
+        "full on a CUDA GPU, cpu otherwise",
+    )
+    add(
+        "--data",
+        metavar="SOURCE",
+        help="bloodcells_mini (the embedded sample, default), a MedMNIST name such as "
+        "bloodmnist, an .npz file or an image folder (data.source)",
+    )
     add("--epochs", type=int, metavar="N", help="epochs to train (run.epochs)")
     add("--batch-size", type=int, metavar="N", help="images per step (optim.batch_size)")
     add("--lr", type=float, metavar="LR", help="peak learning rate (optim.lr)")
@@ -975,11 +1054,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def _requested_device(
+    layer: Mapping[str, Any], overrides: Sequence[str], values: Mapping[str, Any]
+) -> str:
+    """The ``run.device`` the file, ``--set`` and ``--device`` ask for, the last one winning."""
+    device: Any = "auto"
+    run = layer.get("run")
+    if isinstance(run, Mapping) and "device" in run:
+        device = run["device"]
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if sep and path.strip() == "run.device":
+            device = text.strip()
+    device = values.get("run.device", device)
+    return str(device) if device else "auto"
+
+
+def config_from_args(
+    args: argparse.Namespace,
+    *,
+    cuda_available: Callable[[], bool] | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> TrainConfig:
     """Resolve the configuration from parsed :func:`build_parser` arguments.
 
     ``--set`` overrides come first, then the shortcut flags, so ``--epochs`` beats
     ``--set run.epochs=...``. ``args.resume`` is left for the caller.
+
+    When neither ``--preset`` nor the ``--config`` file's ``preset:`` key names a preset, the
+    run's device picks one (:func:`training.device.choose_preset`: "full" on CUDA, "cpu"
+    elsewhere), so a first run on a laptop takes minutes; the config records the choice.
+    :func:`load_config` keeps the plain defaults.
+
+    Args:
+        args: the parsed command line.
+        cuda_available: the CUDA probe of that choice (default ``torch.cuda.is_available``).
+        announce: receives the one-line message of a choice made here; ``None`` stays silent.
     """
     values = {
         path: getattr(args, dest)
@@ -988,9 +1098,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     }
     if getattr(args, "no_amp", False):
         values["run.amp"] = "off"
-    return _resolve(
-        getattr(args, "preset", None) or "",
-        getattr(args, "config", None),
-        getattr(args, "overrides", None) or [],
-        values,
-    )
+    yaml_path = getattr(args, "config", None)
+    overrides = getattr(args, "overrides", None) or []
+    preset, choice = getattr(args, "preset", None) or "", None
+    if not preset:
+        layer = _read_yaml(Path(yaml_path)) if yaml_path is not None else {}
+        if not layer.get("preset"):
+            choice = choose_preset(_requested_device(layer, overrides, values), cuda_available)
+            preset = choice.preset
+    cfg = _resolve(preset, yaml_path, overrides, values)
+    if choice is not None and announce is not None:
+        announce(choice.message())
+    return cfg

@@ -1,13 +1,16 @@
 """Pick the device to train on and the autocast dtype that pays off on it.
 
 Public API:
-    resolve_device, amp_dtype, cpu_has_native_bf16, DEVICE_SPECS, AMP_MODES.
+    resolve_device, amp_dtype, cpu_has_native_bf16, choose_preset, PresetChoice,
+    slow_settings_warning, DEVICE_SPECS, AMP_MODES.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -159,3 +162,65 @@ def _auto_dtype(kind: str) -> torch.dtype | None:
     if kind == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+# --------------------------------------------------------------------------- preset
+
+
+@dataclass(frozen=True)
+class PresetChoice:
+    """The preset picked for a run that names none, and why.
+
+    Args:
+        preset: "full" (the long GPU run) or "cpu" (a narrow model on a short schedule).
+        reason: what decided it, e.g. "no CUDA GPU found".
+    """
+
+    preset: str
+    reason: str
+
+    def message(self) -> str:
+        """One line for the console, with the flag that asks for the other preset."""
+        if self.preset == "cpu":
+            other = "--preset full for the long GPU run"
+        else:
+            other = "--preset cpu for a short run"
+        return f"preset: {self.preset} ({self.reason}; {other})"
+
+
+def choose_preset(
+    device: str = "auto", cuda_available: Callable[[], bool] | None = None
+) -> PresetChoice:
+    """The preset that suits the device a run will use: "full" on CUDA, "cpu" anywhere else.
+
+    Args:
+        device: the run's device spec ("auto", "cpu", "cuda", "cuda:N", "mps"); a spec that
+            names a device decides alone, "auto" asks ``cuda_available``. An invalid spec
+            counts as not CUDA (the config check reports it).
+        cuda_available: whether a CUDA GPU is usable (default ``torch.cuda.is_available``);
+            called only for "auto".
+    """
+    text = device.strip().lower()
+    if text == "auto":
+        if (cuda_available or torch.cuda.is_available)():
+            return PresetChoice("full", "CUDA GPU found")
+        return PresetChoice("cpu", "no CUDA GPU found")
+    if text == "cuda" or _CUDA_INDEX.fullmatch(text):
+        return PresetChoice("full", f"run.device is {text}")
+    return PresetChoice("cpu", f"run.device is {text}")
+
+
+def slow_settings_warning(device: torch.device, preset: str) -> str | None:
+    """A warning when the GPU settings are about to train off CUDA, else ``None``.
+
+    Args:
+        device: the resolved training device.
+        preset: the run's preset name ("" for the plain defaults, which are the full run).
+    """
+    if device.type == "cuda" or preset == "cpu":
+        return None
+    settings = f"the {preset} preset is" if preset else "the default (full) settings are"
+    return (
+        f"{settings} made for a CUDA GPU and will be slow on {device.type}; "
+        "--preset cpu trains a narrow model on a short schedule"
+    )

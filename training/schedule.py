@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -436,6 +437,21 @@ class PlateauState:
 _PLOT_POINTS = 2000
 
 
+class Marker(NamedTuple):
+    """An event of the run drawn on the schedule's epoch axis (schedule positions).
+
+    ``end`` None: a moment, drawn as a vertical line at ``start`` (a block joining after epoch
+    ``start``). Otherwise a span from ``start`` to ``end``, drawn as a bar in a lane of its own
+    under the learning rate (the SWA window, Mixup, the augmentation ramp), named ``label`` and
+    annotated with ``note``.
+    """
+
+    label: str
+    start: float
+    end: float | None = None
+    note: str = ""
+
+
 def _illustrative_scales(
     sched: StagedSchedule, plateau_epochs: Sequence[int]
 ) -> tuple[list[float], list[float]]:
@@ -458,6 +474,7 @@ def plot_schedule(
     total_epochs: int,
     path: str | Path,
     plateau_epochs: Sequence[int] = (),
+    markers: Sequence[Marker] = (),
 ) -> Path:
     """Draw lr against epoch (log scale) with phase boundaries and floors; write it atomically.
 
@@ -471,6 +488,8 @@ def plot_schedule(
         path: the figure's file if it ends in ``.png``, else a folder (created if missing) to
             write ``lr_schedule.png`` into.
         plateau_epochs: epochs from which a plateau reduction applies.
+        markers: the run's other events (block activations, SWA, Mixup, ...); a span gets a
+            lane under the curve, a moment a vertical line across it.
 
     Returns:
         The path of the written figure.
@@ -496,7 +515,7 @@ def plot_schedule(
     # place: a reader never sees half a PNG.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        _draw(sched, epochs, lrs, starts, float(total_epochs), tmp)
+        _draw(sched, (epochs, lrs), starts, list(markers), float(total_epochs), tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -505,9 +524,9 @@ def plot_schedule(
 
 def _draw(
     sched: StagedSchedule,
-    epochs: list[float],
-    lrs: list[float],
+    curve: tuple[list[float], list[float]],
     reductions: list[float],
+    markers: list[Marker],
     total: float,
     out: Path,
 ) -> None:
@@ -515,10 +534,55 @@ def _draw(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    spans = [m for m in markers if m.end is not None and m.start < total]
+    fig = Figure(figsize=(9, 5.5 if spans else 4.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.plot(epochs, lrs, color="C0", lw=1.6, label="learning rate")
+    if spans:
+        # The lanes' share of the height grows with their number.
+        ratios = [4.0, max(1.0, 0.45 * len(spans))]
+        ax, lanes = fig.subplots(2, 1, sharex=True, height_ratios=ratios)
+    else:
+        ax, lanes = fig.subplots(), None
+    _draw_curve(ax, sched, curve, reductions, total)
+    ax.set_title("staged learning-rate schedule" + (" and the run's plan" if markers else ""))
+    moments = [m for m in markers if m.end is None and 0 < m.start < total]
+    _draw_moments(ax, lanes, moments)
+    ax.set_xlim(0, total)
+    # Above the axes: inside, any corner can hide a phase label, a block label or the curve.
+    fig.legend(loc="outside upper center", ncols=4, fontsize=8, frameon=False)
+    if lanes is not None:
+        _draw_lanes(lanes, spans, total)
+        lanes.set_xlabel("epoch")
+    else:
+        ax.set_xlabel("epoch")
+    fig.savefig(out, format="png", dpi=110)
+
+
+def _draw_moments(ax, lanes, moments: list[Marker]) -> None:
+    """A vertical line per moment across the curve (and the lanes), named at its foot."""
+    for i, m in enumerate(moments):
+        ax.axvline(m.start, color="C1", ls="-.", lw=1.1, label="block joins" if i == 0 else None)
+        if lanes is not None:
+            lanes.axvline(m.start, color="C1", ls="-.", lw=1.1)
+        text = f"{m.label} "
+        foot = ax.get_xaxis_transform()
+        ax.text(
+            m.start,
+            0.03,
+            text,
+            transform=foot,
+            rotation=90,
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="C1",
+        )
+
+
+def _draw_curve(
+    ax, sched: StagedSchedule, curve: tuple[list[float], list[float]], reductions, total: float
+) -> None:
+    ax.plot(*curve, color="C0", lw=1.6, label="learning rate")
     ax.set_yscale("log")
     phases = [
         (0.0, sched.warmup_epochs, "warmup"),
@@ -526,13 +590,17 @@ def _draw(
         (sched.onecycle_end_epoch, sched.cosine_end_epoch, "cosine"),
         (sched.cosine_end_epoch, math.inf, "plateau"),
     ]
+    previous, y_last = -math.inf, 0.98
     for start, end, label in phases:
         if end <= start or start >= total:
             continue
         if start > 0:
             ax.axvline(start, color="0.45", lw=0.9)
+        # A label too close to the previous one goes a line lower, so short phases stay legible.
+        y = 0.98 if start - previous > 0.1 * total or y_last < 0.98 else 0.92
+        previous, y_last = start, y
         # x in data units, y in axes units: the label sits at the top whatever the lr range.
-        ax.text(start, 0.98, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        ax.text(start, y, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
     bounds = [start for start, _ in sched.floors[1:]] + [math.inf]
     for i, ((start, min_lr), end) in enumerate(zip(sched.floors, bounds, strict=True)):
         if start < total:
@@ -541,10 +609,26 @@ def _draw(
     for i, epoch in enumerate(e for e in reductions if e < total):
         label = "plateau reduction (illustrative)" if i == 0 else None
         ax.axvline(epoch, color="C2", ls=":", lw=1.0, label=label)
-    ax.set_xlim(0, total)
-    ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
-    ax.set_title("staged learning-rate schedule")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.savefig(out, format="png", dpi=110)
+
+
+def _draw_lanes(lanes, spans: list[Marker], total: float) -> None:
+    """One horizontal bar per span, top to bottom in the given order, named on the y axis."""
+    rows = range(len(spans))
+    pad = 0.01 * total
+    for row, m in zip(rows, spans, strict=True):
+        end = min(float(m.end), total)  # type: ignore[arg-type]
+        lanes.barh(row, end - m.start, left=m.start, height=0.6, color=f"C{row + 4}", alpha=0.45)
+        # The note goes after a bar that ends early, inside a long one, else before it.
+        if end <= 0.6 * total:
+            x, ha = end + pad, "left"
+        elif end - m.start >= 0.4 * total:
+            x, ha = m.start + pad, "left"
+        else:
+            x, ha = m.start - pad, "right"
+        box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1}
+        lanes.text(x, row, m.note, va="center", ha=ha, fontsize=8, bbox=box)
+    lanes.set_yticks(list(rows), [m.label for m in spans], fontsize=8)
+    lanes.set_ylim(len(spans) - 0.5, -0.5)
+    lanes.grid(True, axis="x", alpha=0.25)
