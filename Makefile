@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DATA ?= bloodmnist
+DATA ?= bloodcells_mini
 ARGS ?=
 RUN_DIR ?=
 

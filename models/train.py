@@ -18,7 +18,7 @@ from dataset.errors import DataError
 from dataset.sources import embedded_sample
 from training.build import build_trainer, default_run_dir, load_resume
 from training.checkpoint import CheckpointError
-from training.config import ConfigError, build_parser, config_from_args, format_config
+from training.config import ConfigError, build_parser, config_from_args, format_changes
 from training.console import warn
 
 
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg, ckpt = config_from_args(args, announce=notes.append), None
             run_dir = Path(cfg.run.run_dir) if cfg.run.run_dir else default_run_dir(cfg)
-        console.print("[bold]configuration[/]\n" + format_config(cfg), markup=True)
-        # After the long configuration dump, so the choices made for the user stay in view.
+        # What differs from the preset, not all ~100 settings: config.yaml holds every one.
+        notes.append(f"{format_changes(cfg)}; every setting: {run_dir / 'config.yaml'}")
         notes.append(data_note(cfg.data.source) or "")
         for note in filter(None, notes):
             console.print(note, soft_wrap=True, markup=False)

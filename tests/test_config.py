@@ -528,3 +528,18 @@ def test_staged_schedule_follows_the_config() -> None:
     assert staged.peak == cfg.optim.lr
     assert staged.onecycle_end == pytest.approx(cfg.optim.lr * cfg.schedule.onecycle_end_ratio)
     assert staged.floors == ((40.0, 0.0002),)
+
+
+def test_config_changes_lists_what_differs_from_the_preset_only() -> None:
+    from training.config import config_changes, format_changes
+
+    assert config_changes(load_config("cpu")) == {}
+    assert format_changes(load_config("cpu")) == "configuration: cpu preset, unchanged"
+    cfg = load_config("cpu", overrides=["optim.lr=0.001", "run.epochs=6", "run.run_dir=/tmp/x"])
+    # The epoch settings that followed run.epochs are the plan's business, the folder the header's.
+    assert config_changes(cfg) == {"optim.lr": (0.003, 0.001), "run.epochs": (30, 6)}
+    kept = load_config("cpu", overrides=["run.epochs=6", "safety.swa_start_epoch=6"])
+    assert config_changes(kept)["safety.swa_start_epoch"] == (24, 6)
+    line = format_changes(cfg)
+    assert line.startswith("configuration: cpu preset, changed: ") and "\n" not in line
+    assert "optim.lr 0.003 -> 0.001" in line

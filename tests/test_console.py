@@ -166,7 +166,7 @@ def test_plain_mode_prints_few_progress_lines_and_no_escapes(model):
     console, buf = make_console()
     best = {"metric": "val_acc", "value": 0.8, "epoch": 1}
     trainer = make_trainer(model, best=best, batches_per_epoch=40)
-    cb = ConsoleCallback(console, "auto")
+    cb = ConsoleCallback(console, "auto", quiet_seconds=0)
     assert cb.mode == "plain"
     run_epoch(cb, trainer, 1, metrics(1), batches=40)
     out = buf.getvalue()
@@ -176,6 +176,16 @@ def test_plain_mode_prints_few_progress_lines_and_no_escapes(model):
     epoch_lines = [line for line in out.splitlines() if line.startswith("epoch 1/5")]
     assert len(epoch_lines) == 1
     assert "80.00%" in epoch_lines[0] and "lr 1.00e-03" in epoch_lines[0]
+
+
+def test_plain_mode_keeps_a_short_epoch_to_its_result_line(model):
+    console, buf = make_console()
+    trainer = make_trainer(model, batches_per_epoch=40)
+    cb = ConsoleCallback(console, "plain", quiet_seconds=3600)
+    run_epoch(cb, trainer, 1, metrics(1), batches=40)
+    lines = buf.getvalue().splitlines()
+    assert [line for line in lines if "batch " in line] == []
+    assert len([line for line in lines if line.startswith("epoch 1/5")]) == 1
 
 
 def test_off_mode_prints_nothing_per_batch(model):

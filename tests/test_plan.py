@@ -277,7 +277,7 @@ def test_plan_lines_one_per_phase():
         "block 2",
         "block 3",
         "Mixup",
-        "aug. ramp",
+        "augmentation",
         "SWA",
         "early stop",
     ]
@@ -330,9 +330,12 @@ def test_plan_markers():
     marks = plan_markers(load_config("cpu", overrides=["run.epochs=6"]))
     assert marks[:2] == [Marker("block 2 joins", 1.0), Marker("block 3 joins", 2.0)]
     spans = {m.label: (m.start, m.end) for m in marks[2:]}
-    assert spans == {"SWA": (4.0, 6.0), "Mixup": (0.0, 1.2), "aug. ramp": (0.0, 1.0)}
+    # The cpu preset's strength stays at 0.01: no ramp to draw.
+    assert spans == {"SWA": (4.0, 6.0), "Mixup": (0.0, 1.2)}
     short = plan_markers(load_config("cpu", overrides=["run.epochs=2"]))
-    assert [m.label for m in short] == ["block 2 joins", "Mixup", "aug. ramp"]  # no SWA
+    assert [m.label for m in short] == ["block 2 joins", "Mixup"]  # no SWA
+    ramp = plan_markers(load_config(overrides=["run.epochs=30"]))
+    assert ("aug. ramp", 0.0, 5.0) in [(m.label, m.start, m.end) for m in ramp]
 
 
 def test_presets_are_not_changed_by_scaling():

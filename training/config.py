@@ -1,7 +1,8 @@
 """The training configuration: typed defaults -> preset -> YAML file -> command line, validated.
 
-Every setting lives in one :class:`TrainConfig` made of five sections (``data``, ``model``,
-``optim``, ``schedule``, ``run``). A run's configuration is resolved in layers, later ones winning:
+Every setting lives in one :class:`TrainConfig` made of nine sections (:data:`SECTIONS`: ``data``,
+``model``, ``optim``, ``schedule``, the regimen's ``unfreeze``, ``regularize``, ``balance`` and
+``safety``, and ``run``). A run's configuration is resolved in layers, later ones winning:
 
 1. the dataclass defaults (the designed long GPU run);
 2. a preset from :data:`PRESETS` (``--preset cpu`` for a laptop run of minutes); the command
@@ -20,10 +21,11 @@ every field and every error message names the field path, the bad value and what
     optim.lr=-1.0 is invalid; allowed: a number > 0
 
 Public API:
-    DataConfig, ModelSection, OptimConfig, ScheduleConfig, RunConfig, TrainConfig, PRESETS,
-    ConfigError, load_config, validate_config, config_to_dict, config_from_dict, save_config,
-    LEGACY_DEFAULTS,
-    format_config, build_parser, config_from_args, earliest_swa_epoch.
+    DataConfig, ModelSection, OptimConfig, ScheduleConfig, UnfreezeConfig, RegularizeConfig,
+    BalanceConfig, SafetyConfig, RunConfig, TrainConfig, SECTIONS, PRESETS, ConfigError,
+    load_config, validate_config, config_to_dict, config_from_dict, save_config, LEGACY_DEFAULTS,
+    format_config, config_changes, format_changes, build_parser, config_from_args,
+    earliest_swa_epoch.
 """
 
 from __future__ import annotations
@@ -510,11 +512,9 @@ PRESETS: dict[str, dict] = {
     "full": {},
     # The designed 60-epoch regimen fitted into 30 epochs, narrow, with BatchNorm (GroupNorm is
     # several times slower on a CPU), a lower peak lr and lighter regularisation: a model this
-    # small underfits 28x28 images under the full-strength set.
+    # small underfits 28x28 images under the full-strength set. The measurements behind each
+    # value are in docs/regimen-measurements.md ("Why each value of the cpu preset").
     "cpu": {
-        # Blocks of 32/64/128 channels with PyTorch's default start for the linear layers:
-        # bloodcells test accuracy (swa, seeds 0/1) 0.9868/0.9851 against 0.9842/0.9804 with
-        # width 0.25 (16/128/64) and Kaiming-initialised linear layers.
         "model": {
             "block_channels": [32, 64, 128],
             "linear_init": "torch",
@@ -523,10 +523,8 @@ PRESETS: dict[str, dict] = {
             "noise_std": 0.02,
         },
         "optim": {"batch_size": 128, "lr": 3e-3, "weight_decay": 0.01},
-        # The one-cycle phase ends at 0.6 x the peak (not 0.2) and the cosine runs to epoch 26:
-        # the deeper blocks need a high rate after they join. Measured on bloodcells (15-epoch
-        # version of this schedule, strided model): test accuracy 0.9707 against 0.9602 with
-        # the quarter-scaled design phases.
+        # The one-cycle phase ends at 0.6 x the peak (not 0.2) and the cosine runs late: the
+        # deeper blocks need a high rate after they join.
         "schedule": {
             "warmup_epochs": 1,
             "onecycle_end_epoch": 12,
@@ -547,18 +545,16 @@ PRESETS: dict[str, dict] = {
             "warmup_epochs": 0.25,
         },
         "regularize": {"mixup_alpha": 0.2, "mixup_end_epoch": 6.0, "dropout_max": 0.3},
-        # Validation accuracy swings by 5-6 points from one epoch to the next while the rate is
-        # high (BatchNorm statistics at lr ~3e-3); a 0.05 threshold rolled such runs back and
-        # halved their rate for good, so the preset only rolls back on a 10-point fall.
+        # Validation accuracy swings by several points between epochs while the rate is high
+        # (BatchNorm statistics at lr ~3e-3): a smaller threshold rolls healthy runs back and
+        # halves their rate for good.
         "safety": {"patience": 8, "swa_start_epoch": 24, "rollback_threshold": 0.1},
-        # "auto": bfloat16 autocast where the CPU has native bf16 (2.2x faster training steps
-        # on an AMX machine), full precision elsewhere.
+        # "auto": bfloat16 autocast where the CPU has native bf16, full precision elsewhere
+        # (without native bf16 it is slower than fp32).
         "run": {"epochs": 30, "amp": "auto"},
         # Flips and right-angle rotations (p = 0.5 at any strength above 0) and almost nothing
-        # else: the affine and intensity transforms at p <= 0.007. Bloodcells test accuracy (swa,
-        # mean of seeds 0-13) 0.9858 against 0.9844 with a ramp from 0.2 to 0.5 over 6 epochs
-        # (the plain loop of bench/regimen.py: 0.9852); brain MRI (seeds 0/1) 0.9809/0.9756
-        # against 0.9802/0.9771.
+        # else: the affine and intensity transforms at p <= 0.007; the small model fits the
+        # small images better without them.
         "data": {
             "workers": 0,
             "aug_strength": 0.01,
@@ -976,6 +972,35 @@ def format_config(cfg: TrainConfig) -> str:
     return yaml.dump(
         config_to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False
     )
+
+
+def config_changes(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{"section.field": (preset's value, value)}`` for the settings that differ from the
+    preset the run started from (the defaults when none), the console's short account of a run.
+
+    Epoch settings that only followed ``run.epochs`` are left out (the printed plan shows them),
+    and so is ``run.run_dir`` (the header shows it); ``config.yaml`` holds everything.
+    """
+    base = config_to_dict(load_config(cfg.preset))
+    ours = config_to_dict(cfg)
+    derived = set(EPOCH_FIELDS) - set(cfg.scaling.kept) if cfg.scaling else set()
+    changes = {}
+    for section in SECTIONS:
+        for key, value in ours[section].items():
+            path = f"{section}.{key}"
+            if value != base[section][key] and path not in derived | {"run.run_dir"}:
+                changes[path] = (base[section][key], value)
+    return changes
+
+
+def format_changes(cfg: TrainConfig) -> str:
+    """One line: the preset and what differs from it (see :func:`config_changes`)."""
+    changes = config_changes(cfg)
+    start = f"{cfg.preset} preset" if cfg.preset else "the defaults"
+    if not changes:
+        return f"configuration: {start}, unchanged"
+    items = ", ".join(f"{path} {old!r} -> {new!r}" for path, (old, new) in changes.items())
+    return f"configuration: {start}, changed: {items}"
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

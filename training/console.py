@@ -44,6 +44,9 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 # Fractions of an epoch at which plain mode reports progress: at most three lines, plus the
 # epoch's result line, keeps a log readable however many batches an epoch has.
 PLAIN_MILESTONES: tuple[float, ...] = (0.25, 0.5, 0.75)
+# A progress line only says the run is alive, which nobody wonders about in an epoch of a few
+# seconds: plain mode skips the milestones reached before this many seconds of the epoch.
+PLAIN_QUIET_SECONDS = 10.0
 
 # Border and title style of a banner, by kind; unknown kinds fall back to "info".
 NOTICE_STYLES: dict[str, tuple[str, str]] = {
@@ -211,11 +214,19 @@ class ConsoleCallback(Callback):
         mode: "auto" (a live bar on a terminal, plain lines otherwise), "bar", "plain"
             (at most three progress lines per epoch, for logs and CI) or "off" (nothing per
             batch; the header, epoch lines, banners and summary are still printed).
+        quiet_seconds: plain mode prints no progress line in an epoch's first this many
+            seconds, so short epochs leave one line each in a log.
     """
 
-    def __init__(self, console: Console | None = None, mode: str = "auto") -> None:
+    def __init__(
+        self,
+        console: Console | None = None,
+        mode: str = "auto",
+        quiet_seconds: float = PLAIN_QUIET_SECONDS,
+    ) -> None:
         self.console = console if console is not None else Console()
         self.mode = resolve_mode(mode, self.console)
+        self.quiet_seconds = quiet_seconds
         self._progress: Progress | None = None
         self._task: Any = None
         self._in_epoch = False
@@ -301,7 +312,8 @@ class ConsoleCallback(Callback):
         elif self.mode == "plain" and self._milestones and self._seen >= self._milestones[0]:
             while self._milestones and self._seen >= self._milestones[0]:
                 self._milestones.pop(0)
-            self._print_progress_line(trainer, running)
+            if time.perf_counter() - self._started >= self.quiet_seconds:
+                self._print_progress_line(trainer, running)
 
     def _print_progress_line(self, trainer: Any, running: str) -> None:
         share = 100 * self._seen / max(self._total, 1)

@@ -352,7 +352,7 @@ def _regularise_lines(cfg: TrainConfig) -> list[_Row]:
         rows = [_line("Mixup", "off")]
     if not d.augment:
         rows.append(_line("augmentation", "off"))
-    elif d.aug_ramp_epochs == 0:
+    elif not _ramps(d):
         rows.append(_line("augmentation", "no ramp", f"strength {d.aug_strength:g} throughout"))
     else:
         what = f"strength {d.aug_start_strength:g} -> {d.aug_strength:g}"
@@ -380,6 +380,12 @@ def _safety_lines(cfg: TrainConfig, stop_not_before: int | None) -> list[_Row]:
 # --------------------------------------------------------------------------- the plan drawn
 
 
+def _ramps(d: Any) -> bool:
+    """Whether the augmentation strength changes during the run (a ramp from a value to itself,
+    as in the cpu preset, is no ramp to show)."""
+    return d.aug_ramp_epochs > 0 and d.aug_start_strength != d.aug_strength
+
+
 def plan_markers(cfg: TrainConfig) -> list[Marker]:
     """The plan's events on the schedule's epoch axis, for :func:`training.schedule.plot_schedule`.
 
@@ -401,7 +407,7 @@ def plan_markers(cfg: TrainConfig) -> list[Marker]:
         end = r.mixup_end_epoch
         note = f"alpha {r.mixup_alpha:g} -> 0 at epoch {end:g}"
         marks.append(Marker("Mixup", 0.0, float(min(end, total)), note))
-    if d.augment and d.aug_ramp_epochs > 0:
+    if d.augment and _ramps(d):
         ramp = d.aug_ramp_epochs
         note = f"strength {d.aug_start_strength:g} -> {d.aug_strength:g}, {_epochs(1, ramp, total)}"
         marks.append(Marker("aug. ramp", 0.0, float(min(ramp, total)), note))
