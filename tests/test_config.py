@@ -209,6 +209,7 @@ def test_set_is_repeatable() -> None:
         (["--deterministic"], "run.deterministic", True),
         (["--no-amp"], "run.amp", "off"),
         (["--workers", "2"], "data.workers", 2),
+        (["--image-size", "64"], "data.image_size", 64),
         (["--preset", "cpu"], "model.norm", "batch"),
     ],
 )

@@ -443,3 +443,10 @@ def test_close_stops_a_live_bar_after_a_crash(model):
     cb.close()
     assert cb._progress is None
     assert "\x1b[?25h" in buf.getvalue()  # the cursor is shown again
+
+
+def test_header_names_a_source_once_when_it_is_the_cache_name():
+    from training.console import _data_name
+
+    assert _data_name("bloodcells_mini", "bloodcells_mini") == "bloodcells_mini"
+    assert _data_name("brain", "../data/brain.npz") == "brain (../data/brain.npz)"

@@ -297,3 +297,24 @@ def test_train_transform_factory_pickles_for_spawned_workers(cache):
     clone = pickle.loads(pickle.dumps(ds))
     clone.set_epoch(3)
     assert clone.strength == pytest.approx(2 / 3) and clone[0][0].shape == (3, 8, 8)
+
+
+def test_data_image_size_resizes_a_folder_into_its_own_cache(folder_factory, tmp_path):
+    from training.config import DataConfig
+    from training.data import prepare_cache
+
+    folder = folder_factory({"train": {"a": 6, "b": 6}, "test": {"a": 3, "b": 3}}, size=(8, 8))
+    root = str(tmp_path / "cache")
+    small = prepare_cache(DataConfig(source=str(folder), root=root, image_size=4), progress=False)
+    native = prepare_cache(DataConfig(source=str(folder), root=root), progress=False)
+    assert (small.image_size, native.image_size) == (4, 8)
+    assert small.path.name == "images_4px" and native.path.name == "images"
+
+
+def test_data_image_size_is_refused_for_sources_that_are_not_folders(npz_factory, tmp_path):
+    from training.config import ConfigError, DataConfig
+    from training.data import prepare_cache
+
+    npz = npz_factory()
+    with pytest.raises(ConfigError, match=r"data.image_size=4 is invalid .*only image folders"):
+        prepare_cache(DataConfig(source=str(npz), root=str(tmp_path), image_size=4))

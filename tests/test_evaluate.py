@@ -561,3 +561,11 @@ def test_script_end_to_end_writes_report_and_figure(script_run):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert "test_report.json" in out and "reliability.png" in out and "macro-F1" in out
     assert "best+T" in out and "ECE" in out and "swa: temperature not fitted" in out
+
+
+def test_a_deleted_cache_is_rebuilt_with_the_runs_own_size_and_split_options():
+    from training.evaluate import _prepare_kwargs
+
+    stored = {"config": {"data": {"image_size": 0, "split_seed": 3, "val_fraction": 0.2}}}
+    assert _prepare_kwargs(stored) == {"image_size": None, "seed": 3, "val_fraction": 0.2}
+    assert _prepare_kwargs({"config": {"data": {"image_size": 64}}}) == {"image_size": 64}

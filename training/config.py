@@ -175,6 +175,8 @@ class DataConfig:
         aug_ramp_epochs: epochs of the strength ramp; 0 uses ``aug_strength`` from the start.
         workers: DataLoader worker processes; -1 picks a number from the CPU count.
         balanced_sampling: draw training batches with class-balanced sampling.
+        image_size: for an image folder, resize every image to this square size; 0 keeps the
+            folder's most common size. Each size gets its own cache, ``<folder>_<size>px``.
     """
 
     source: str = _field("bloodcells_mini", TEXT)
@@ -189,6 +191,7 @@ class DataConfig:
     aug_ramp_epochs: int = _field(10, _int_at_least(0, " (0 = no ramp)"))
     workers: int = _field(-1, _int_at_least(-1, " (-1 = auto)"))
     balanced_sampling: bool = _field(False, BOOL)
+    image_size: int = _field(0, _int_at_least(0, " (0 = the folder's most common size)"))
 
 
 @dataclass
@@ -1030,6 +1033,7 @@ SHORTCUTS: dict[str, str] = {
     "device": "run.device",
     "run_dir": "run.run_dir",
     "workers": "data.workers",
+    "image_size": "data.image_size",
     "deterministic": "run.deterministic",
 }
 
@@ -1068,6 +1072,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--deterministic", action="store_true", default=None, help="slower, repeatable kernels")
     add("--no-amp", action="store_true", help="no mixed precision (run.amp=off)")
     add("--workers", type=int, metavar="N", help="DataLoader workers, -1 = auto (data.workers)")
+    add(
+        "--image-size",
+        type=int,
+        metavar="PX",
+        help="image folders: resize to PX x PX (data.image_size; default: the common size)",
+    )
     add(
         "--set",
         dest="overrides",

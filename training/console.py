@@ -182,6 +182,11 @@ def model_table(model: torch.nn.Module) -> Table:
     return table
 
 
+def _data_name(cache_name: str, source: str) -> str:
+    """The cache's name, and the source it came from when that says more (a path, a URL)."""
+    return cache_name if source == cache_name else f"{cache_name} ({source})"
+
+
 def settings_grid(trainer: Any) -> Table:
     """Key-value lines: device, data, batch, epochs, monitor, run folder."""
     cfg, cache = trainer.config, trainer.cache
@@ -192,7 +197,7 @@ def settings_grid(trainer: Any) -> Table:
     size = f"{cache.image_size}x{cache.image_size}x{cache.channels}"
     rows = [
         ("device", _device_text(trainer.device, trainer.amp_dtype)),
-        ("data", f"{cache.name} ({cfg.data.source}), images {size}"),
+        ("data", f"{_data_name(cache.name, cfg.data.source)}, images {size}"),
         ("batch", f"{batch} x {accumulation} accumulation = {batch * accumulation} per step"),
         ("epochs", f"{cfg.run.epochs}, {trainer.batches_per_epoch:,} batches each"),
         ("monitor", cfg.run.monitor),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler
@@ -31,12 +32,29 @@ def resolve_workers(requested: int, device: torch.device) -> int:
 
 
 def prepare_cache(data_cfg, progress: bool = True) -> CacheInfo:
-    """Build or reuse the cache that ``data_cfg`` (a ``DataConfig``) names."""
+    """Build or reuse the cache that ``data_cfg`` (a ``DataConfig``) names.
+
+    Raises:
+        ConfigError: ``data.image_size`` set for a source that is not an image folder.
+    """
+    size, name = data_cfg.image_size or None, None
+    if size is not None:
+        folder = Path(data_cfg.source)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"data.image_size={size} is invalid for data.source={data_cfg.source!r}; "
+                "allowed: 0 (only image folders are resized; MedMNIST names choose a size "
+                "themselves, e.g. bloodmnist_64)"
+            )
+        # Its own cache name, so a folder trained at two sizes keeps both caches.
+        name = f"{folder.resolve().name}_{size}px"
     cache, _ = prepare(
         data_cfg.source,
         data_cfg.root,
+        name=name,
         val_fraction=data_cfg.val_fraction,
         seed=data_cfg.split_seed,
+        image_size=size,
         drop_leaked_test=data_cfg.drop_leaked_test,
         progress=progress,
     )

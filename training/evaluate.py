@@ -253,7 +253,10 @@ def build_model(ckpt: dict) -> BasicCNNModel:
 def _prepare_kwargs(ckpt: dict) -> dict[str, Any]:
     """The cache-building options the run trained with, so a rebuild gives the same splits."""
     data_cfg = (ckpt.get("config") or {}).get("data") or {}
-    return {arg: data_cfg[key] for key, arg in _PREPARE_ARGS.items() if key in data_cfg}
+    kwargs = {arg: data_cfg[key] for key, arg in _PREPARE_ARGS.items() if key in data_cfg}
+    if "image_size" in kwargs:  # the config's 0 is prepare's None: the folder's common size
+        kwargs["image_size"] = kwargs["image_size"] or None
+    return kwargs
 
 
 def _checkpoint_cache(ckpt: dict) -> CacheInfo:
