@@ -98,8 +98,8 @@ def _cpu_flags() -> set[str]:
 def cpu_has_native_bf16(capability: str | None = None, flags: set[str] | None = None) -> bool:
     """Whether the CPU runs bfloat16 math natively, so that bf16 autocast is faster than fp32.
 
-    Without native support the CPU converts every bf16 operand to fp32 and back; on an AVX2
-    machine that made bf16 autocast 3-14x slower than fp32 in our measurements.
+    Without native support the CPU converts every bf16 operand to fp32 and back, which makes
+    bf16 autocast slower than fp32 (docs/benchmarks.md has the figures).
 
     ``torch.backends.cpu.get_cpu_capability()`` names the kernel set torch dispatches to
     ("DEFAULT", "NO AVX", "AVX2", "AVX512", "VSX", "Z VECTOR", "SVE128/256/512" in torch 2.x);

@@ -1,0 +1,87 @@
+"""Every command in the README's shell blocks is one the project accepts.
+
+Each ``python models/train.py`` line is parsed and its configuration resolved (a renamed flag,
+field or preset fails here), each ``python test.py`` and ``python -m dataset`` line is parsed, and
+each ``make`` target exists. What the commands do is covered by the end-to-end tests
+(tests/test_entry_points.py and the others); this file keeps the guide from drifting.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from dataset.cli import build_parser as dataset_parser
+from training.config import TrainConfig, build_parser, config_from_args, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _load_test_entry():
+    # Loaded by path: "import test" could find the standard library's test package instead.
+    spec = importlib.util.spec_from_file_location("test_entry", ROOT / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shell_commands(markdown: str) -> list[str]:
+    """The command lines of the ```bash blocks, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        for line in block.splitlines():
+            command = line.split("  #", 1)[0].split(" # ", 1)[0].strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+COMMANDS = shell_commands(README)
+
+
+def _args(command: str, prefix: str) -> list[str]:
+    return shlex.split(command)[len(shlex.split(prefix)) :]
+
+
+def test_the_readme_has_the_quick_start_first():
+    assert COMMANDS[:2] == ["make train", "make test"]
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("make ")])
+def test_make_targets_exist(command):
+    targets = re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert shlex.split(command)[1] in targets
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python models/train.py")])
+def test_train_commands_resolve(command, tmp_path):
+    stored = tmp_path / "config.yaml"
+    save_config(TrainConfig(), stored)
+    argv = [
+        str(stored) if a == "runs/NAME/config.yaml" else a
+        for a in _args(command, "python models/train.py")
+    ]
+    args = build_parser().parse_args(argv)
+    if not args.resume:
+        cfg = config_from_args(args)
+        assert cfg.run.epochs >= 1
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python test.py")])
+def test_test_commands_parse(command):
+    _load_test_entry().get_args_parser().parse_args(_args(command, "python test.py"))
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m dataset")])
+def test_dataset_commands_parse(command):
+    dataset_parser().parse_args(_args(command, "python -m dataset"))
+
+
+def test_every_command_is_checked_by_one_of_the_tests_above():
+    known = ("make ", "python models/train.py", "python test.py", "python -m dataset")
+    assert [c for c in COMMANDS if not c.startswith(known)] == []
