@@ -193,3 +193,17 @@ def test_resume_with_other_architecture_is_a_clear_error(tiny_npz, tmp_path):
     cfg.model.width = 0.25
     with pytest.raises(CheckpointError, match="width"):
         fit(cfg, resume=ckpt)
+
+
+def test_a_stage_banner_shows_a_scaled_warmup_in_three_digits(tiny_npz, tmp_path):
+    cfg = tiny_config(tiny_npz, tmp_path, "run", "run.epochs=1", "unfreeze.activate_at=[2, 4]")
+    trainer, _ = fit(cfg)
+    shown: list[str] = []
+
+    class Listen(Callback):
+        def on_notice(self, trainer, kind, title, lines, banner=True):
+            shown.extend(lines)
+
+    trainer.callbacks.append(Listen())
+    trainer.activate_block(2, warmup_epochs=1 / 60)
+    assert any("warmup 0.0167 ep" in line for line in shown), shown  # not 0.0166667

@@ -230,10 +230,10 @@ class Trainer:
             f"STAGE {k}: block {k} active" + (f" ({reason})" if reason else ""),
             [
                 f"trainable parameters {before:,} -> {after:,}",
-                f"new groups: {', '.join(added)} (lr x{lr_mult:g}, warmup {warmup_epochs:g} ep)",
+                f"new groups: {', '.join(added)} (lr x{lr_mult:g}, warmup {warmup_epochs:.3g} ep)",
                 f"learning rates now: {lrs}",
                 f"head {old} -> {k}: "
-                + (f"blended over {head_blend_epochs:g} ep" if blend else "switched at once"),
+                + (f"blended over {head_blend_epochs:.3g} ep" if blend else "switched at once"),
             ],
         )
         return added
