@@ -130,6 +130,15 @@ def print_summary(console: Console, cache: CacheInfo, built: bool, seconds: floa
         console.print(f"[yellow]note:[/] {note}")
 
 
+def _pair_cells(pair, files: dict | None) -> list[str]:
+    """Image and label cells of both sides of a pair: ``split[index] original-name``, label."""
+    cells = []
+    for split, idx, label in (pair.a, pair.b):
+        name = files[split][idx] if files and split in files else ""
+        cells += [f"{split}[{idx}] {name}", str(label)]
+    return cells
+
+
 def print_leakage(
     console: Console, leak: dict, report: LeakageReport | None = None, files=None
 ) -> None:
@@ -160,10 +169,7 @@ def print_leakage(
         for col in ("image A", "label A", "image B", "label B"):
             table.add_column(col)
         for pair in report.worst:
-            row = []
-            for split, idx, label in (pair.a, pair.b):
-                name = files[split][idx] if files and split in files else ""
-                row += [f"{split}[{idx}] {name}", str(label)]
+            row = _pair_cells(pair, files)
             style = "red" if pair.label_conflict else None
             table.add_row(*row, style=style)
         console.print(table)
@@ -208,10 +214,7 @@ def print_near_pairs(console: Console, report: NearDuplicateReport, files=None) 
     for col in ("image A", "label A", "image B", "label B", "distance", "B vs A"):
         table.add_column(col)
     for pair in report.closest:
-        row = []
-        for split, idx, label in (pair.a, pair.b):
-            name = files[split][idx] if files and split in files else ""
-            row += [f"{split}[{idx}] {name}", str(label)]
+        row = _pair_cells(pair, files)
         row += [str(pair.distance), orientation(pair.transform)]
         table.add_row(*row, style="red" if pair.label_conflict else None)
     console.print(table)
