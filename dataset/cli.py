@@ -68,6 +68,15 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no download progress bar")
 
 
+def _build_distance(args: argparse.Namespace) -> int:
+    """The near-duplicate distance the cache is built with. ``check`` only reads: its
+    ``--near-distance`` sets the report's distance, never the cache's (and so never the carve
+    that training reuses)."""
+    if args.command == "check" or args.near_distance is None:
+        return DEFAULT_MAX_DISTANCE
+    return args.near_distance
+
+
 def open_source(args: argparse.Namespace) -> tuple[CacheInfo, bool, float]:
     """The cache for ``args.source``: an existing cache name under the root, or built from it."""
     start = time.perf_counter()
@@ -85,7 +94,7 @@ def open_source(args: argparse.Namespace) -> tuple[CacheInfo, bool, float]:
         image_size=args.image_size,
         strict_size=args.strict_size,
         drop_leaked_test=args.drop_leaked_test,
-        near_distance=DEFAULT_MAX_DISTANCE if args.near_distance is None else args.near_distance,
+        near_distance=_build_distance(args),
         rebuild=args.rebuild,
         progress=not args.no_progress,
     )

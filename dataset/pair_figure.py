@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset.errors import DataError
 from dataset.near_duplicates import NearPair, orientation
 
 
@@ -45,23 +46,21 @@ def write_pairs_png(
     if not pairs:
         axes[0, 0].text(0, 0.5, "no near-duplicate pairs\nbeyond byte-identical copies")
     for row, pair in zip(axes, pairs, strict=False):
-        for ax, where in zip(row, (pair.a, pair.b), strict=True):
+        conflict = "  LABELS DIFFER" if pair.label_conflict else ""
+        # The pair's verdict goes in B's title: a note under the images would sit on the titles
+        # of the row below.
+        verdict = f"distance {pair.distance}; B vs A: {orientation(pair.transform)}{conflict}"
+        for ax, where, extra in zip(row, (pair.a, pair.b), ("", verdict), strict=True):
             img = images[where[0]][where[1]]
             grey = img.shape[-1] == 1
             ax.imshow(img[..., 0] if grey else img, cmap="gray" if grey else None, vmin=0, vmax=255)
-            ax.set_title(_caption(where, files, class_names), fontsize=7)
-        conflict = "  LABELS DIFFER" if pair.label_conflict else ""
-        row[1].text(
-            0.5,
-            -0.06,
-            f"distance {pair.distance}; B vs A: {orientation(pair.transform)}{conflict}",
-            transform=row[1].transAxes,
-            ha="center",
-            va="top",
-            fontsize=7,
-            color="red" if conflict else "black",
-        )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+            title = _caption(where, files, class_names) + (f"\n{extra}" if extra else "")
+            ax.set_title(title, fontsize=7, color="red" if conflict and extra else "black")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    except OSError as err:
+        raise DataError(path, f"cannot write the pairs PNG: {err.strerror}") from None
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)

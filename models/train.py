@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg, ckpt = config_from_args(args, announce=notes.append), None
             run_dir = Path(cfg.run.run_dir) if cfg.run.run_dir else default_run_dir(cfg)
-        # What differs from the preset, not all ~100 settings: config.yaml holds every one.
-        notes.append(f"{format_changes(cfg)}; every setting: {run_dir / 'config.yaml'}")
+        # What differs from the preset, not all ~100 settings: config.yaml holds every one. A
+        # resumed run's stored settings were resolved before; listing them as changes would
+        # count every epoch setting its plan scaled.
+        stored = "configuration: the stored run's" if ckpt is not None else format_changes(cfg)
+        notes.append(f"{stored}; every setting: {run_dir / 'config.yaml'}")
         notes.append(data_note(cfg.data.source) or "")
         for note in filter(None, notes):
             console.print(note, soft_wrap=True, markup=False)

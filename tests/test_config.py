@@ -316,7 +316,7 @@ def test_bad_set_key_is_a_config_error(item: str) -> None:
         ("optim.lr=.nan", "optim.lr=nan is invalid; allowed: a number > 0"),
         ("optim.weight_decay=-1", "optim.weight_decay=-1.0 is invalid; allowed: a number >= 0"),
         ("optim.focal_gamma=-2", "optim.focal_gamma=-2.0 is invalid; allowed: a number >= 0"),
-        ("optim.batch_size=0", "optim.batch_size=0 is invalid; allowed: an int >= 1"),
+        ("optim.batch_size=1", "optim.batch_size=1 is invalid; allowed: an int >= 2"),
         ("optim.accumulation=0", "optim.accumulation=0 is invalid; allowed: an int >= 1"),
         ("optim.clip_grad=-1", "optim.clip_grad=-1.0 is invalid; allowed: a number >= 0 (0 = off)"),
         (
@@ -340,7 +340,7 @@ def test_bad_values_name_field_value_and_allowed(item: str, message: str) -> Non
 def test_bad_value_in_yaml_file_is_reported(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, {"optim": {"batch_size": "big"}})
     with pytest.raises(
-        ConfigError, match=r"optim\.batch_size='big' is invalid; allowed: an int >= 1"
+        ConfigError, match=r"optim\.batch_size='big' is invalid; allowed: an int >= 2"
     ):
         load_config(yaml_path=path)
 
@@ -499,9 +499,15 @@ def test_format_config_is_readable_yaml_of_the_config() -> None:
     ("items", "message"),
     [
         (["unfreeze.activate_at=[30, 15]"], "unfreeze.activate_at=[30.0, 15.0] is invalid"),
-        (["unfreeze.activate_at=[15, 18]"], "epochs at least unfreeze.min_gap=5 apart"),
+        (
+            ["unfreeze.activate_at=[15, 18]", "unfreeze.min_gap=5"],
+            "epochs at least unfreeze.min_gap=5 apart",
+        ),
         (["schedule.floor_lrs=[0.001]"], "schedule.floor_lrs=[0.001] is invalid; allowed: one"),
-        (["schedule.cosine_end_epoch=10"], "cosine_end_epoch=10 is invalid; allowed: > onecycle"),
+        (
+            ["schedule.cosine_end_epoch=10", "schedule.onecycle_end_epoch=20"],
+            "cosine_end_epoch=10 is invalid; allowed: > onecycle",
+        ),
         (["schedule.cosine_end_ratio=0.5"], "cosine_end=0.005 is invalid"),
         (["regularize.underfit_gap=0.2"], "regularize.underfit_gap=0.2 is invalid"),
         (["regularize.dropout_min=0.4", "regularize.dropout_max=0.3"], "dropout_min=0.4"),
@@ -519,6 +525,14 @@ def test_format_config_is_readable_yaml_of_the_config() -> None:
 def test_regimen_settings_are_checked_across_fields(items: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(overrides=items)
+
+
+def test_derived_values_make_room_for_the_ones_the_user_sets() -> None:
+    # Only one side of each rule set by the user: the preset's side moves instead of refusing.
+    cfg = load_config(overrides=["unfreeze.activate_at=[15, 18]"])
+    assert cfg.unfreeze.min_gap == 3
+    cfg = load_config(overrides=["schedule.cosine_end_epoch=10"])
+    assert cfg.schedule.warmup_epochs < cfg.schedule.onecycle_end_epoch < 10
 
 
 def test_staged_schedule_follows_the_config() -> None:

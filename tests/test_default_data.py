@@ -215,19 +215,36 @@ def test_eval_command_quotes_the_run_folder() -> None:
     assert eval_command(Path("my runs/a")) == "python test.py --run-dir 'my runs/a'"
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_make_train_trains_then_tests_the_same_run() -> None:
-    stamp = ".venv/.installed"
-    proc = subprocess.run(
-        ["make", "-n", "-o", stamp, "train", "RUN_DIR=runs/x", "ARGS=--epochs 2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+def _make_train(tmp_path, *variables: str) -> list[list[str]]:
+    """Run the Makefile's train recipe with a stand-in python that logs its arguments."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    cmd = ["make", "-s", "-o", ".venv/.installed", "train", f"PY={fake}", *variables]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert 'models/train.py --run-dir "$run" --epochs 2' in proc.stdout
-    assert 'test.py --run-dir "$run"' in proc.stdout
-    assert 'run="runs/x"' in proc.stdout
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_train_trains_then_tests_the_same_run(tmp_path) -> None:
+    calls = _make_train(tmp_path, "RUN_DIR=runs/x", "ARGS=--epochs 2")
+    assert calls == [
+        ["models/train.py", "--run-dir", "runs/x", "--epochs", "2"],
+        ["test.py", "--run-dir", "runs/x"],
+    ]
+    (tmp_path / "b").mkdir()
+    train, test = _make_train(tmp_path / "b")
+    assert train[1] == "--run-dir" and train[2].startswith("runs/train-")
+    assert test == ["test.py", "--run-dir", train[2]]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("args", ["--run-dir runs/mine --epochs 2", "--resume runs/old"])
+def test_make_train_leaves_a_run_folder_named_in_args_to_the_user(tmp_path, args) -> None:
+    # The recipe cannot know that folder: train.py runs alone and prints the test command.
+    assert _make_train(tmp_path, f"ARGS={args}") == [["models/train.py", *args.split()]]
 
 
 def test_train_script_without_data_or_preset(tmp_path) -> None:

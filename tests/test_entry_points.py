@@ -99,6 +99,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tiny_npz, tmp_path):
     assert "resuming at epoch" in proc.stdout and "epoch 3/3" in proc.stdout
     # --epochs extends the stored plan as it is: the 40-epoch boundaries are not rescaled.
     assert "plan: 3 epochs (the resumed run's stored plan, not rescaled)" in proc.stdout
+    assert "configuration: the stored run's; every setting:" in proc.stdout
 
 
 def test_epochs_compresses_the_presets_plan(tiny_npz, tmp_path):

@@ -420,3 +420,29 @@ def test_real_jpeg_folder_subset_prepares_with_classes_and_near_copies(tmp_path,
     for split in ("train", "val", "test"):
         expected = [label_of[f] for f in files[split]]  # the published label of each file
         assert cache.labels(split).tolist() == expected
+
+
+def test_check_reads_only_and_draws_into_a_new_folder(tmp_path, capsys, wide_console):
+    train, test = objects(30, seed=1), objects(10, seed=2)
+    test[4] = train[8][:, ::-1]
+    np.savez(
+        tmp_path / "tiny.npz",
+        train_images=train,
+        train_labels=np.arange(30) % 3,
+        test_images=test,
+        test_labels=np.arange(10) % 3,
+    )
+    root = tmp_path / "c"
+    assert main(["prepare", str(tmp_path / "tiny.npz"), "--root", str(root)]) == 0
+    meta = (root / "tiny" / "meta.json").read_text()
+    # Another distance for the report must not rebuild the cache (and move the carved val split).
+    png = tmp_path / "new" / "deeper" / "pairs.png"
+    argv = ["check", str(tmp_path / "tiny.npz"), "--root", str(root), "--near-distance", "5"]
+    assert main([*argv, "--pairs-png", str(png)]) == 0
+    assert (root / "tiny" / "meta.json").read_text() == meta
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("")
+    assert main([*argv, "--pairs-png", str(tmp_path / "a_file" / "pairs.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write the pairs PNG" in err and len(err.splitlines()) == 1

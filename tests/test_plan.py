@@ -354,3 +354,12 @@ def test_the_run_prints_its_plan_from_the_main_process_only(
     build_trainer(cfg, tmp_path / "run", console=Console(file=out, width=200))
     assert ("plan: 6 epochs (cpu preset's 30-epoch plan scaled x0.2)" in out.getvalue()) is printed
     assert (tmp_path / "run" / "lr_schedule.png").is_file() is printed
+
+
+def test_at_the_presets_own_length_derived_values_make_room_for_the_users():
+    # Activations moved late: the derived SWA start follows them instead of refusing the run.
+    cfg = load_config("cpu", overrides=["unfreeze.activate_at=[20, 28]"])
+    assert cfg.run.epochs == 30 and cfg.scaling is None
+    assert cfg.safety.swa_start_epoch == 29 and cfg.unfreeze.activate_at == [20, 28]
+    # Untouched presets are their own plan at their own length.
+    assert load_config("cpu") == load_config("cpu", overrides=["run.epochs=30"])

@@ -9,6 +9,7 @@ each ``make`` target exists. What the commands do is covered by the end-to-end t
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
 from pathlib import Path
@@ -85,3 +86,19 @@ def test_dataset_commands_parse(command):
 def test_every_command_is_checked_by_one_of_the_tests_above():
     known = ("make ", "python models/train.py", "python test.py", "python -m dataset")
     assert [c for c in COMMANDS if not c.startswith(known)] == []
+
+
+def test_the_plan_shown_is_what_that_command_prints():
+    from rich.console import Console
+
+    from training.build import print_plan
+
+    command = "python models/train.py --preset cpu --epochs 8"
+    assert f"`{command}` prints:" in README
+    shown = README.split(f"`{command}` prints:", 1)[1].split("```", 2)[1].strip("\n")
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))  # noqa: SIM115
+    print_plan(
+        config_from_args(build_parser().parse_args(_args(command, "python models/train.py"))),
+        console,
+    )
+    assert shown == console.export_text().rstrip("\n")

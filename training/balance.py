@@ -255,9 +255,11 @@ class ClassPenalty:
         The extreme epoch: one class with the largest possible estimate, a full train-val gap
         and (with ``use_recall``) no recall, ``1 + strength * 2``, the others with none. The
         moving average takes ``1 - momentum`` of that step, the bounds clip it, and the rescaling
-        to mean 1 hands part of it back to the other classes. A drift past this since the last
-        announcement is therefore never one epoch's noise, however extreme: it took several
-        epochs pushing the same way. The figure follows from the penalty's own settings and the
+        to mean 1 hands part of it back to the other classes. From weights at rest, then, a
+        drift past this is never one epoch's noise, however extreme: it took several epochs
+        pushing the same way. From weights already far from 1 one epoch can move further (a
+        class falling back from a high weight), so the bound is a scale for what counts as a
+        notable move, not a proof. The figure follows from the penalty's own settings and the
         class count, not from any dataset: 0.49 for 8 classes, 0.33 for 3, 0.23 for 2 with the
         defaults. (With ``momentum`` 0 every epoch replaces the weights outright, so no drift
         ever exceeds it: no move is a trend there.)

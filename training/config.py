@@ -66,6 +66,9 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- field rules
 
+#: Fewest images in a training batch: the model's heads normalise with BatchNorm1d, which in
+#: training mode needs more than one value per channel.
+MIN_TRAIN_BATCH = 2
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch accepts it too
 DEVICES_TEXT = "auto, cpu, cuda, cuda:N, mps"
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -272,7 +275,7 @@ class OptimConfig:
     lr: float = _field(1e-2, POSITIVE)
     weight_decay: float = _field(0.05, NON_NEGATIVE)
     betas: list[float] = _field([0.9, 0.999], _rates(2))
-    batch_size: int = _field(128, _int_at_least(1))
+    batch_size: int = _field(128, _int_at_least(MIN_TRAIN_BATCH, " (BatchNorm needs two images)"))
     accumulation: int = _field(1, _int_at_least(1))
     clip_grad: float = _field(1.0, Rule("a number >= 0 (0 = off)", lambda v: v >= 0))
     label_smoothing: float = _field(0.0, RATE)
@@ -884,14 +887,18 @@ def _resolve(
 
 
 def _fit_to_length(cfg: TrainConfig, base_epochs: int, given: set[str]) -> None:
-    """Scale the epoch settings not in ``given`` from a ``base_epochs`` plan to ``run.epochs``."""
-    if cfg.run.epochs == base_epochs:
-        return
+    """Scale the epoch settings not in ``given`` from a ``base_epochs`` plan to ``run.epochs``.
+
+    At the plan's own length the factor is 1 and only the repairs act: derived values make room
+    for the user's own (activations the user moved later push a derived SWA start after them).
+    """
     paths = [*EPOCH_FIELDS, "run.epochs", "schedule.kind", "unfreeze.enabled"]
     flat = {path: _get(cfg, path) for path in paths}
     for path, value in scale_plan(flat, base_epochs, given).items():
         section, _, key = path.partition(".")
         setattr(getattr(cfg, section), key, value)
+    if cfg.run.epochs == base_epochs:
+        return
     origin = f"{cfg.preset} preset's" if cfg.preset else "default"
     kept = tuple(path for path in EPOCH_FIELDS if path in given)
     cfg.scaling = Rescale(base_epochs, cfg.run.epochs, origin, kept)
@@ -1098,9 +1105,8 @@ def _requested_device(
     if isinstance(run, Mapping) and "device" in run:
         device = run["device"]
     for item in overrides:
-        path, sep, text = item.partition("=")
-        if sep and path.strip() == "run.device":
-            device = text.strip()
+        if item.partition("=")[0].strip() == "run.device":
+            device = _parse_override(item)[2]
     device = values.get("run.device", device)
     return str(device) if device else "auto"
 

@@ -13,11 +13,7 @@ from dataset.cache import CacheInfo, prepare
 from dataset.npy_dataset import NpyDataset
 from dataset.transforms import StrengthRamp, eval_transform, train_transform
 from training.balance import make_balanced_sampler
-from training.config import ConfigError
-
-#: Fewest images in a training batch: the model's heads normalise with BatchNorm1d, which in
-#: training mode needs more than one value per channel.
-MIN_TRAIN_BATCH = 2
+from training.config import MIN_TRAIN_BATCH, ConfigError
 
 
 def resolve_workers(requested: int, device: torch.device) -> int:

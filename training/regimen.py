@@ -230,9 +230,9 @@ class ClassPenaltyControl(Callback):
     """Updates per-class loss weights from each class's train-val gap and validation recall.
 
     The weights are logged every epoch (``class_penalty``); a banner comes only when a class's
-    weight has drifted more than :attr:`ClassPenalty.notable_move` (more than any single epoch
-    can move it) since the last banner, or since the start for the first: the small moves of
-    every epoch stay in the log.
+    weight has drifted more than :attr:`ClassPenalty.notable_move` (more than a single epoch can
+    move it from rest) since the last banner, or since the start for the first: the small moves
+    of every epoch stay in the log.
     """
 
     name = "class_penalty"
