@@ -16,7 +16,6 @@ from training.schedule import (
     PlateauState,
     StagedSchedule,
     plot_schedule,
-    scaled,
     staged_lr,
     warmup_cosine,
 )
@@ -256,7 +255,6 @@ def test_validation_names_field_value_and_range(kwargs, pattern):
         (lambda: staged_lr(0, 0, DEFAULT), r"steps_per_epoch=0 .*integer >= 1"),
         (lambda: staged_lr(-1, 10, DEFAULT), r"step=-1 .*>= 0"),
         (lambda: staged_lr(0, 10, DEFAULT, 0.0), r"plateau_scale=0\.0 .*\(0, 1\]"),
-        (lambda: scaled(DEFAULT, 0), r"epochs_factor=0 .*> 0"),
         (lambda: DEFAULT.factor_fn(10, 0.0), r"base_lr=0\.0 .*> 0"),
     ],
 )
@@ -271,28 +269,6 @@ def test_frozen_and_floors_normalised():
     assert hash(sched) == hash(StagedSchedule(floors=[(40, 1e-3)]))
     with pytest.raises(dataclasses.FrozenInstanceError):
         sched.peak = 1.0  # type: ignore[misc]
-
-
-# --------------------------------------------------------------------------- scaled
-
-
-def test_scaled_boundaries_for_twelve_epochs():
-    short = scaled(DEFAULT, 0.2)
-    assert (short.warmup_epochs, short.onecycle_end_epoch, short.cosine_end_epoch) == (1, 4, 8)
-    assert short.floors == ((8, 1e-3), (10, 1e-4))
-    assert (short.peak, short.cosine_end, short.plateau_patience) == (1e-2, 1e-3, 3)
-    assert lr_at(1, short) == pytest.approx(1e-2)
-    assert lr_at(4, short) == pytest.approx(2e-3)
-    assert lr_at(8, short) == pytest.approx(1e-3)
-    assert lr_at(11, short, scale=0.01) == pytest.approx(1e-4)
-
-
-@pytest.mark.parametrize("factor", [0.1, 0.3, 1.5])
-def test_scaled_is_the_same_curve_stretched(factor):
-    short = scaled(DEFAULT, factor)
-    assert short.warmup_epochs == pytest.approx(5 * factor)
-    for epoch in (0, 3, 12.5, 27, 39, 44, 55):
-        assert lr_at(epoch * factor, short, 0.1) == pytest.approx(lr_at(epoch, scale=0.1))
 
 
 # --------------------------------------------------------------------------- LRSchedule
@@ -337,7 +313,10 @@ def test_plot_written_as_png_into_folder(tmp_path):
 def test_plot_replaces_named_file(tmp_path):
     target = tmp_path / "sched.png"
     target.write_bytes(b"old")
-    assert plot_schedule(scaled(DEFAULT, 0.2), 3, 12, target) == target
+    short = dataclasses.replace(
+        DEFAULT, warmup_epochs=1, onecycle_end_epoch=4, cosine_end_epoch=8, floors=((8, 1e-3),)
+    )
+    assert plot_schedule(short, 3, 12, target) == target
     assert target.read_bytes()[:8] == PNG_MAGIC
 
 
@@ -360,3 +339,9 @@ def test_plot_draws_the_plans_spans_in_lanes_under_the_curve(tmp_path):
         plain.read_bytes()
         != plot_schedule(DEFAULT, 5, 60, tmp_path / "m.png", markers=moment).read_bytes()
     )
+
+
+def test_plot_of_a_schedule_without_floors(tmp_path):
+    # schedule.floor_epochs=[] with floor_lrs=[] is a valid config: its plot must not fail.
+    bare = dataclasses.replace(DEFAULT, floors=())
+    assert plot_schedule(bare, 3, 60, tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC

@@ -157,39 +157,6 @@ def test_random_histories_keep_the_invariants(seed):
 # --------------------------------------------------------------------------- scaling
 
 
-@pytest.mark.parametrize(
-    ("factor", "activate_at", "min_gap", "patience", "warmup"),
-    [
-        (0.1, {2: 2, 3: 3}, 1, 1, 0.2),  # 1.5 rounds up to 2; 3.0 stays 3; gap 0.5 -> 1
-        (0.2, {2: 3, 3: 6}, 1, 1, 0.4),
-        (0.5, {2: 8, 3: 15}, 3, 3, 1.0),  # halves round up: 7.5 -> 8, 2.5 -> 3
-        (0.01, {2: 1, 3: 2}, 1, 1, 0.02),  # pushed apart to stay at least 1 epoch apart
-        (2.0, {2: 30, 3: 60}, 10, 10, 4.0),
-    ],
-)
-def test_scaled_schedule(factor, activate_at, min_gap, patience, warmup):
-    base = UnfreezeSchedule(plateau_patience=5, min_gap=5, warmup_epochs=2.0, lr_mult={2: 0.5})
-    short = base.scaled(factor)
-    assert short.activate_at == activate_at
-    assert (short.min_gap, short.plateau_patience) == (min_gap, patience)
-    assert short.warmup_epochs == pytest.approx(warmup)
-    assert short.lr_mult == base.lr_mult and short.mode == base.mode
-    assert short.final_activation_epoch() == activate_at[3]
-    assert run(short, rising(70)) == [(activate_at[2], 2), (activate_at[3], 3)]
-
-
-def test_scaled_keeps_plateau_off_and_leaves_original_alone():
-    base = UnfreezeSchedule(plateau_patience=None)
-    short = base.scaled(0.1)
-    assert short.plateau_patience is None and short is not base
-    assert base.activate_at == {2: 15, 3: 30}
-
-
-def test_scaled_rejects_bad_factor():
-    with pytest.raises(ValueError, match=re.escape("scaled: factor=0 is invalid")):
-        UnfreezeSchedule().scaled(0)
-
-
 # --------------------------------------------------------------------------- learning rates
 
 

@@ -11,7 +11,6 @@ whose plateau reductions are decided by :class:`PlateauState` from the validatio
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -320,30 +319,6 @@ def _phase_lr(s: StagedSchedule, epoch: float, plateau_scale: float) -> float:
     return s.cosine_end * plateau_scale
 
 
-def scaled(sched: StagedSchedule, epochs_factor: float) -> StagedSchedule:
-    """The same regimen with every epoch boundary (floors included) times ``epochs_factor``.
-
-    For a short run: 0.2 turns the 60-epoch design into a 12-epoch one (warmup to 1, one-cycle to
-    4, cosine to 8, floors at 8 and 10). Learning rates and ``plateau_patience`` are unchanged;
-    patience counts validation epochs, so give a shorter one with ``dataclasses.replace`` if the
-    plateau phase gets too few epochs for it.
-    """
-    if not (_is_number(epochs_factor) and epochs_factor > 0):
-        raise _invalid("epochs_factor", epochs_factor, "a finite number > 0")
-
-    def times(epoch: float) -> float:
-        # Rounding drops float noise (0.1 * 3 = 0.30000000000000004) that would move a boundary.
-        return round(epoch * epochs_factor, 9)
-
-    return dataclasses.replace(
-        sched,
-        warmup_epochs=times(sched.warmup_epochs),
-        onecycle_end_epoch=times(sched.onecycle_end_epoch),
-        cosine_end_epoch=times(sched.cosine_end_epoch),
-        floors=tuple((times(start), min_lr) for start, min_lr in sched.floors),
-    )
-
-
 def _next_scale(scale: float, sched: StagedSchedule, epoch: float) -> float:
     """The plateau scale after one reduction that takes effect at schedule position ``epoch``.
 
@@ -601,7 +576,8 @@ def _draw_curve(
         previous, y_last = start, y
         # x in data units, y in axes units: the label sits at the top whatever the lr range.
         ax.text(start, y, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
-    bounds = [start for start, _ in sched.floors[1:]] + [math.inf]
+    # Each floor holds until the next one starts; a schedule may have none.
+    bounds = [start for start, _ in sched.floors[1:]] + [math.inf] * bool(sched.floors)
     for i, ((start, min_lr), end) in enumerate(zip(sched.floors, bounds, strict=True)):
         if start < total:
             label = "floor" if i == 0 else None

@@ -32,11 +32,6 @@ def _invalid(where: str, value: object, allowed: str) -> ValueError:
     return ValueError(f"UnfreezeSchedule.{where}={value!r} is invalid; allowed: {allowed}")
 
 
-def _round_half_up(x: float) -> int:
-    # round() rounds halves to even (round(2.5) == 2); a schedule should not depend on parity.
-    return math.floor(x + 0.5)
-
-
 def _as_schedule(activate_at: Mapping[int, int] | Sequence[tuple[int, int]]) -> dict[int, int]:
     allowed = "a dict block -> epoch or a sequence of (block, epoch) with int blocks"
     try:
@@ -222,34 +217,7 @@ class UnfreezeSchedule:
             raise _invalid("old_group_factor: block", block, f"an int in 1..{active_blocks}")
         return self.old_group_decay ** (active_blocks - block)
 
-    # ----------------------------------------------------------------- variants and state
-
-    def scaled(self, factor: float) -> UnfreezeSchedule:
-        """The same schedule with every epoch count multiplied by ``factor`` (a short CPU run).
-
-        Epochs are rounded half up and kept at least 1 (and ``min_gap``) apart, so the scaled
-        schedule is valid whatever the factor.
-        """
-        if not is_real(factor) or factor <= 0:
-            raise _invalid("scaled: factor", factor, "a finite float > 0")
-        min_gap = max(1, _round_half_up(self.min_gap * factor))
-        activate_at, previous = {}, 0
-        for block, epoch in self.activate_at.items():
-            previous = max(_round_half_up(epoch * factor), previous + min_gap)
-            activate_at[block] = previous
-        patience = self.plateau_patience
-        if patience is not None:
-            patience = max(1, _round_half_up(patience * factor))
-        return UnfreezeSchedule(
-            activate_at,
-            plateau_patience=patience,
-            min_gap=min_gap,
-            mode=self.mode,
-            lr_mult=self.lr_mult,
-            old_group_decay=self.old_group_decay,
-            warmup_epochs=self.warmup_epochs * factor,
-            monitor=self.monitor,
-        )
+    # ----------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
         return {
