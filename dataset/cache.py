@@ -11,7 +11,10 @@ A build writes into a hidden temporary folder beside the cache and renames it in
 interrupted build leaves either the previous cache or none, never a half-written one. Builds of
 one cache hold a lock (``.<name>.lock`` beside it, see :mod:`dataset.locking`): a second run
 started at the same time waits and then reuses what the first built, and the temporary folders
-of a killed build are deleted by the next build.
+of a killed build are deleted by the next build. The folders and files get the mode the umask
+gives a plain ``mkdir`` or ``open`` (0755 and 0644 under the usual 022), as every file the
+project writes does. Opening a cache checks each ``.npy`` against ``meta.json`` (header, size,
+shape), so a truncated file is refused, and rebuilt by ``prepare``, instead of failing mid-run.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +216,42 @@ def load_cache(path: str | Path) -> CacheInfo:
         for kind in ("images", "labels"):
             if not (path / f"{split}_{kind}.npy").is_file():
                 raise DataError(path, f"cache file {split}_{kind}.npy is missing; rebuild it")
+    for split in SPLITS:
+        _check_array_file(path, meta, split)
     return CacheInfo(path, meta)
+
+
+def _check_array_file(path: Path, meta: dict, split: str) -> None:
+    """Refuse a split whose ``.npy`` files are truncated or disagree with ``meta.json``.
+
+    Mapping a file reads only its header and checks the data fits, so this costs no pixel
+    reads; a truncated file would otherwise pass here and fail at the first batch.
+    """
+    try:
+        n = sum(meta["counts"][split])
+        expected = {
+            "images": ((n, *meta["image_shape"]), np.uint8),
+            "labels": ((n,), np.int64),
+        }
+    except (KeyError, TypeError) as exc:
+        raise DataError(path / "meta.json", f"cache metadata lacks {exc}; rebuild it") from exc
+    if n == 0:
+        # Built before empty splits were refused; a rebuild refuses it with the reason.
+        raise DataError(path, f"split {split!r} of the cache is empty; rebuild it with --rebuild")
+    for kind, (shape, dtype) in expected.items():
+        file = path / f"{split}_{kind}.npy"
+        try:
+            arr = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(
+                file, f"cache file is truncated or damaged ({exc}); rebuild it with --rebuild"
+            ) from exc
+        if arr.shape != tuple(shape) or arr.dtype != dtype:
+            raise DataError(
+                file,
+                f"cache file holds {arr.dtype} {arr.shape}, meta.json says {np.dtype(dtype)} "
+                f"{tuple(shape)}; rebuild it with --rebuild",
+            )
 
 
 # ----------------------------------------------------------------- building caches
@@ -270,7 +310,10 @@ def _source_checksum(src: _Source, old_meta: dict | None) -> dict:
     ):
         digest = old["checksum"]["sha256"]
     else:
-        digest = file_sha256(src.path)
+        try:
+            digest = file_sha256(src.path)
+        except OSError as exc:
+            raise DataError(src.path, f"cannot read the file: {exc.strerror or exc}") from exc
     checksum = {"sha256": digest}
     if src.md5:
         checksum["md5"] = src.md5
@@ -324,14 +367,23 @@ def prepare(
     Returns:
         The cache, and whether it was (re)built now. A cache is reused only if its source
         checksum and these parameters are unchanged.
+
+    Raises:
+        DataError: bad input, in one line, with nothing written: an unreadable source, labels
+            that break the class rule of :func:`dataset.sources.check_classes`, images under
+            1x1 pixel, a split that is empty (as read, after carving, or after dropping leaked
+            test images), or a cache root that cannot be written.
     """
     for label, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < frac < 0.5:
             raise DataError(None, f"{label} must be in (0, 0.5), got {frac}")
+    if image_size is not None and image_size < 1:
+        raise DataError(None, f"image_size must be an integer >= 1, got {image_size}")
     check_distance(near_distance)
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    src = _resolve(source, root, progress)
+    with _writes_under(root):
+        root.mkdir(parents=True, exist_ok=True)
+        src = _resolve(source, root, progress)
     name = name or src.name
     out = root / name
     old_meta = _try_meta(out)
@@ -351,7 +403,7 @@ def prepare(
         reused = _reusable(out, old_meta, fingerprint)
         if reused is not None:
             return reused, False
-    with exclusive_lock(root / f".{name}.lock", f"building the cache {out}"):
+    with _writes_under(root), exclusive_lock(root / f".{name}.lock", f"building the cache {out}"):
         # Another run may have built it while this one waited for the lock.
         reused = None if rebuild else _reusable(out, _try_meta(out), fingerprint)
         if reused is not None:
@@ -359,6 +411,20 @@ def prepare(
         _remove_leftovers(out)
         _build(src, name, out, params, checksum, fingerprint, drop_leaked_test)
     return load_cache(out), True
+
+
+@contextmanager
+def _writes_under(root: Path) -> Iterator[None]:
+    """Turn a refused write inside the cache root into one line that names the root."""
+    try:
+        yield
+    except PermissionError as exc:
+        where = Path(exc.filename) if exc.filename else None
+        if where is None or not where.resolve().is_relative_to(root.resolve()):
+            raise
+        raise DataError(
+            root, f"cannot write the cache here ({exc.strerror}: {where}); give a writable --root"
+        ) from exc
 
 
 def _reusable(out: Path, meta: dict | None, fingerprint: str) -> CacheInfo | None:
@@ -385,7 +451,7 @@ def _build(src, name, out, params, checksum, fingerprint, drop_leaked_test) -> N
     raw, split_info = _read_source(src, params)
     leakage = find_duplicates(raw.images, raw.labels)
     if drop_leaked_test:
-        _drop_leaked_test(raw, leakage)
+        _drop_leaked_test(raw, leakage, src.path)
         leakage = find_duplicates(raw.images, raw.labels)
     meta = _make_meta(name, src, raw, checksum, params, fingerprint, split_info, leakage.summary())
     meta["near_duplicates"] = _near_summary(raw, params["near_distance"])
@@ -427,7 +493,21 @@ def _read_source(src: _Source, params: dict) -> tuple[RawSplits, dict]:
         # Seeded +1 so that a folder's test and val carving draw different permutations.
         _carve(raw, "train", "val", params["val_fraction"], seed + 1, params["near_distance"])
         split_info.update(val="carved from train", val_fraction=params["val_fraction"])
+    for split in ("test", "val"):
+        if len(raw.labels[split]) == 0:
+            raise DataError(src.path, _empty_carve(split, split_info, raw.labels["train"]))
     return raw, split_info
+
+
+def _empty_carve(split: str, split_info: dict, train_labels: np.ndarray) -> str:
+    # Only a carved split can come out empty: a source's own empty split is refused on reading.
+    fraction = split_info[f"{split}_fraction"]
+    return (
+        f"carving split {split!r} (fraction {fraction}) left it empty: each class needs at "
+        f"least 2 distinct images (copies count as one) to give one away, and train has "
+        f"{len(train_labels)} image(s) in {len(np.unique(train_labels))} class(es); "
+        f"add images or give a {split} split"
+    )
 
 
 def _carve(
@@ -448,10 +528,16 @@ def _carve(
         raw.files[src] = [files[i] for i in keep]
 
 
-def _drop_leaked_test(raw: RawSplits, leakage) -> None:
+def _drop_leaked_test(raw: RawSplits, leakage, source: Path) -> None:
     leaked = set(leakage.leaked_indices.get("test", []))
     if not leaked:
         return
+    if len(leaked) == len(raw.labels["test"]):
+        raise DataError(
+            source,
+            f"--drop-leaked-test would leave split 'test' empty: all {len(leaked)} test images "
+            "also occur in train or val",
+        )
     keep = np.array([i for i in range(len(raw.labels["test"])) if i not in leaked], dtype=np.int64)
     raw.images["test"], raw.labels["test"] = raw.images["test"][keep], raw.labels["test"][keep]
     if "test" in raw.files:
@@ -489,7 +575,7 @@ def _make_meta(name, src, raw, checksum, params, fingerprint, split_info, leakag
 
 
 def _write_atomically(raw: RawSplits, meta: dict, out: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _new_dir(out, "tmp")
     try:
         for split in SPLITS:
             np.save(tmp / f"{split}_images.npy", np.ascontiguousarray(raw.images[split]))
@@ -500,7 +586,7 @@ def _write_atomically(raw: RawSplits, meta: dict, out: Path) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         _fsync_dir(tmp)
         if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            trash = _new_dir(out, "old")
             os.replace(out, trash / "cache")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
@@ -509,6 +595,22 @@ def _write_atomically(raw: RawSplits, meta: dict, out: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_dir(out: Path, kind: str) -> Path:
+    """A fresh hidden folder beside ``out``, ``.<name>.<kind>-*``, with the umask's mode.
+
+    Not ``tempfile.mkdtemp``, which makes the folder 0700: the cache is renamed from it, and
+    like every file the project writes it gets the mode a plain ``mkdir`` would (0755 under
+    the usual umask 022), so others who may read the data may read the cache.
+    """
+    while True:
+        path = out.parent / f".{out.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +55,16 @@ def write_pairs_png(
             ax.imshow(img[..., 0] if grey else img, cmap="gray" if grey else None, vmin=0, vmax=255)
             title = _caption(where, files, class_names) + (f"\n{extra}" if extra else "")
             ax.set_title(title, fontsize=7, color="red" if conflict and extra else "black")
+    # A pid-named temp file opened plainly (not mkstemp, which makes 0600 files), so the PNG
+    # gets the umask's mode like every other file the project writes.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    except OSError as err:
-        raise DataError(path, f"cannot write the pairs PNG: {err.strerror}") from None
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                fig.savefig(f, dpi=100, format="png")
+        except OSError as err:
+            raise DataError(path, f"cannot write the pairs PNG: {err.strerror}") from None
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

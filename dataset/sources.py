@@ -7,6 +7,7 @@ that names the file (or folder) and what is wrong.
 
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from collections import Counter
@@ -62,12 +63,19 @@ def read_npz(path: str | Path, class_names: list[str] | None = None) -> RawSplit
             ``test_labels`` are required; ``val_images``/``val_labels`` are optional (an empty
             val split counts as absent); ``class_names`` and ``{split}_files`` are used if there.
         class_names: names to use when the file carries none (a MedMNIST flag knows its own).
+
+    The class count ``C`` is the number of names (the ``class_names`` key, then the
+    ``class_names`` argument, then the folders of ``train_files``), or else the highest train
+    label + 1; it must be at least 2, labels must lie in ``0..C-1`` and every class must occur
+    in train (:func:`check_classes`).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
         archive = np.load(path, allow_pickle=False)
+    except PermissionError as exc:
+        raise DataError(path, f"cannot read the file: {exc.strerror}") from exc
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataError(
             path, f"not a readable .npz archive (truncated or corrupt?): {exc}"
@@ -105,10 +113,14 @@ def read_npz(path: str | Path, class_names: list[str] | None = None) -> RawSplit
     _check_same_shape(images, path)
 
     if names is not None:
-        class_names = [str(n) for n in names]
-    elif class_names is None:
-        class_names = _names_from_files(files, labels) or _names_from_labels(labels)
-    _check_label_range(labels, len(class_names), path)
+        class_names, origin = [str(n) for n in names], "the class_names key"
+    elif class_names is not None:
+        origin = "the dataset's class list"
+    elif (from_files := _names_from_files(files, labels)) is not None:
+        class_names, origin = from_files, "the folders of train_files"
+    else:
+        class_names, origin = _names_from_labels(labels), "the highest train label + 1"
+    check_classes(labels, list(class_names), path, origin)
     files = {s: f for s, f in files.items() if s in images and len(f) == len(images[s])}
     return RawSplits(images=images, labels=labels, class_names=list(class_names), files=files)
 
@@ -130,6 +142,13 @@ def _check_images(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
         raise DataError(
             path,
             f"{key} has shape {tuple(arr.shape)}, expected (N, H, W) or (N, H, W, C) with C 1 or 3",
+        )
+    if min(arr.shape[1:3]) < 1:
+        # Zero-pixel images would give NaN channel statistics and no input for a model.
+        raise DataError(
+            path,
+            f"{key} has shape {tuple(arr.shape)}: images of {arr.shape[1]}x{arr.shape[2]} "
+            "pixels, allowed: at least 1x1",
         )
     return arr
 
@@ -155,6 +174,34 @@ def _check_same_shape(images: dict[str, np.ndarray], path: Path) -> None:
     if len(set(shapes.values())) > 1:
         desc = ", ".join(f"{s} {shape}" for s, shape in shapes.items())
         raise DataError(path, f"image shapes differ between splits: {desc}")
+
+
+def check_classes(
+    labels: dict[str, np.ndarray], class_names: list[str], source: Path, origin: str
+) -> None:
+    """Refuse labels outside ``0..C-1`` and classes with no image in train.
+
+    ``C`` is ``len(class_names)``; ``origin`` says where that count came from (the
+    ``class_names`` key, folder names, or the highest train label + 1), for the message. A
+    class absent from train cannot be learnt, and a stray high label (99 among 0..7) would
+    otherwise make dozens of empty classes.
+    """
+    n = len(class_names)
+    if n < 2:
+        raise DataError(
+            source, f"found {n} class(es) (from {origin}), need at least 2 for a classifier"
+        )
+    _check_label_range(labels, n, source)
+    missing = np.flatnonzero(np.bincount(labels["train"], minlength=n) == 0)
+    if len(missing):
+        y = int(missing[0])
+        name = "" if class_names[y] == str(y) else f" ({class_names[y]!r})"
+        raise DataError(
+            source,
+            f"split 'train' has no image of label {y}{name}; labels must be 0..{n - 1} "
+            f"({n} classes, from {origin}) with every class in train "
+            f"({len(missing)} of {n} classes missing)",
+        )
 
 
 def _check_label_range(labels: dict[str, np.ndarray], n_classes: int, path: Path) -> None:
@@ -223,10 +270,21 @@ def read_folder(
     has_splits = bool(split_dirs)
     if not has_splits:
         split_dirs = {"train": root}
+    if "train" not in split_dirs:
+        found = ", ".join(d.name for d in split_dirs.values())
+        raise DataError(root, f"split folders {found} but no train folder (train or Training)")
     listing = {split: _list_classes(d) for split, d in split_dirs.items()}
     class_names = sorted({c for classes in listing.values() for c in classes})
     if len(class_names) < 2:
         raise DataError(root, f"found {len(class_names)} class folder(s), need at least 2")
+    # Checked on the listing, before any image is decoded.
+    listed_labels = {
+        split: np.repeat(
+            np.arange(len(class_names)), [len(classes.get(c, [])) for c in class_names]
+        )
+        for split, classes in listing.items()
+    }
+    check_classes(listed_labels, class_names, split_dirs["train"], "the class folder names")
 
     headers = {
         split: [(p, _image_header(p)) for c in class_names for p in classes.get(c, [])]
@@ -272,14 +330,32 @@ def read_folder(
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise DataError(folder, f"cannot list the folder: {exc.strerror or exc}") from exc
+    return sorted(d for d in entries if d.is_dir() and not d.name.startswith("."))
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file below ``folder``; a sub-folder that cannot be listed is an error.
+
+    ``Path.rglob`` skips unreadable folders silently, which would make a class folder the
+    user cannot read look empty.
+    """
+
+    def refuse(exc: OSError) -> None:
+        where = exc.filename or folder
+        raise DataError(where, f"cannot list the folder: {exc.strerror or exc}") from exc
+
+    return [Path(top) / name for top, _, names in os.walk(folder, onerror=refuse) for name in names]
 
 
 def _list_classes(split_dir: Path) -> dict[str, list[Path]]:
     classes = {}
     for d in _subdirs(split_dir):
         found = sorted(
-            p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            p for p in _files_under(d) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )
         if not found:
             raise DataError(
