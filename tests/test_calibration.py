@@ -7,14 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from training.calibration import (
+    NEAR_ZERO_NLL,
     T_MAX,
     T_MIN,
+    TemperatureFit,
     calibration_report,
+    choose_temperature,
     expected_calibration_error,
     fit_temperature,
     nll,
     reliability_bins,
     reliability_diagram,
+    unidentifiable_reason,
 )
 
 
@@ -141,3 +145,48 @@ def test_fit_is_fast_on_cpu(data):
     start = time.perf_counter()
     fit_temperature(z * 2.5, y)
     assert time.perf_counter() - start < 2.0
+
+
+def separable_split(n: int, noise: float, seed: int, classes: int = 4):
+    """Logits 3 * one_hot(y) + noise: with a small noise every argmax is right (separable)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    return 3.0 * F.one_hot(y, classes).double() + noise * torch.randn(n, classes, generator=g), y
+
+
+def test_separable_validation_keeps_t_at_one_and_spares_the_test_nll():
+    val_z, val_y = separable_split(200, noise=0.3, seed=0)
+    test_z, test_y = separable_split(2000, noise=2.0, seed=1)  # overlapping: some mistakes
+    assert bool((val_z.argmax(1) == val_y).all()) and not (test_z.argmax(1) == test_y).all()
+    # The plain fit runs to its bound, and that T wrecks the test NLL.
+    assert fit_temperature(val_z, val_y) == T_MIN
+    assert nll(test_z, test_y, T_MIN) > 5 * nll(test_z, test_y)
+    fit = choose_temperature(val_z, val_y)
+    assert fit.temperature == 1.0
+    assert fit.reason == "every validation image is right (200 of 200), so T is not identifiable"
+
+
+def test_near_zero_nll_with_a_mistake_keeps_t_at_one():
+    z, y = separable_split(2000, noise=0.3, seed=2)
+    z = z * 8.0  # confident: the mean NLL is near 0
+    z[0] = torch.tensor([0.0, 0.01, 0.0, 0.0], dtype=z.dtype)  # one barely wrong image (y=0)
+    assert not (z.argmax(1) == y).all() and nll(z, y) < NEAR_ZERO_NLL
+    fit = choose_temperature(z, y)
+    assert fit.temperature == 1.0 and "is near 0 (< 0.001)" in fit.reason
+
+
+def test_a_fit_on_the_lower_bound_keeps_t_at_one():
+    # Three right by a small margin, one a hair wrong: the NLL (not near 0) is least at T_MIN.
+    z = torch.tensor([[0.2, 0.0], [0.0, 0.2], [0.2, 0.0], [0.0, 3e-3]])
+    y = torch.tensor([0, 1, 0, 0])
+    assert unidentifiable_reason(z, y) is None and fit_temperature(z, y) == T_MIN
+    assert choose_temperature(z, y) == TemperatureFit(
+        1.0, f"the fit ran to its lower bound T={T_MIN:g}"
+    )
+
+
+def test_an_identifiable_set_gets_the_fitted_temperature(data):
+    z, y = data
+    fit = choose_temperature(z * 2.5, y)
+    assert fit.reason is None and fit.temperature == fit_temperature(z * 2.5, y)
+    assert fit.temperature == pytest.approx(2.5, rel=0.1)

@@ -309,6 +309,18 @@ def test_a_one_line_decision_is_one_line(model, terminal):
     assert "╭" not in out
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_banner_title_that_names_its_kind_is_shown_once(model, terminal):
+    console, buf = make_console(terminal)
+    cb = ConsoleCallback(console, "bar" if terminal else "plain")
+    trainer = make_trainer(model)
+    cb.on_notice(trainer, "swa", "SWA finished: 2 epochs averaged", ["saved swa.pt"])
+    cb.on_notice(trainer, "rollback", "ROLLBACK 1/3: back to epoch 4", ["nan", "restored"])
+    out = Text.from_ansi(buf.getvalue()).plain
+    assert out.count("SWA") == 1 and out.count("ROLLBACK") == 1
+    assert "swa:" not in out.casefold() and "rollback:" not in out.casefold()
+
+
 def test_plain_warning_is_one_named_line(model):
     console, buf = make_console()
     cb = ConsoleCallback(console, "plain")
@@ -406,6 +418,18 @@ def test_summary_shows_the_temperatures_with_their_tta(model):
     assert "T=1.066  NLL 0.1185 -> 0.1181  ECE 2.03% -> 2.54%" in rows["temperature best"]
     assert "tta" not in rows["temperature best"]
     assert rows["temperature swa"].rstrip().endswith("ECE 2.32% -> 1.51%  tta=d4")
+
+
+def test_summary_says_why_a_temperature_was_kept_at_one(model):
+    console, buf = make_console()
+    reason = "every validation image is right (40 of 40), so T is not identifiable"
+    kept = {"temperature": 1.0, "nll_before": 0.0004, "nll_after": 0.0004, "reason": reason}
+    calibration = {"best": {**kept, "ece_before": 0.001, "ece_after": 0.001, "tta": "none"}}
+    ConsoleCallback(console, "plain").on_fit_end(
+        make_trainer(model), {**finish(), "calibration": calibration}
+    )
+    shown = " ".join(buf.getvalue().split())  # the row may wrap
+    assert f"T=1.000 NLL 0.0004 -> 0.0004 ECE 0.10% -> 0.10% (kept at 1: {reason})" in shown
 
 
 def test_summary_without_stop_reason_says_finished(model):

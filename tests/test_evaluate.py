@@ -394,6 +394,23 @@ def test_scaled_rows_appear_exactly_for_checkpoints_with_a_temperature(
         assert sum(metrics["reliability"]["count"]) == report["n_test"]
 
 
+def test_a_temperature_kept_at_one_is_explained_not_scored(ev, tmp_path):
+    run_dir = make_run(tmp_path, {"best": 1.0, "swa": 0.8})
+    reason = "every validation image is right (12 of 12), so T is not identifiable"
+    _set_keys(run_dir / "checkpoints" / "best.pt", temperature_reason=reason)
+    report = ev.evaluate_run(run_dir, device="cpu")
+    assert list(report["weights"]) == ["best", "swa", "swa+T"]  # best+T would repeat best
+    assert report["checkpoints"]["best"]["temperature_reason"] == reason
+    assert report["checkpoints"]["swa"]["temperature_reason"] is None
+    out = StringIO()
+    ev.print_report(report, Console(file=out, width=200, color_system=None))
+    assert (
+        f"best: temperature kept at 1 in best.pt: {reason}; the validation split may leak "
+        "into training; no temperature-scaled row"
+    ) in out.getvalue()
+    assert "swa: temperature kept" not in out.getvalue()
+
+
 def test_scaled_row_divides_the_same_logits_by_t(ev, tmp_path, monkeypatch):
     """No second forward pass: the +T row rescores the weight set's own logits."""
     gen = torch.Generator().manual_seed(4)

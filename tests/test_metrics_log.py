@@ -55,7 +55,7 @@ def fit(logger: MetricsLogger, trainer, epochs: range, crash: bool = False) -> N
     logger.on_fit_start(trainer)
     for epoch in epochs:
         trainer.epoch = epoch
-        logger.on_epoch_end(trainer, metrics(epoch))
+        logger.on_validation_end(trainer, metrics(epoch))
     if not crash:
         logger.on_fit_end(trainer, {})
 
@@ -121,11 +121,50 @@ def test_to_plain_turns_tensors_and_numpy_into_json_types():
     assert json.loads(json.dumps(to_plain(value))) == to_plain(value)
 
 
+def _strict(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_non_finite_values_are_written_as_strict_json_null(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    trainer = make_trainer(tmp_path)
+    logger.on_fit_start(trainer)
+    nan = float("nan")
+    diverged = {
+        **metrics(1),
+        "train_loss": nan,
+        "val_loss": torch.tensor(float("inf")),
+        "val_acc": np.float32(nan),
+        "lr": [1e-3, -float("inf")],
+        "per_class": np.array([0.5, nan]),
+    }
+    logger.on_validation_end(trainer, diverged)
+    logger.on_fit_end(trainer, {"calibration": {"best": {"nll_before": nan}}})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    # A strict parser (NaN, Infinity and -Infinity refused) reads every line.
+    rows = [json.loads(line, parse_constant=_strict) for line in lines]
+    assert rows[0]["train_loss"] is None and rows[0]["val_loss"] is None
+    assert rows[0]["val_acc"] is None and rows[0]["lr"] == [1e-3, None]
+    assert rows[0]["per_class"] == [0.5, None] and rows[0]["epoch"] == 1
+    assert rows[1]["calibration"]["best"]["nll_before"] is None
+    assert read_metrics(tmp_path / "metrics.jsonl") == [rows[0]]
+    # The resume still keeps the row (by its epoch) and drops the rest.
+    truncate_metrics(tmp_path / "metrics.jsonl", 2)
+    assert read_metrics(tmp_path / "metrics.jsonl", events=True) == [rows[0]]
+
+
+def test_a_log_from_before_null_still_reads_its_nan(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "train_loss": NaN}\n')
+    (row,) = read_metrics(path)
+    assert row["epoch"] == 1 and row["train_loss"] != row["train_loss"]  # NaN
+
+
 def test_metrics_with_tensor_values_are_written_as_numbers(tmp_path):
     logger = MetricsLogger(tmp_path, tensorboard=False)
     trainer = make_trainer(tmp_path)
     logger.on_fit_start(trainer)
-    logger.on_epoch_end(trainer, {**metrics(1), "val_acc": torch.tensor(0.75)})
+    logger.on_validation_end(trainer, {**metrics(1), "val_acc": torch.tensor(0.75)})
     logger.on_fit_end(trainer, {})
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["val_acc"] == 0.75
 
@@ -137,10 +176,10 @@ def test_tensorboard_scalars_and_notices(tmp_path):
     logger = MetricsLogger(tmp_path, tensorboard=True)
     trainer = make_trainer(tmp_path)
     logger.on_fit_start(trainer)
-    logger.on_epoch_end(trainer, metrics(1))
+    logger.on_validation_end(trainer, metrics(1))
     trainer.epoch = 2
     logger.on_notice(trainer, "stage", "STAGE 2: block 2 active", ["block2 unfrozen"])
-    logger.on_epoch_end(trainer, metrics(2))
+    logger.on_validation_end(trainer, metrics(2))
     logger.on_fit_end(trainer, {})
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
@@ -151,6 +190,34 @@ def test_tensorboard_scalars_and_notices(tmp_path):
     assert expected | {"lr/group0", "lr/group1", "active_blocks", "images_per_s"} <= tags
     assert [(e.step, round(e.value, 6)) for e in acc.Scalars("val/acc")] == [(1, 0.41), (2, 0.42)]
     assert "notices/text_summary" in acc.Tags()["tensors"]
+
+
+def test_tensorboard_notice_names_its_kind_once(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    trainer = make_trainer(tmp_path)
+    logger.on_fit_start(trainer)
+    notices = [
+        ("swa", "SWA finished: 2 epochs averaged"),
+        ("rollback", "ROLLBACK 1/3: back to epoch 4"),
+        ("dropout", "dropout"),
+        ("rollback", "training diverged"),
+    ]
+    for step, (kind, title) in enumerate(notices, start=1):
+        trainer.epoch = step
+        logger.on_notice(trainer, kind, title, ["why"])
+    logger.on_fit_end(trainer, {})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("notices/text_summary")]
+    assert [t.split("\n\n")[0] for t in texts] == [
+        "**SWA finished: 2 epochs averaged**",
+        "**ROLLBACK 1/3: back to epoch 4**",
+        "**dropout**",
+        "**rollback: training diverged**",  # a title that does not say its kind keeps it
+    ]
 
 
 def test_other_ranks_write_nothing(tmp_path):

@@ -54,6 +54,7 @@ def regimen_config(npz: Path, tmp_path: Path, run: str, *extra: str):
             "data.aug_strength=0.5",
             "data.aug_ramp_epochs=3",
             "model.width=0.125",
+            "model.block_channels=[]",  # the preset's block_channels would win over width
             "optim.batch_size=16",
             "run.epochs=12",
             "run.progress=plain",
@@ -140,13 +141,16 @@ def test_every_feature_acts_in_metrics_and_on_the_console(straight_run, tmp_path
     assert summary["swa"]["models"] == rows[-1]["epoch"] - 5 + 1
     swa = load_checkpoint(run / "checkpoints" / "swa.pt")
     assert swa["swa"]["models"] == summary["swa"]["models"]
-    # temperature fitted at the end, stored in best.pt and swa.pt, logged in metrics.jsonl
+    # temperature stored in best.pt and swa.pt, logged in metrics.jsonl; every val image is
+    # right, so T cannot be fitted: kept at 1, with the reason and a one-line warning
     end = read_metrics(run / "metrics.jsonl", events=True)[-1]
     assert end["event"] == "fit_end" and set(end["calibration"]) == {"best", "swa"}
     for name in ("best", "swa"):
         ckpt = load_checkpoint(run / "checkpoints" / f"{name}.pt")
-        assert ckpt["temperature"] == end["calibration"][name]["temperature"] > 0
+        assert ckpt["temperature"] == end["calibration"][name]["temperature"] == 1.0
         assert ckpt["temperature_tta"] == "none"  # run.tta's default: one pass
+        assert ckpt["temperature_reason"].startswith("every validation image is right")
+    assert "WARNING: temperature kept at 1; the validation split may leak into training" in out
     assert "temperature best" in out and "temperature swa" in out and "SWA finished" in out
     assert (run / "lr_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -156,7 +160,7 @@ def test_resume_from_the_middle_is_exact(straight_run, separable_npz, tmp_path):
     # The same run stopped right after the rollback (block 3 active, SWA started), resumed.
     cfg = regimen_config(separable_npz, tmp_path, "resumed")
     _, first = fit(cfg, callbacks=[StopAfter(SABOTAGED_EPOCH)])
-    assert first["stopped"] == f"stopped after epoch {SABOTAGED_EPOCH}"
+    assert first["stopped"] == "interrupted"
     cfg2, ckpt = load_resume(tmp_path / "resumed")
     resumed, second = fit(cfg2, resume=ckpt)
     assert resumed.start_epoch == SABOTAGED_EPOCH + 1
@@ -174,12 +178,13 @@ def test_resume_from_the_middle_is_exact(straight_run, separable_npz, tmp_path):
     assert all(torch.equal(swa_a[k], swa_b[k]) for k in swa_a)
 
 
-def test_report_puts_best_and_swa_side_by_side_with_temperatures(straight_run, tmp_path):
+def test_report_puts_best_and_swa_side_by_side_with_why_t_was_kept(straight_run, tmp_path):
     report = evaluate_run(tmp_path / "straight", device="cpu")
-    assert list(report["weights"]) == ["best", "best+T", "swa", "swa+T"]
-    best, scaled = report["weights"]["best"], report["weights"]["best+T"]
-    assert scaled["accuracy"] == best["accuracy"]
-    assert scaled["temperature"] == report["checkpoints"]["best"]["temperature"]
+    # A temperature kept at 1 would repeat its weight set's row: no +T rows, the reason instead.
+    assert list(report["weights"]) == ["best", "swa"]
+    for name in ("best", "swa"):
+        assert report["checkpoints"][name]["temperature"] == 1.0
+        assert "is not identifiable" in report["checkpoints"][name]["temperature_reason"]
 
 
 def test_every_group_follows_the_schedule_after_activation(separable_npz, tmp_path):
@@ -243,7 +248,7 @@ def test_switches_turn_features_off(separable_npz, tmp_path):
 
 
 def test_temperature_is_fitted_on_the_test_time_augmented_logits(separable_npz, tmp_path, capsys):
-    from training.calibration import fit_temperature
+    from training.calibration import choose_temperature
     from training.evaluate import evaluate_run
 
     off = ["unfreeze.enabled=false", "safety.swa=false", "safety.early_stop=false"]
@@ -254,8 +259,11 @@ def test_temperature_is_fitted_on_the_test_time_augmented_logits(separable_npz, 
     best = load_checkpoint(tmp_path / "tta" / "checkpoints" / "best.pt")
     assert best["temperature_tta"] == "d4"  # "auto" on colour images
     model = build_model(best)
-    logits, labels = predict(model, trainer.loaders["val"], torch.device("cpu"), None, tta="d4")
-    assert best["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-5)
+    # The logits as the fit saw them: under the run's autocast dtype.
+    val, cpu = trainer.loaders["val"], torch.device("cpu")
+    logits, labels = predict(model, val, cpu, trainer.amp_dtype, tta="d4")
+    fitted = choose_temperature(logits, labels).temperature
+    assert best["temperature"] == pytest.approx(fitted, rel=1e-5)
     single, _ = predict(model, trainer.loaders["val"], torch.device("cpu"), None)
     assert not torch.allclose(single, logits)
 
@@ -463,3 +471,30 @@ def test_a_class_penalty_that_drifts_past_the_threshold_gives_one_banner_per_dri
     assert notices[0].startswith("normal 1.00 -> ") and notices[0].endswith("since the start")
     assert notices[1].startswith("normal ") and " since epoch " in notices[1]
     assert penalty_run(recalls, resume_at=12) == notices  # the reference survives a resume
+
+
+class InfiniteVariances(Callback):
+    """Sets every BatchNorm running variance to inf at the end of an epoch, as --lr 1e3 did."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_batch_end(self, trainer, batch, loss, stepped):
+        if trainer.epoch == self.epoch and batch == trainer.batches_per_epoch - 1:
+            for module in trainer.model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_var.fill_(math.inf)
+
+
+def test_a_non_finite_state_is_never_kept_and_rolls_back_to_the_last_finite_one(
+    separable_npz, tmp_path
+):
+    cfg = regimen_config(separable_npz, tmp_path, "inf", "run.epochs=5")
+    _, summary = fit(cfg, callbacks=[InfiniteVariances(2)])
+    assert summary["stopped"] is None
+    rows = read_metrics(tmp_path / "inf" / "metrics.jsonl")
+    assert rows[1]["rollback"].startswith("rollback: non-finite")
+    assert not rows[1]["is_best"]
+    for name in ("rollback.pt", "best.pt", "last.pt"):
+        state = load_checkpoint(tmp_path / "inf" / "checkpoints" / name)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), name

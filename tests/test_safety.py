@@ -319,3 +319,16 @@ def test_early_stopping_state_before_any_update():
 def test_early_stopping_validation(kwargs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         EarlyStopping(**kwargs)
+
+
+def test_non_finite_weights_or_statistics_roll_back_though_loss_and_metric_are_fine():
+    # Inf BatchNorm variances leave the eval output constant, so the metric alone looks sane.
+    bad = ["block1.bn.running_var"]
+    decision = RollbackPolicy().decide(3, metric=0.9, loss=0.2, best=0.8, nonfinite=bad)
+    assert decision.kind == "rollback" and decision.reason.startswith("non-finite")
+    assert "block1.bn.running_var" in decision.reason
+
+
+def test_non_finite_state_without_finite_weights_to_restore_aborts():
+    decision = RollbackPolicy().decide(1, 0.9, 0.2, best=None, nonfinite=["fc.weight"])
+    assert decision.kind == "abort" and decision.fatal

@@ -11,8 +11,9 @@ import torch
 from training.build import build_trainer, load_resume
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import load_config
-from training.events import Callback, StopTraining
+from training.events import Callback
 from training.metrics_log import read_metrics
+from training.trainer import Interrupted
 
 
 def tiny_config(tiny_npz, tmp_path, run="run", *extra):
@@ -22,6 +23,7 @@ def tiny_config(tiny_npz, tmp_path, run="run", *extra):
             f"data.source={tiny_npz}",
             f"data.root={tmp_path / 'cache'}",
             "model.width=0.125",
+            "model.block_channels=[]",  # the preset's block_channels would win over width
             "model.active_blocks=1",
             "optim.batch_size=8",
             "run.epochs=3",
@@ -98,21 +100,22 @@ def test_run_folder_contents(tiny_npz, tmp_path):
 
 
 class StopAfter(Callback):
-    """Ends the run after an epoch, as a killed or time-limited job would."""
+    """Ends the run after an epoch, as a killed or time-limited job would: without the end
+    phase, so that the run is resumable (a run ended by ``StopTraining`` is finished)."""
 
     def __init__(self, epoch):
         self.epoch = epoch
 
     def on_epoch_end(self, trainer, metrics):
         if trainer.epoch == self.epoch:
-            raise StopTraining(f"stopped after epoch {self.epoch}")
+            raise Interrupted
 
 
 def test_resume_gives_identical_weights(tiny_npz, tmp_path):
     straight, _ = fit(tiny_config(tiny_npz, tmp_path, "a"))
     # The same 3-epoch run, ended after epoch 2 and continued from last.pt in a new trainer.
     _, summary = fit(tiny_config(tiny_npz, tmp_path, "b"), callbacks=[StopAfter(2)])
-    assert summary["stopped"] == "stopped after epoch 2"
+    assert summary["stopped"] == "interrupted"
     cfg, ckpt = load_resume(tmp_path / "b")
     resumed, _ = fit(cfg, resume=ckpt)
     assert resumed.start_epoch == 3
@@ -207,3 +210,30 @@ def test_a_stage_banner_shows_a_scaled_warmup_in_three_digits(tiny_npz, tmp_path
     trainer.callbacks.append(Listen())
     trainer.activate_block(2, warmup_epochs=1 / 60)
     assert any("warmup 0.0167 ep" in line for line in shown), shown  # not 0.0166667
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after the point where it is raised runs."""
+
+
+def test_a_kill_right_after_last_pt_keeps_that_epochs_metrics_row(tiny_npz, tmp_path, monkeypatch):
+    # A kill between last.pt and the epoch-end hooks (e.g. while rollback.pt is copied) must not
+    # lose the epoch's row: the checkpoint says epoch 2 is done, so the log must hold it.
+    from training.trainer import Trainer
+
+    real_save = Trainer.save
+
+    def save_then_die(self, name):
+        path = real_save(self, name)
+        if name == "last.pt" and self.epoch == 2:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(Killed):
+        fit(tiny_config(tiny_npz, tmp_path, "b"))
+    monkeypatch.undo()
+    cfg, ckpt = load_resume(tmp_path / "b")
+    assert ckpt["epoch"] == 2
+    fit(cfg, resume=ckpt)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3]

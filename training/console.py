@@ -477,10 +477,12 @@ def summary_grid(summary: Mapping[str, Any]) -> Table:
 
 def _calibration_text(result: Mapping[str, Any]) -> str:
     """``"T=1.066  NLL 0.1185 -> 0.1181  ECE 2.03% -> 2.54%"`` on the validation set, with the
-    test-time augmentation it was fitted under when there was one."""
+    test-time augmentation it was fitted under when there was one, and why T was kept at 1 when
+    it could not be fitted."""
     tta = result.get("tta", "none")
+    kept = f"  (kept at 1: {result['reason']})" if result.get("reason") else ""
     return (
         f"T={result['temperature']:.3f}  NLL {result['nll_before']:.4f} -> "
         f"{result['nll_after']:.4f}  ECE {100 * result['ece_before']:.2f}% -> "
-        f"{100 * result['ece_after']:.2f}%" + ("" if tta == "none" else f"  tta={tta}")
+        f"{100 * result['ece_after']:.2f}%" + ("" if tta == "none" else f"  tta={tta}") + kept
     )

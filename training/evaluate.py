@@ -7,7 +7,9 @@ with the same classes (``data=``).
 
 A checkpoint with a ``"temperature"`` (fitted on the validation set, see
 ``training.calibration``) also gets a ``<name>+T`` row: the same test logits divided by T, so
-accuracy and F1 are unchanged and only NLL and ECE move.
+accuracy and F1 are unchanged and only NLL and ECE move. A checkpoint whose temperature was kept
+at 1 because the validation set could not identify one (``"temperature_reason"``) gets no such
+row; the report says why instead.
 
 With test-time augmentation (``run.tta`` of the run, or ``tta=``; see ``training.tta``) every
 row's logits are the mean over the mode's flipped and rotated views. The temperature is fitted
@@ -15,9 +17,9 @@ under the run's own mode (``"temperature_tta"`` in the checkpoint) and is only a
 of that same mode.
 
 Public API:
-    predict, classification_metrics, scored_metrics, checkpoint_temperature, build_model,
-    test_loader, find_weights, latest_run, evaluate_run, run_tta, print_report, save_report,
-    WEIGHT_FILES, ECE_BINS.
+    predict, classification_metrics, scored_metrics, checkpoint_temperature,
+    checkpoint_temperature_reason, build_model, test_loader, find_weights, latest_run,
+    evaluate_run, run_tta, print_report, save_report, WEIGHT_FILES, ECE_BINS.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ RELIABILITY_PNG = "reliability.png"
 TEMPERATURE_KEY = "temperature"
 #: checkpoint key of the test-time augmentation mode the temperature was fitted under.
 TEMPERATURE_TTA_KEY = "temperature_tta"
+#: checkpoint key of why the temperature was kept at 1 (not identifiable on the validation set).
+TEMPERATURE_REASON_KEY = "temperature_reason"
 #: suffix of the weight-set row whose logits are divided by the checkpoint's temperature.
 SCALED_SUFFIX = "+T"
 #: equal-width confidence bins of the ECE and the reliability diagram (Guo et al. use 15).
@@ -343,6 +347,12 @@ def checkpoint_temperature(ckpt: Mapping, path: Path) -> float | None:
     return float(value)
 
 
+def checkpoint_temperature_reason(ckpt: Mapping) -> str | None:
+    """Why a checkpoint's temperature was kept at 1, on one line; None when it was fitted."""
+    reason = ckpt.get(TEMPERATURE_REASON_KEY)
+    return None if reason is None else _one_line(reason)
+
+
 def find_weights(run_dir: Path) -> dict[str, Path]:
     """The weight sets of a run: ``best``, else ``last``; plus ``swa`` when present.
 
@@ -411,7 +421,8 @@ def evaluate_run(
         each weight set (``temperature`` 1.0) followed, when its checkpoint has a temperature T,
         by ``<name>+T`` (the same logits divided by T, with ``scaled_from``: the weight set);
         metrics come from :func:`scored_metrics`. ``checkpoints[name]["temperature"]`` is the
-        saved T, or None when the checkpoint has none.
+        saved T, or None when the checkpoint has none; ``temperature_reason`` says why T was kept
+        at 1 (no scaled row then), None when it was fitted.
 
     Raises:
         CheckpointError: on an unreadable checkpoint or an invalid saved temperature.
@@ -442,7 +453,10 @@ def evaluate_run(
         model = build_model({**reference, **ckpt})
         logits, labels = predict(model, loader, dev, dtype, tta=mode)
         fitted_for = str(ckpt.get(TEMPERATURE_TTA_KEY, "none"))
-        temperature = temperatures[name] if fitted_for == mode else None
+        reason = checkpoint_temperature_reason(ckpt)
+        # A kept T = 1 would repeat the weight set's own row.
+        fitted = fitted_for == mode and reason is None
+        temperature = temperatures[name] if fitted else None
         report["weights"].update(
             _weight_rows(name, files[name], logits, labels, report["class_names"], temperature)
         )
@@ -451,6 +465,7 @@ def evaluate_run(
             "epoch": ckpt.get("epoch"),
             "temperature": temperatures[name],
             "temperature_tta": fitted_for,
+            TEMPERATURE_REASON_KEY: reason,
         }
     return report
 
@@ -523,7 +538,12 @@ def _temperature_notes(report: dict) -> list[str]:
     mode = report.get("tta", "none")
     for name, info in report.get("checkpoints", {}).items():
         file = Path(info.get("file", name)).name
-        if TEMPERATURE_KEY in info and info[TEMPERATURE_KEY] is None:
+        if info.get(TEMPERATURE_REASON_KEY):
+            notes.append(
+                f"{name}: temperature kept at 1 in {file}: {info[TEMPERATURE_REASON_KEY]}; "
+                "the validation split may leak into training; no temperature-scaled row"
+            )
+        elif TEMPERATURE_KEY in info and info[TEMPERATURE_KEY] is None:
             notes.append(
                 f"{name}: temperature not fitted ({file} has no {TEMPERATURE_KEY!r}); "
                 "no temperature-scaled row"

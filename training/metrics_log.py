@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from training.atomic import create_temp_beside
 from training.events import Callback
 
 METRICS_FILE = "metrics.jsonl"
@@ -34,23 +34,37 @@ TENSORBOARD_TAGS: dict[str, str] = {
 
 
 def to_plain(value: Any) -> Any:
-    """``value`` with tensors, numpy values and tuples made JSON types (lists stay lists)."""
+    """``value`` with tensors, numpy values and tuples made JSON types (lists stay lists).
+
+    NaN and infinities become None: strict JSON has no such numbers, and a bare ``NaN`` in
+    ``metrics.jsonl`` breaks every parser but Python's. They read back as None (``null``).
+    """
     if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
+        return to_plain(value.item() if value.numel() == 1 else value.tolist())
     if isinstance(value, Mapping):
         return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_plain(v) for v in value]
     if hasattr(value, "tolist"):  # numpy scalar or array
-        return value.tolist()
+        return to_plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
+
+
+def _json_line(row: Mapping[str, Any]) -> str:
+    # allow_nan=False: to_plain has turned every non-finite number into null, so the file is
+    # strict JSON (RFC 8259) that any reader parses.
+    return json.dumps(to_plain(row), allow_nan=False) + "\n"
 
 
 def read_metrics(path: str | Path, events: bool = False) -> list[dict]:
     """The per-epoch dicts of a ``metrics.jsonl``, in file order.
 
     Blank lines and lines that are not a JSON object (a write cut short by a crash) are skipped.
-    With ``events``, the run-level lines (``{"event": "fit_end", ...}``) are kept too.
+    With ``events``, the run-level lines (``{"event": "fit_end", ...}``) are kept too. A value
+    that was NaN or infinite is ``null`` in the file and None here (a log written before that
+    rule still reads, its bare ``NaN`` as a float NaN).
     """
     rows = []
     for line in Path(path).read_text().splitlines():
@@ -77,7 +91,7 @@ def truncate_metrics(path: Path, start_epoch: int) -> None:
     would otherwise appear twice.
     """
     kept = [line for line in path.read_text().splitlines() if _keeps(line, start_epoch)]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp_beside(path)  # the umask's mode (mkstemp would make it 0600)
     try:
         with os.fdopen(fd, "w") as f:
             f.write("".join(line + "\n" for line in kept))
@@ -108,13 +122,20 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def _heading(kind: str, title: str) -> str:
+    """A notice's heading: its title, after its kind unless the title already starts with it
+    ("SWA finished", not "swa: SWA finished")."""
+    return title if title.casefold().startswith(kind.casefold()) else f"{kind}: {title}"
+
+
 class MetricsLogger(Callback):
     """Append each epoch's metrics to ``run_dir/metrics.jsonl`` and, optionally, TensorBoard.
 
-    On a resumed run (``trainer.start_epoch > 1``) the lines of the epochs about to be redone
-    are dropped first, and TensorBoard hides the interrupted run's events from that step on, so
-    both logs hold each epoch once. Notices go to TensorBoard as text under "notices". Only the
-    main process writes.
+    A row is written at ``on_validation_end``, after the decisions of the callbacks before this
+    one and before the epoch's checkpoint. On a resumed run (``trainer.start_epoch > 1``) the
+    lines of the epochs about to be redone are dropped first, and TensorBoard hides the
+    interrupted run's events from that step on, so both logs hold each epoch once. Notices go to
+    TensorBoard as text under "notices". Only the main process writes.
 
     Args:
         run_dir: the run's folder (created if missing).
@@ -145,13 +166,16 @@ class MetricsLogger(Callback):
             self.close()
             self._open(trainer.start_epoch)
 
-    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        # Written before the trainer saves last.pt (this logger runs after the regimen's
+        # decisions): a kill between the two leaves a row that the resume drops and redoes,
+        # never a checkpointed epoch without its row.
         if not trainer.is_main:
             return
         if self._file is None:
             self._open(trainer.start_epoch)
         row = to_plain(dict(metrics))
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(_json_line(row))
         self._file.flush()
         if self._writer is not None:
             step = int(row.get("epoch", trainer.epoch))
@@ -166,7 +190,7 @@ class MetricsLogger(Callback):
         if not trainer.is_main or self._writer is None:
             return
         # Markdown: a blank line between lines keeps them apart in TensorBoard's text view.
-        text = "\n\n".join([f"**{kind}: {title}**", *lines])
+        text = "\n\n".join([f"**{_heading(kind, title)}**", *lines])
         self._writer.add_text("notices", text, global_step=trainer.epoch)
         self._writer.flush()
 
@@ -177,7 +201,7 @@ class MetricsLogger(Callback):
         if self._file is not None:
             keys = ("stopped", "best_epoch", "best_value", "monitor", "swa", "calibration")
             row = {"event": "fit_end", **{k: summary[k] for k in keys if k in summary}}
-            self._file.write(json.dumps(to_plain(row)) + "\n")
+            self._file.write(_json_line(row))
         self.close()
 
     def close(self) -> None:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from losses import WeightedCrossEntropy
 from training.balance import ClassPenalty, moved_classes
-from training.calibration import calibration_report, fit_temperature
+from training.calibration import calibration_report, choose_temperature
 from training.checkpoint import copy_checkpoint, load_checkpoint, restore_model, save_checkpoint
 from training.config import TrainConfig
 from training.dropout_control import DynamicDropout, apply_rates
@@ -45,7 +47,8 @@ def _mode(monitor: str) -> str:
 
 class Rollback(Callback):
     """Restores the stage's best weights and optimizer state and cuts the lr when the run falls
-    apart (a metric drop past the threshold, or a non-finite loss or metric).
+    apart (a metric drop past the threshold, or a non-finite loss, metric, weight or BatchNorm
+    statistic; a non-finite state is never kept as the rollback target).
 
     The reference is the best epoch of the current stage (since the last block activation), kept
     as ``checkpoints/rollback.pt``: right after an activation the new block is untrained and the
@@ -79,9 +82,11 @@ class Rollback(Callback):
             self.best = None
         metric = float(metrics[trainer.config.run.monitor])
         loss = float(metrics["train_loss"])
-        diverged = not (math.isfinite(metric) and math.isfinite(loss))
+        bad = metrics.get("nonfinite_state", [])
+        diverged = not (math.isfinite(metric) and math.isfinite(loss)) or bool(bad)
         reference = self.fallback if (diverged and self.best is None) else self.best
-        decision = self.policy.decide(metrics["epoch"], metric, loss, reference)
+        # A non-finite state always yields a decision, so it never becomes rollback.pt.
+        decision = self.policy.decide(metrics["epoch"], metric, loss, reference, nonfinite=bad)
         if decision is None:
             if self._better(metric):
                 self.best, self.best_epoch, self._improved = metric, metrics["epoch"], True
@@ -364,12 +369,15 @@ class StochasticWeightAveraging(Callback):
             return
         averaged = self._ensure(trainer)
         # Frozen blocks are averaged too (their weights do not change); the activations
-        # (active_blocks, head mix, dropout) are the live model's.
-        averaged.module.load_state_dict(
-            {**trainer.model.state_dict(), **averaged.module.state_dict()}
-        )
-        averaged.module.set_head_mix(trainer.model.head_mix)
-        update_bn(trainer.loaders["train"], averaged.module, device=trainer.device)
+        # (active_blocks, head mix, dropout) are the live model's, not those of the epoch the
+        # average began (or of a resumed run's start): update_bn must see what swa.pt will run.
+        live, module = trainer.model, averaged.module
+        module.load_state_dict({**live.state_dict(), **module.state_dict()})
+        module.freeze_blocks_until(live.active_blocks)
+        module.set_head_mix(live.head_mix)
+        for block, rate in enumerate(live.dropout_rates(), start=1):
+            module.set_dropout(block, rate)
+        self._update_bn(trainer, module)
         path = trainer.save_weights(
             "swa.pt", averaged.module.state_dict(), swa={"models": self.n_averaged}
         )
@@ -381,12 +389,35 @@ class StochasticWeightAveraging(Callback):
             [f"BatchNorm statistics recomputed on the training data; saved {path.name}"],
         )
 
+    @staticmethod
+    def _update_bn(trainer: Any, module: Any) -> None:
+        """Recompute ``module``'s BatchNorm statistics on the training data, reproducibly.
+
+        The pass draws its batches, augmentation and dropout from seeds of the run (the data
+        seeded as for the last epoch), not from whatever state the run ended in, so a resumed
+        end phase gives the same statistics as an uninterrupted one; the run's own random
+        state is left as it was. A Ctrl-C stops it between batches.
+        """
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(trainer.config.run.seed)
+            trainer.seed_epoch(int(trainer.history[-1]["epoch"]))
+            batches = _until_interrupted(trainer.loaders["train"], trainer)
+            update_bn(batches, module, device=trainer.device)
+
     def state_dict(self) -> dict:
         return {"averaged": None if self.averaged is None else self.averaged.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.averaged = None
         self._pending = state.get("averaged")
+
+
+def _until_interrupted(batches: Iterable, trainer: Any) -> Iterator:
+    """``batches``, stopping with :class:`~training.trainer.Interrupted` after a Ctrl-C."""
+    for batch in batches:
+        trainer.check_interrupt()
+        yield batch
 
 
 class TemperatureScaling(Callback):
@@ -411,6 +442,7 @@ class TemperatureScaling(Callback):
         for name in ("best", "swa"):
             path = trainer.checkpoint_dir / f"{name}.pt"
             if path.exists():
+                trainer.check_interrupt()  # each file is rewritten whole or not at all
                 results[name] = self._calibrate(trainer, path)
         mode = resolve_tta(self.tta, trainer.model.config.in_channels)
         summary["calibration"] = {name: {**r, "tta": mode} for name, r in results.items()}
@@ -422,6 +454,13 @@ class TemperatureScaling(Callback):
         where = "validation set" if mode == "none" else f"validation set, tta={mode}"
         # A result, not a decision: the closing summary shows it.
         trainer.notify("calibration", f"temperature scaling ({where})", lines, banner=False)
+        kept = [f"{name}: {r['reason']}" for name, r in results.items() if r.get("reason")]
+        if kept:
+            trainer.notify(
+                "warning",
+                "temperature kept at 1; the validation split may leak into training",
+                kept,
+            )
 
     def _calibrate(self, trainer: Any, path) -> dict:
         ckpt = load_checkpoint(path)
@@ -431,11 +470,14 @@ class TemperatureScaling(Callback):
         logits, labels = predict(
             model, trainer.loaders["val"], trainer.device, trainer.amp_dtype, tta=mode
         )
-        temperature = fit_temperature(logits, labels)
-        report = calibration_report(logits, labels, temperature)
-        result = {k: float(v) for k, v in report.items()}
-        ckpt["temperature"] = float(temperature)
+        fit = choose_temperature(logits, labels)
+        report = calibration_report(logits, labels, fit.temperature)
+        result: dict = {k: float(v) for k, v in report.items()}
+        ckpt["temperature"] = float(fit.temperature)
         ckpt["temperature_tta"] = mode
+        ckpt.pop("temperature_reason", None)
+        if fit.reason is not None:  # test.py shows why this file's T is 1
+            result["reason"] = ckpt["temperature_reason"] = fit.reason
         ckpt["calibration"] = result
         save_checkpoint(ckpt, path)
         return result

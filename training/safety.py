@@ -12,6 +12,7 @@ Public API:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,9 +85,10 @@ class RollbackDecision:
 class RollbackPolicy:
     """Decides when to go back to the best weights after training falls apart.
 
-    A rollback is due when the epoch's training loss or the monitored validation metric is
-    NaN/inf, or when the metric has been worse than the best so far by more than ``threshold``
-    for ``patience`` epochs in a row (a swing that recovers the next epoch is left alone). Each
+    A rollback is due when the epoch's training loss, the monitored validation metric or any
+    weight or buffer of the model (``nonfinite`` names them) is NaN/inf, or when the metric has
+    been worse than the best so far by more than ``threshold`` for ``patience`` epochs in a row
+    (a swing that recovers the next epoch is left alone). Each
     rollback multiplies the learning rate by ``lr_cut``, the usual remedy for a divergence caused
     by too large a step. Restarting from an earlier checkpoint after a loss spike follows
     Chowdhery et al. 2022 ("PaLM", Sec. 5.1, training instability).
@@ -136,16 +138,24 @@ class RollbackPolicy:
         self.history: list[tuple[int, str]] = []
 
     def decide(
-        self, epoch: int, metric: float, loss: float, best: float | None
+        self,
+        epoch: int,
+        metric: float,
+        loss: float,
+        best: float | None,
+        nonfinite: Sequence[str] = (),
     ) -> RollbackDecision | None:
         """The action for an epoch that ended with ``metric`` and training ``loss``, or None.
 
-        ``best`` is the best monitored value so far (None before the first); the caller keeps it,
-        since it also decides which weights are saved as the best. Call it once per epoch: it
+        ``nonfinite`` names the model's tensors holding NaN/inf: BatchNorm running variances can
+        overflow while the loss (batch statistics) and the metric (a constant output) stay
+        finite, and such a state is diverged all the same. ``best`` is the best monitored value
+        so far (None before the first); the caller keeps it, since it also decides which weights
+        are saved as the best. Call it once per epoch: it
         counts the epochs in a row past the threshold (the only state it changes). Pass the
         decision to :meth:`record` once it has been carried out.
         """
-        cause = self._cause(metric, loss, best)
+        cause = self._cause(metric, loss, best, nonfinite)
         if cause is None:
             self.streak = 0
             return None
@@ -183,11 +193,16 @@ class RollbackPolicy:
             self.exhausted_reported = True
         self.history.append((decision.epoch, f"{decision.kind}: {decision.reason}"))
 
-    def _cause(self, metric: float, loss: float, best: float | None) -> str | None:
+    def _cause(
+        self, metric: float, loss: float, best: float | None, nonfinite: Sequence[str] = ()
+    ) -> str | None:
         if not math.isfinite(loss):
             return f"{NON_FINITE} loss ({loss})"
         if not math.isfinite(metric):
             return f"{NON_FINITE} {self.monitor} ({metric})"
+        if nonfinite:
+            more = f" and {len(nonfinite) - 1} more" if len(nonfinite) > 1 else ""
+            return f"{NON_FINITE} weights or statistics ({nonfinite[0]}{more})"
         if best is None:
             return None
         drop = _worsening(metric, best, self.mode)

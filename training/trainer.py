@@ -67,6 +67,16 @@ class EpochProgress:
         return dict(self.__dict__)
 
 
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the model's floating-point parameters and buffers that hold a NaN or inf."""
+    named = [(k, t) for k, t in model.state_dict().items() if t.is_floating_point()]
+    if not named:
+        return []
+    # One device read for all tensors, not one per tensor.
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return [k for (k, _), ok in zip(named, finite, strict=True) if not ok]
+
+
 def build_optimizer(model: BasicCNNModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with one parameter group per active block (block 1's group holds the classifier).
 
@@ -151,6 +161,8 @@ class Trainer:
         self._interrupt_requested = False
         self._events: list[dict] = []
         self._nonfinite_epoch = 0
+        #: ``last.pt``'s note that the end phase had completed, when resuming from it.
+        self._resumed_finished: dict | None = None
         #: set by a rollback during the epoch in progress; later decisions of that epoch skip.
         self.rolled_back = False
 
@@ -274,26 +286,91 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
-        """Train until ``run.epochs``; returns the summary given to ``on_fit_end``."""
+        """Train until ``run.epochs``, then run the end phase; returns the summary given to
+        ``on_fit_end``.
+
+        The end phase is the ``on_fit_end`` hooks of a run that was not interrupted (SWA's
+        average and BatchNorm statistics, the temperature fit, the logs). A Ctrl-C there stops
+        it like one in an epoch; ``last.pt`` is marked finished only once the whole phase is
+        done, so a resumed run redoes an interrupted end phase, and a finished run resumed with
+        no more epochs does nothing and says so.
+        """
+        if self._finished_already():
+            return self._nothing_to_do()
         start = time.perf_counter()
         try:
-            self._emit("on_fit_start")
-            try:
-                with self._sigint_finishes_step():
+            with self._sigint_finishes_step():
+                self._emit("on_fit_start")
+                try:
                     for epoch in range(self.start_epoch, self.config.run.epochs + 1):
                         self._run_epoch(epoch)
-            except StopTraining as stop:
-                self.stopped = stop.reason
-            except Interrupted:
-                self.stopped = "interrupted"
-            summary = self._summary(time.perf_counter() - start)
-            self._emit("on_fit_end", summary)
+                        self.check_interrupt()  # a Ctrl-C during validation or the epoch's writes
+                    self.check_interrupt()
+                except StopTraining as stop:
+                    self.stopped = stop.reason
+                except Interrupted:
+                    self.stopped = "interrupted"
+                summary = self._end_phase(start)
         finally:
             for cb in self.callbacks:  # a live progress bar must give the terminal back
                 close = getattr(cb, "close", None)
                 if close is not None:
                     close()
         return summary
+
+    def _end_phase(self, start: float) -> dict:
+        summary = self._summary(time.perf_counter() - start)
+        if self.stopped == "interrupted":
+            self._emit("on_fit_end", summary)
+            return summary
+        try:
+            self._emit("on_fit_end", summary)
+        except Interrupted:
+            # The hooks that ran before the interrupt wrote files a resume rewrites; the ones
+            # still to come (console, logs) learn that the run stopped.
+            self.stopped = "interrupted"
+            summary = self._summary(time.perf_counter() - start)
+            self._emit("on_fit_end", summary)
+            return summary
+        self._mark_finished()
+        return summary
+
+    def check_interrupt(self) -> None:
+        """Raise :class:`Interrupted` when a Ctrl-C has asked the run to stop.
+
+        Work outside the training steps (the end phase's passes over the data) calls it between
+        units, so that a stop leaves no half-done state behind.
+        """
+        if self._interrupt_requested:
+            raise Interrupted
+
+    def _finished_already(self) -> bool:
+        done = self._resumed_finished
+        return done is not None and self.config.run.epochs <= int(done["epochs"])
+
+    def _nothing_to_do(self) -> dict:
+        done = self._resumed_finished
+        summary = self._summary(0.0)
+        summary.update(stopped=done.get("stopped"), already_finished=True)
+        self.notify(
+            "stop",
+            "nothing to do: this run has finished",
+            [
+                f"its {done['epochs']} epochs and the end phase (SWA, calibration) are done",
+                f"to train longer: --resume {self.run_dir} --epochs N (N > {done['epochs']})",
+            ],
+        )
+        return summary
+
+    def _mark_finished(self) -> None:
+        """Note in ``last.pt`` that the end phase is complete (the training state is untouched,
+        so a run extended later with more epochs continues exactly)."""
+        path = self.checkpoint_dir / "last.pt"
+        if not self.is_main or not path.exists():
+            return
+        ckpt = load_checkpoint(path)
+        ckpt["finished"] = {"epochs": self.config.run.epochs, "stopped": self.stopped}
+        save_checkpoint(ckpt, path)
 
     def _run_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -309,6 +386,8 @@ class Trainer:
             metrics["aug_strength"] = strength
         if self.mixup is not None:
             metrics["mixup_alpha"] = self.mixup.alpha_at(epoch - 1) if self.mixup.enabled else 0.0
+        if bad := nonfinite_tensors(self.model):
+            metrics["nonfinite_state"] = bad  # never a best; the rollback restores a finite one
         self.rolled_back = False
         self._progress = None  # the epoch's training is complete
         # best.pt holds the model exactly as it was validated: written before the features'
@@ -322,9 +401,12 @@ class Trainer:
         self._emit("on_epoch_end", metrics)
         self._events = []
 
-    def _seed_epoch(self, epoch: int) -> None:
-        # The epoch's shuffle and augmentation depend on (seed, epoch) only, so a resumed run
-        # draws the same batches as an uninterrupted one.
+    def seed_epoch(self, epoch: int) -> None:
+        """Seed the training data's shuffle and augmentation for ``epoch``.
+
+        They depend on (seed, epoch) only, so a resumed run draws the same batches as an
+        uninterrupted one; the end phase seeds its pass over the training data the same way.
+        """
         seed = self.config.run.seed * 100_003 + epoch
         loader = self.loaders["train"]
         if loader.generator is not None:
@@ -336,7 +418,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict:
         self.model.train()
-        self._seed_epoch(epoch)
+        self.seed_epoch(epoch)
         progress = self._progress if self._progress and self._progress.epoch == epoch else None
         progress = progress or EpochProgress(epoch)
         n, acc = self.batches_per_epoch, self.config.optim.accumulation
@@ -435,6 +517,7 @@ class Trainer:
         value = float(metrics[monitor])
         old = self.best["value"]
         better = old is None or (value < old if monitor in LOWER_IS_BETTER else value > old)
+        better = better and math.isfinite(value) and not metrics.get("nonfinite_state")
         if better:
             self.best = {"metric": monitor, "value": value, "epoch": metrics["epoch"]}
         metrics["is_best"] = better
@@ -580,6 +663,7 @@ class Trainer:
                 cb.load_state_dict(states[cb.key])
         self.history = list(ckpt.get("history", []))
         self.best = dict(ckpt["best"])
+        self._resumed_finished = ckpt.get("finished")
         progress = ckpt.get("progress")
         self._progress = EpochProgress(**progress) if progress else None
         self.start_epoch = self._progress.epoch if self._progress else int(ckpt["epoch"]) + 1
