@@ -142,7 +142,8 @@ def make_config(args: argparse.Namespace, source: Path, tmp: Path) -> TrainConfi
         *REGIMEN_OFF,
     ]
     if args.width is not None:
-        overrides.append(f"model.width={args.width}")
+        # A preset's block_channels would otherwise win over width (and the config refuses that).
+        overrides += [f"model.width={args.width}", "model.block_channels=[]"]
     return load_config(args.preset, overrides=[*overrides, *args.overrides])
 
 

@@ -8,7 +8,8 @@ only block 1 active; :meth:`BasicCNNModel.freeze_blocks_until` switches deeper b
 
 Public API:
     ModelConfig, BasicCNNModel, ConvBlock, StageHead, TrainOnlyNoise,
-    scaled_channels, init_weights, model_summary, format_summary.
+    scaled_channels, min_input_size, init_weights, model_summary, format_summary,
+    MIN_FEATURE_SIZE, MIN_CLASSES.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ NORMS: tuple[str, ...] = ("group", "batch")
 DOWNSAMPLES: tuple[str, ...] = ("maxpool", "stride")
 CONV_BLOCKS: tuple[str, ...] = ("single", "basic")
 LINEAR_INITS: tuple[str, ...] = ("kaiming", "torch")
-MIN_INPUT_SIZE = 28
+#: Side in pixels of the smallest map the last block hands to the heads: the layout's design point
+#: (28 px images end at 4 px through the default strides), kept as the floor for any strides.
+MIN_FEATURE_SIZE = 4
+#: The classifier separates at least two classes (one class leaves nothing to learn).
+MIN_CLASSES = 2
 
 # Number of ConvBlocks per block by default, the stride of each block's last one by default,
 # and the dilation of each block's last one.
@@ -79,14 +84,28 @@ def _check_block_index(where: str, value: object) -> int:
 # --------------------------------------------------------------------------- configuration
 
 
+def min_input_size(block_strides: Sequence[int]) -> int:
+    """The smallest square input side whose last feature map is ``MIN_FEATURE_SIZE`` px or more.
+
+    Each block's downsampling (ceil-mode max-pool or strided conv) takes a side ``h`` to
+    ``ceil(h / s)``, and the least ``h`` with ``ceil(h / s) >= m`` is ``(m - 1) * s + 1``;
+    applied from the last block back: 25 px for strides (2, 2, 2), 13 for (1, 2, 2).
+    """
+    side = MIN_FEATURE_SIZE
+    for stride in reversed(tuple(block_strides)):
+        side = (side - 1) * stride + 1
+    return side
+
+
 @dataclass
 class ModelConfig:
     """Everything that shapes a :class:`BasicCNNModel`.
 
     Args:
         in_channels: image channels, 1 (grey) or 3 (RGB).
-        num_classes: number of output classes, at least 2.
-        input_size: side of the square input in pixels, at least 28 (used by the summary).
+        num_classes: number of output classes, at least :data:`MIN_CLASSES` (2).
+        input_size: side of the square input in pixels, at least :attr:`min_input_size` (25 with
+            the default strides, see :func:`min_input_size`); used by the summary.
         activation: "silu", "gelu" or "mish".
         width: channel multiplier > 0; a base count c becomes ``max(8, round(c * width / 8) * 8)``.
         norm: "group" (GroupNorm) or "batch" (BatchNorm2d) inside the conv blocks.
@@ -145,8 +164,7 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field, the bad value and the allowed values."""
         _check_choice("in_channels", self.in_channels, (1, 3))
-        _check_int_at_least("num_classes", self.num_classes, 2)
-        _check_int_at_least("input_size", self.input_size, MIN_INPUT_SIZE)
+        _check_int_at_least("num_classes", self.num_classes, MIN_CLASSES)
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
         if not _is_real(self.width) or self.width <= 0:
             raise _invalid("width", self.width, "a finite number > 0")
@@ -174,6 +192,18 @@ class ModelConfig:
             and all(_is_int(s) and s in BLOCK_STRIDES for s in strides)
         ):
             raise _invalid("block_strides", strides, f"a tuple of {NUM_BLOCKS} ints, each 1 or 2")
+        # After the strides: the least input size follows from them.
+        if not _is_int(self.input_size) or self.input_size < self.min_input_size:
+            allowed = (
+                f"an int >= {self.min_input_size} (block_strides={strides} must leave the last"
+                f" block a map of >= {MIN_FEATURE_SIZE} px)"
+            )
+            raise _invalid("input_size", self.input_size, allowed)
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest input side this layout takes (:func:`min_input_size` of its strides)."""
+        return min_input_size(self.block_strides)
 
     def _validate_dropout(self) -> None:
         if not isinstance(self.dropout, tuple) or len(self.dropout) != NUM_BLOCKS:
@@ -413,6 +443,11 @@ class BasicCNNModel(nn.Module):
         self._active_blocks = cfg.active_blocks
         self._head_mix = 1.0
         self.freeze_blocks_until(cfg.active_blocks)
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest square input side in pixels this model's layout takes."""
+        return self.config.min_input_size
 
     @property
     def active_blocks(self) -> int:

@@ -1,7 +1,8 @@
 """Train BasicCNNModel: ``python models/train.py [--preset cpu] [--data SOURCE] [...]``.
 
 Configuration: typed defaults -> ``--preset`` -> ``--config FILE.yaml`` -> ``--set key=value`` ->
-the shortcut flags; ``--resume RUN_DIR`` continues a run from its ``checkpoints/last.pt``.
+the shortcut flags; ``--resume RUN_DIR`` continues a run from its ``checkpoints/last.pt``. A new
+run needs an empty (or new) run folder; ``--overwrite`` clears one an earlier run used.
 Without ``--data`` it trains on the embedded sample ``bloodcells_mini``; without a preset it
 picks ``full`` on a CUDA GPU and ``cpu`` elsewhere.
 """
@@ -20,6 +21,7 @@ from training.build import build_trainer, default_run_dir, load_resume
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, build_parser, config_from_args, format_changes
 from training.console import warn
+from training.run_dir import prepare_run_dir
 
 
 def data_note(source: str) -> str | None:
@@ -38,10 +40,22 @@ def eval_command(run_dir: Path) -> str:
     return f"python test.py --run-dir {shlex.quote(str(run_dir))}"
 
 
+def stopped_at_once(run_dir: Path | None) -> str:
+    """What a second Ctrl-C (which skips saving the epoch in progress) leaves to resume from."""
+    last = None if run_dir is None else run_dir / "checkpoints" / "last.pt"
+    if last is None or not last.is_file():
+        return "stopped at once, before any epoch was saved"
+    return (
+        "stopped at once; resume from the last epoch with: "
+        f"python models/train.py --resume {shlex.quote(str(run_dir))}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(highlight=False)
     notes: list[str] = []
+    run_dir: Path | None = None
     try:
         if args.resume:
             cfg, ckpt = load_resume(args.resume)
@@ -54,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg, ckpt = config_from_args(args, announce=notes.append), None
             run_dir = Path(cfg.run.run_dir) if cfg.run.run_dir else default_run_dir(cfg)
+        prepare_run_dir(run_dir, resume=ckpt is not None, overwrite=args.overwrite)
         # What differs from the preset, not all ~100 settings: config.yaml holds every one. A
         # resumed run's stored settings were resolved before; listing them as changes would
         # count every epoch setting its plan scaled.
@@ -66,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as exc:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        console.print(stopped_at_once(run_dir), style="yellow", soft_wrap=True, markup=False)
+        return 130
     if summary["stopped"] == "interrupted":
         console.print(f"[yellow]stopped; resume with: python models/train.py --resume {run_dir}[/]")
         return 130

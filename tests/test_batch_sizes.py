@@ -144,6 +144,7 @@ def sized_run(tmp_path: Path, n_train: int, run: str, *extra: str):
             f"data.source={npz}",
             f"data.root={tmp_path / 'cache'}",
             "model.width=0.125",
+            "model.block_channels=[]",  # the preset's block_channels would win over width
             "model.active_blocks=1",
             f"optim.batch_size={BATCH}",
             "run.epochs=2",

@@ -134,6 +134,8 @@ def test_both_arms_score_and_write_json(npz_factory, tmp_path, capsys, keep_thre
         "--set",
         "model.width=0.125",
         "--set",
+        "model.block_channels=[]",  # the preset's block_channels would win over width
+        "--set",
         "optim.batch_size=16",
         "--set",
         "run.tta=auto",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,29 @@ def test_a_file_with_pickled_objects_is_refused_without_running_them(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
     assert_one_line_naming(error, str(path), "_touch", "weights_only")
+    assert not marker.exists()
+
+
+class CallsSystem:
+    """Pickles as a call of os.system (posix.system on Linux); never unpickled by the tests."""
+
+    def __init__(self, marker: Path) -> None:
+        self.command = f"touch {marker}"
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_file_that_would_run_os_system_names_the_import_and_why_it_was_refused(tmp_path):
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "model": {}, "extra": CallsSystem(marker)}, path)
+    assert b"system" in path.read_bytes()  # the pickle really references the function
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    target = f"{os.system.__module__}.system"  # posix.system, nt.system on Windows
+    assert_one_line_naming(error, str(path), f"would import {target}", "could execute code")
+    assert "weights_only` set to `False`" not in str(error.value)
     assert not marker.exists()
 
 

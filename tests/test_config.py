@@ -98,7 +98,7 @@ def test_cpu_preset_is_narrow_and_short() -> None:
 
 def test_presets_do_not_change_when_used() -> None:
     before = yaml.safe_dump(PRESETS)
-    load_config("cpu", overrides=["model.width=0.5"])
+    load_config("cpu", overrides=["model.block_channels=[8, 8, 8]"])
     assert yaml.safe_dump(PRESETS) == before
 
 
@@ -130,11 +130,11 @@ def test_model_section_builds_a_model_config() -> None:
 
 def test_preset_then_yaml_then_overrides(tmp_path: Path) -> None:
     path = write_yaml(
-        tmp_path, {"model": {"width": 0.5}, "run": {"epochs": 5}, "optim": {"lr": 0.01}}
+        tmp_path, {"model": {"noise_std": 0.5}, "run": {"epochs": 5}, "optim": {"lr": 0.01}}
     )
     cfg = load_config("cpu", yaml_path=path, overrides=["run.epochs=3"])
     assert cfg.model.norm == "batch"  # preset
-    assert cfg.model.width == 0.5 and cfg.optim.lr == 0.01  # YAML beats preset
+    assert cfg.model.noise_std == 0.5 and cfg.optim.lr == 0.01  # YAML beats preset
     assert cfg.run.epochs == 3  # override beats YAML
 
 
@@ -385,6 +385,99 @@ def test_validate_config_catches_hand_edits_and_normalises_types() -> None:
     cfg.run.device = "cuda:x"
     with pytest.raises(ConfigError, match=r"run\.device='cuda:x'"):
         validate_config(cfg)
+
+
+# --------------------------------------------------------------------------- unused settings
+
+
+def test_width_under_the_presets_block_channels_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("cpu", overrides=["model.width=0.125"])
+    assert str(info.value) == (
+        "model.width=0.125 has no effect while model.block_channels=[32, 64, 128] (the cpu"
+        " preset sets it); set model.block_channels=[] to use width, or leave width unset"
+    )
+
+
+def test_width_takes_effect_once_block_channels_is_cleared() -> None:
+    cfg = load_config("cpu", overrides=["model.width=0.125", "model.block_channels=[]"])
+    narrow = cfg.model.to_model_config(in_channels=3, num_classes=3, input_size=28)
+    preset = load_config("cpu").model.to_model_config(in_channels=3, num_classes=3, input_size=28)
+    assert narrow.channels() != preset.channels()
+    assert preset.channels() == tuple(PRESETS["cpu"]["model"]["block_channels"])
+
+
+@pytest.mark.parametrize(
+    ("preset", "unused", "because"),
+    [
+        ("cpu", "model.gn_groups=4", "model.norm='batch' (the cpu preset sets it)"),
+        ("", "schedule.min_lr=0.001", "schedule.kind='staged' (the default)"),
+        ("cpu", "schedule.min_lr=0.001", "schedule.kind='staged' (the default)"),
+    ],
+)
+def test_a_value_a_setting_left_alone_makes_unused_is_refused(
+    preset: str, unused: str, because: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(preset, overrides=[unused])
+    path = unused.partition("=")[0]
+    assert str(info.value).startswith(f"{path}=") and f"has no effect while {because}; " in str(
+        info.value
+    )
+
+
+# (the setting the user switches, the field it leaves unused)
+UNUSED = [
+    ("model.norm=batch", "model.gn_groups=4"),
+    ("schedule.kind=cosine", "schedule.floor_lrs=[0.1, 0.01]"),
+    ("schedule.kind=cosine", "schedule.plateau_factor=0.5"),
+    ("balance.loss_weights=inverse", "balance.beta=0.9"),
+    ("balance.penalty=false", "balance.penalty_strength=2.0"),
+    ("regularize.mixup=false", "regularize.mixup_alpha=0.2"),
+    ("regularize.dynamic_dropout=false", "regularize.dropout_max=0.4"),
+    ("safety.rollback=false", "safety.max_rollbacks=5"),
+    ("safety.early_stop=false", "safety.patience=4"),
+    ("safety.swa=false", "safety.swa_start_epoch=50"),
+    ("data.augment=false", "data.aug_strength=0.5"),
+    ("unfreeze.enabled=false", "unfreeze.lr_mult=[2.0, 2.0]"),
+]
+
+
+@pytest.mark.parametrize(("switch", "unused"), UNUSED)
+def test_a_value_the_users_own_switch_leaves_unused_is_kept_and_noted(
+    switch: str, unused: str
+) -> None:
+    cfg = load_config(overrides=[switch, unused])
+    key, _, value = switch.partition("=")
+    assert cfg.unused == (
+        f"{unused} ({key}={value if value in ('true', 'false') else repr(value)})",
+    )
+    assert load_config(overrides=[switch]).unused == ()
+
+
+def test_the_run_announces_the_unused_values_in_one_line() -> None:
+    notes: list[str] = []
+    args = build_parser().parse_args(
+        ["--set", "regularize.mixup=false", "--set", "regularize.mixup_alpha=0.2"]
+        + ["--set", "safety.swa=false", "--set", "safety.swa_start_epoch=50"]
+    )
+    config_from_args(args, cuda_available=lambda: True, announce=notes.append)
+    assert notes[-1:] == [
+        "not used in this run: regularize.mixup_alpha=0.2 (regularize.mixup=false),"
+        " safety.swa_start_epoch=50 (safety.swa=false)"
+    ]
+
+
+def test_an_unused_field_left_at_the_presets_value_is_accepted(tmp_path: Path) -> None:
+    # The cpu preset keeps gn_groups=8 beside norm=batch: a resolved config.yaml states both,
+    # and given back as --config it must still load.
+    cfg = load_config("cpu", overrides=["safety.swa=false"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(yaml_path=tmp_path / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert load_config("cpu", overrides=["model.gn_groups=8", "model.width=1.0"]).model.norm == (
+        "batch"
+    )
 
 
 # --------------------------------------------------------------------------- dicts and files

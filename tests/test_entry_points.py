@@ -32,6 +32,8 @@ def train_cmd(tiny_npz, tmp_path, run, *extra):
         "--set",
         "model.width=0.125",
         "--set",
+        "model.block_channels=[]",  # the preset's block_channels would win over width
+        "--set",
         "model.active_blocks=1",
         "--set",
         "optim.batch_size=8",

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from models.basic_cnn_model import (
+    MIN_FEATURE_SIZE,
     BasicCNNModel,
     ConvBlock,
     ModelConfig,
@@ -439,7 +440,7 @@ def test_format_summary_lists_every_part_and_totals() -> None:
         ("in_channels", 2),
         ("in_channels", 3.0),
         ("num_classes", 1),
-        ("input_size", 27),
+        ("input_size", 24),
         ("activation", "relu"),
         ("width", 0),
         ("width", -0.5),
@@ -506,6 +507,31 @@ def test_set_dropout_changes_every_dropout_of_the_block() -> None:
         model.set_dropout(1, 1.0)
     with pytest.raises(ValueError, match=r"1\.\.3"):
         model.set_dropout(4, 0.1)
+
+
+@pytest.mark.parametrize("downsample", ["maxpool", "stride"])
+@pytest.mark.parametrize("strides", [(2, 2, 2), (1, 2, 2), (2, 1, 2), (1, 1, 1)])
+def test_min_input_size_is_the_least_side_leaving_the_last_block_its_minimum_map(
+    strides: tuple[int, int, int], downsample: str
+) -> None:
+    model = tiny_model(block_strides=strides, downsample=downsample, active_blocks=3)
+    side = model.min_input_size
+
+    def last_map(size: int) -> int:  # the side of block 3's output, from a real forward pass
+        rows = {r["name"]: r["output_shape"] for r in model_summary(model, input_size=size)}
+        return rows["block3"][-1]
+
+    assert last_map(side) >= MIN_FEATURE_SIZE > last_map(side - 1)
+
+
+def test_config_refuses_an_input_below_its_layouts_minimum() -> None:
+    least = ModelConfig().min_input_size
+    with pytest.raises(ValueError, match=rf"input_size=16 is invalid; allowed: an int >= {least}"):
+        ModelConfig(input_size=16)
+    # A layout that keeps block 1's resolution takes smaller images, and trains on them.
+    model = tiny_model(input_size=16, block_strides=(1, 2, 2), active_blocks=3)
+    assert model.min_input_size <= 16 < least
+    model(batch(model, 16)).sum().backward()
 
 
 # --------------------------------------------------------------------------- head blending

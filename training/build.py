@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from dataset.errors import DataError
 from losses import WeightedCrossEntropy, class_weights
-from models.basic_cnn_model import BasicCNNModel
+from models.basic_cnn_model import MIN_CLASSES, BasicCNNModel, min_input_size
 from training.balance import double_correction_warning
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from training.config import (
     ConfigError,
     TrainConfig,
@@ -29,6 +30,7 @@ from training.metrics_log import MetricsLogger
 from training.mixup import Mixup
 from training.plan import plan_lines, plan_markers
 from training.regimen import earliest_stop_epoch, regimen_callbacks
+from training.run_dir import remove_temp_leftovers
 from training.schedule import plot_schedule
 from training.seeding import make_generator, seed_everything
 from training.trainer import Trainer
@@ -51,14 +53,40 @@ def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from")
     ckpt = load_checkpoint(path)
+    check_resumable(ckpt, path)
     return config_from_dict(ckpt["config"]), ckpt
 
 
 def build_model(cfg: TrainConfig, cache) -> BasicCNNModel:
-    """The configured model, shaped for the cache's channels, classes and image size."""
+    """The configured model, shaped for the cache's channels, classes and image size.
+
+    Raises:
+        DataError: images smaller than the model's layout takes, or fewer than two classes.
+    """
+    check_data_fits_model(cfg, cache)
     return BasicCNNModel(
         cfg.model.to_model_config(cache.channels, cache.num_classes, cache.image_size)
     )
+
+
+def check_data_fits_model(cfg: TrainConfig, cache) -> None:
+    """Refuse, in one line, data the configured model cannot train on, before anything runs."""
+    height, width = cache.meta["image_shape"][:2]
+    strides = cfg.model.block_strides
+    least = min_input_size(strides)
+    if min(height, width) < least:
+        raise DataError(
+            cfg.data.source,
+            f"{height}x{width} px images are smaller than BasicCNNModel takes with"
+            f" model.block_strides={strides}: at least {least}x{least} px; resize them"
+            " (data.image_size, for an image folder) or set smaller model.block_strides",
+        )
+    if cache.num_classes < MIN_CLASSES:
+        raise DataError(
+            cfg.data.source,
+            f"{cache.num_classes} class ({', '.join(map(str, cache.class_names))}); BasicCNNModel"
+            f" needs at least {MIN_CLASSES} classes",
+        )
 
 
 def build_trainer(
@@ -75,7 +103,12 @@ def build_trainer(
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    device = resolve_device(cfg.run.device)
+    try:
+        device = resolve_device(cfg.run.device)
+    except ValueError as error:  # e.g. cuda asked for on a machine without one
+        raise ConfigError(f"run.{error}") from None
+    if is_main:
+        remove_temp_leftovers(run_dir)
     if is_main and (message := slow_settings_warning(device, cfg.preset)):
         warn(console, message)
     cache = prepare_cache(cfg.data, progress=is_main)

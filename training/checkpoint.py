@@ -7,7 +7,8 @@ dtypes and devices). :func:`save_checkpoint` checks that before writing, so a st
 fails at save time rather than at resume.
 
 Public API:
-    CheckpointError, FORMAT, ARCH_FIELDS, LEGACY_MODEL_FIELDS, save_checkpoint, load_checkpoint,
+    CheckpointError, FORMAT, ARCH_FIELDS, LEGACY_MODEL_FIELDS, RESUME_KEYS, save_checkpoint,
+    load_checkpoint, check_resumable,
     stored_model_config, saved_model_config, check_compatible,
     restore_model.
 """
@@ -19,7 +20,6 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.atomic import create_temp_beside
 from training.config import LEGACY_DEFAULTS
 
 #: version of the checkpoint layout this module writes and reads.
 FORMAT = 1
-FILE_MODE = 0o644  # what a plain open() would give under the usual umask
 #: ModelConfig fields that decide the parameters' shapes or what they compute; a checkpoint
 #: must match them. dropout, noise_std, input_size and active_blocks change during or between
 #: runs without changing what the weights mean, so they are not compared.
@@ -52,7 +52,11 @@ LEGACY_MODEL_FIELDS: dict[str, Any] = LEGACY_DEFAULTS["model"]
 _SAFE_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype)
 _MAX_LISTED = 5
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch names the refused import two ways: "Unsupported global: GLOBAL mod.name was not an
+# allowed global" and (for blocked modules such as os or posix) "unsupported GLOBAL mod.name
+# whose module mod is blocked".
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported (?:global: )?global ([\w.]+)", re.IGNORECASE)
+_WEIGHTS_ONLY_REFUSAL = "weights only load failed"
 
 
 class CheckpointError(ValueError):
@@ -101,13 +105,12 @@ def save_checkpoint(payload: dict, path: Path) -> None:
             "tensors, dicts, lists, tuples, str, numbers, bool and None"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = create_temp_beside(path)  # the umask's mode, like any other output
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp_name, FILE_MODE)  # mkstemp creates 0600; a checkpoint is meant to be shared
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -119,13 +122,12 @@ def save_checkpoint(payload: dict, path: Path) -> None:
 def copy_checkpoint(src: Path, dst: Path) -> None:
     """Copy a written checkpoint file to ``dst`` atomically (temporary file, then rename)."""
     dst = Path(dst)
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    fd, tmp_name = create_temp_beside(dst)
     try:
         with os.fdopen(fd, "wb") as f, open(src, "rb") as source:
             shutil.copyfileobj(source, f, length=1 << 22)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp_name, FILE_MODE)
         os.replace(tmp_name, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -159,10 +161,12 @@ def _one_line(text: str, limit: int = 200) -> str:
 def _describe_load_error(error: BaseException) -> str:
     message = str(error)
     unsupported = _UNSUPPORTED_GLOBAL.search(message)
-    if unsupported:
+    if unsupported or _WEIGHTS_ONLY_REFUSAL in message.lower():
+        what = f"would import {unsupported.group(1)}" if unsupported else "holds pickled objects"
         return (
-            f"it refers to {unsupported.group(1)} (custom code, refused by safe weights_only "
-            "loading); a checkpoint may hold only tensors and plain containers"
+            f"it {what}, which could execute code, so it was not unpickled "
+            "(torch.load with weights_only=True refuses it); a checkpoint may hold only tensors "
+            "and plain containers"
         )
     detail = _one_line(message)
     name = type(error).__name__
@@ -194,6 +198,38 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
         ) from error
     _check_outline(ckpt, path)
     return ckpt
+
+
+#: what :meth:`training.trainer.Trainer.load_state` needs beyond the outline to continue a run;
+#: weights-only files (best.pt, swa.pt) lack the optimizer and RNG entries.
+RESUME_KEYS: tuple[str, ...] = (
+    "config",
+    "epoch",
+    "optimizer",
+    "scheduler",
+    "stepper",
+    "best",
+    "rng",
+)
+
+
+def check_resumable(ckpt: Mapping[str, Any], path: Path) -> None:
+    """Refuse a checkpoint that lacks what resuming a run needs (see :data:`RESUME_KEYS`).
+
+    Raises:
+        CheckpointError: naming the missing keys, or a ``config`` that is not a mapping.
+    """
+    missing = [key for key in RESUME_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} cannot resume a run: it lacks {', '.join(missing)} (a run's "
+            "checkpoints/last.pt holds them; best.pt and swa.pt hold weights only)"
+        )
+    if not isinstance(ckpt["config"], Mapping):
+        raise CheckpointError(
+            f"checkpoint {path} cannot resume a run: its config is a "
+            f"{type(ckpt['config']).__name__}, expected a dict of sections"
+        )
 
 
 def _check_outline(ckpt: Any, path: Path) -> None:

@@ -20,11 +20,22 @@ every field and every error message names the field path, the bad value and what
 
     optim.lr=-1.0 is invalid; allowed: a number > 0
 
+A value the file, ``--set`` or a flag changes is refused when a setting the user left alone
+makes it unused (:data:`_INACTIVE`: ``model.width`` beside ``model.block_channels``,
+``model.gn_groups`` with ``norm=batch``, one schedule kind's fields under the other, a
+switched-off feature's settings)::
+
+    model.width=0.125 has no effect while model.block_channels=[32, 64, 128] (the cpu preset sets
+    it); set model.block_channels=[] to use width, or leave width unset
+
+When the user changed that setting too (switching a feature off for an ablation), the run keeps
+the value and names it in one line at start (:func:`unused_note`, :attr:`TrainConfig.unused`).
+
 Public API:
     DataConfig, ModelSection, OptimConfig, ScheduleConfig, UnfreezeConfig, RegularizeConfig,
     BalanceConfig, SafetyConfig, RunConfig, TrainConfig, SECTIONS, PRESETS, ConfigError,
     load_config, validate_config, config_to_dict, config_from_dict, save_config, LEGACY_DEFAULTS,
-    format_config, config_changes, format_changes, build_parser, config_from_args,
+    format_config, config_changes, format_changes, build_parser, config_from_args, unused_note,
     earliest_swa_epoch.
 """
 
@@ -35,7 +46,6 @@ import copy
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -55,6 +65,7 @@ from models.basic_cnn_model import (
     NUM_BLOCKS,
     ModelConfig,
 )
+from training.atomic import create_temp_beside
 from training.device import choose_preset
 from training.plan import EPOCH_FIELDS, Rescale, first_swa_epoch, scale_plan
 from training.tta import TTA_MODES
@@ -205,14 +216,15 @@ class ModelSection:
         width: channel multiplier > 0.
         norm: normalisation inside the conv blocks, "group" or "batch".
         activation: "silu", "gelu" or "mish".
-        gn_groups: GroupNorm groups.
+        gn_groups: GroupNorm groups (``norm="group"`` only).
         noise_std: std of the Gaussian input noise in training mode.
         dropout: Dropout2d rates of blocks 1, 2 and 3, each in [0, 1).
         active_blocks: blocks active at the start of training; the unfreezing schedule
             (section ``unfreeze``) activates the others during the run.
         downsample: "maxpool" or "stride", how each block halves the resolution.
-        block_channels: output channels of blocks 1, 2 and 3 (``width`` is then not used);
-            ``[]`` scales the base widths (64, 512, 256) by ``width``.
+        block_channels: output channels of blocks 1, 2 and 3 (``width`` is then not used: a
+            ``width`` set under a preset's channels is refused); ``[]`` scales the base widths
+            (64, 512, 256) by ``width``.
         linear_init: "kaiming" (like the convolutions) or "torch" (PyTorch's ``nn.Linear``
             default) for the heads' adapters and the classifier.
         conv_block: "single" (one conv per residual block) or "basic" (two, ResNet-style).
@@ -479,6 +491,8 @@ class TrainConfig:
         preset: name of the preset the run started from ("" for none).
         scaling: how the epoch settings were fitted to ``run.epochs`` when the configuration was
             resolved (None: as planned, or rebuilt from a stored config); not saved.
+        unused: the user's settings that a setting the user also changed leaves unused, as
+            ``path=value (switch=value)`` notes for the start of the run; not saved.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -492,6 +506,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = ""
     scaling: Rescale | None = field(default=None, compare=False, repr=False)
+    unused: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
 SECTIONS: dict[str, type] = {
@@ -868,6 +883,7 @@ def _resolve(
     if preset:
         _merge(tree, _preset_layer(preset), f"preset {preset!r}")
     base_epochs = tree["run"]["epochs"]
+    base = copy.deepcopy(tree)
     given = _merge(tree, layer, str(yaml_path))
     for item in overrides:
         section, key, value = _parse_override(item)
@@ -883,6 +899,7 @@ def _resolve(
     _fit_to_length(cfg, base_epochs, given)
     _check_given(cfg, given)
     validate_config(cfg)
+    cfg.unused = _check_unused(cfg, {p for p in given if _get(cfg, p) != _tree_get(base, p)})
     return cfg
 
 
@@ -920,6 +937,172 @@ def _check_given(cfg: TrainConfig, given: set[str]) -> None:
             f"an epoch <= run.epochs={epochs} (SWA would never start), or set safety.swa=false"
         )
         raise _invalid("safety.swa_start_epoch", s.swa_start_epoch, allowed)
+
+
+@dataclass(frozen=True)
+class _Inactive:
+    """Fields that a setting makes unused: ``fields`` do nothing while ``switch`` is ``off``."""
+
+    fields: tuple[str, ...]
+    switch: str
+    off: Callable[[Any], bool]
+    remedy: str
+
+
+_STAGED_ONLY = (
+    "onecycle_end_epoch",
+    "onecycle_end_ratio",
+    "cosine_end_epoch",
+    "cosine_end_ratio",
+    "plateau_factor",
+    "plateau_patience",
+    "floor_epochs",
+    "floor_lrs",
+)
+
+#: The settings that leave others unused, read from where each field is consumed.
+_INACTIVE: tuple[_Inactive, ...] = (
+    _Inactive(("model.width",), "model.block_channels", bool, "set model.block_channels=[]"),
+    _Inactive(("model.gn_groups",), "model.norm", lambda v: v == "batch", "set model.norm=group"),
+    _Inactive(
+        tuple(f"schedule.{name}" for name in _STAGED_ONLY),
+        "schedule.kind",
+        lambda v: v == "cosine",
+        "set schedule.kind=staged",
+    ),
+    _Inactive(
+        ("schedule.min_lr",), "schedule.kind", lambda v: v == "staged", "set schedule.kind=cosine"
+    ),
+    _Inactive(
+        ("balance.beta",),
+        "balance.loss_weights",
+        lambda v: v != "effective",
+        "set balance.loss_weights=effective",
+    ),
+    _Inactive(
+        tuple(f"balance.penalty_{name}" for name in ("strength", "momentum", "min", "max")),
+        "balance.penalty",
+        lambda v: not v,
+        "set balance.penalty=true",
+    ),
+    _Inactive(
+        ("regularize.mixup_alpha", "regularize.mixup_end_epoch"),
+        "regularize.mixup",
+        lambda v: not v,
+        "set regularize.mixup=true",
+    ),
+    _Inactive(
+        tuple(
+            f"regularize.{name}"
+            for name in (
+                "dropout_signal",
+                "dropout_min",
+                "dropout_max",
+                "dropout_step",
+                "overfit_gap",
+                "underfit_gap",
+            )
+        ),
+        "regularize.dynamic_dropout",
+        lambda v: not v,
+        "set regularize.dynamic_dropout=true",
+    ),
+    _Inactive(
+        tuple(
+            f"safety.{name}"
+            for name in (
+                "rollback_threshold",
+                "rollback_patience",
+                "max_rollbacks",
+                "rollback_lr_cut",
+            )
+        ),
+        "safety.rollback",
+        lambda v: not v,
+        "set safety.rollback=true",
+    ),
+    _Inactive(
+        ("safety.patience", "safety.min_delta"),
+        "safety.early_stop",
+        lambda v: not v,
+        "set safety.early_stop=true",
+    ),
+    _Inactive(("safety.swa_start_epoch",), "safety.swa", lambda v: not v, "set safety.swa=true"),
+    _Inactive(
+        ("data.aug_strength", "data.aug_start_strength", "data.aug_ramp_epochs"),
+        "data.augment",
+        lambda v: not v,
+        "set data.augment=true",
+    ),
+    _Inactive(
+        tuple(
+            f"unfreeze.{name}"
+            for name in (
+                "activate_at",
+                "plateau_patience",
+                "min_gap",
+                "lr_mult",
+                "old_group_decay",
+                "warmup_epochs",
+                "head_blend_epochs",
+            )
+        ),
+        "unfreeze.enabled",
+        lambda v: not v,
+        "set unfreeze.enabled=true",
+    ),
+)
+
+
+def _tree_get(tree: Mapping[str, Any], path: str) -> Any:
+    section, _, key = path.partition(".")
+    return tree[section][key]
+
+
+def _check_unused(cfg: TrainConfig, changed: set[str]) -> tuple[str, ...]:
+    """Refuse a value the user changed that a setting the user left alone makes unused.
+
+    Where the user changed the setting too (an ablation: ``--set regularize.mixup=false`` beside
+    a file that tunes mixup), the value is kept and returned as a note for the start of the run.
+    ``changed`` holds the paths the file, ``--set`` or a flag set to something other than the
+    defaults' (or the preset's) value; a value equal to it changes nothing, so a resolved
+    ``config.yaml`` given back as ``--config`` still loads.
+    """
+    notes = []
+    for rule in _INACTIVE:
+        switch = _get(cfg, rule.switch)
+        if not rule.off(switch):
+            continue
+        for path in (p for p in rule.fields if p in changed):
+            value, name = _show(_get(cfg, path)), path.partition(".")[2]
+            if rule.switch in changed:
+                notes.append(f"{path}={value} ({rule.switch}={_show(switch)})")
+                continue
+            raise ConfigError(
+                f"{path}={value} has no effect while {rule.switch}={_show(switch)}"
+                f"{_origin(cfg, rule.switch)}; {rule.remedy} to use {name}, or leave {name} unset"
+            )
+    return tuple(notes)
+
+
+def unused_note(cfg: TrainConfig) -> str | None:
+    """One line naming the settings the run does not use (:attr:`TrainConfig.unused`), or None."""
+    if not cfg.unused:
+        return None
+    return f"not used in this run: {', '.join(cfg.unused)}"
+
+
+def _show(value: Any) -> str:
+    # As the user would type it after --set: true/false, not Python's True/False.
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _origin(cfg: TrainConfig, path: str) -> str:
+    """Where a setting the user left alone came from, for the message: the preset or the default."""
+    section, _, key = path.partition(".")
+    if key in PRESETS.get(cfg.preset, {}).get(section, {}):
+        return f" (the {cfg.preset} preset sets it)"
+    return " (the default)"
 
 
 def load_config(
@@ -1017,7 +1200,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the configuration as YAML; a crash mid-write never leaves a truncated file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp_beside(path)  # the umask's mode (mkstemp would make it 0600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write("# resolved training configuration\n")
@@ -1076,6 +1259,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", metavar="DEVICE", help=f"{DEVICES_TEXT} (run.device)")
     add("--run-dir", metavar="DIR", help="output folder (run.run_dir)")
     add("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="delete what an earlier run left in --run-dir first (a new run needs an empty one)",
+    )
     add("--deterministic", action="store_true", default=None, help="slower, repeatable kernels")
     add("--no-amp", action="store_true", help="no mixed precision (run.amp=off)")
     add("--workers", type=int, metavar="N", help="DataLoader workers, -1 = auto (data.workers)")
@@ -1150,4 +1338,6 @@ def config_from_args(
     cfg = _resolve(preset, yaml_path, overrides, values)
     if choice is not None and announce is not None:
         announce(choice.message())
+    if announce is not None and (note := unused_note(cfg)):
+        announce(note)
     return cfg
