@@ -38,32 +38,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import brightness_npz  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.metrics_log import read_metrics  # noqa: E402
 
 TIMING = ("epoch_s", "images_per_s")
 COMPARED = ("last.pt", "best.pt", "swa.pt")
 EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/\d+")
-
-
-def write_npz(path: Path, counts=(480, 96, 48), noise: int = 110) -> Path:
-    """28x28 RGB images of 3 classes whose brightness overlaps (so T is fitted, not kept at 1)."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in zip(("train", "val", "test"), counts, strict=True):
-        labels = np.arange(n) % 3
-        base = (labels * 70 + 30)[:, None, None, None]
-        images = np.clip(base + rng.integers(-noise, noise, size=(n, 28, 28, 3)), 0, 255)
-        arrays[f"{split}_images"] = images.astype(np.uint8)
-        arrays[f"{split}_labels"] = labels.astype(np.int64)
-    np.savez(path, **arrays)
-    return path
 
 
 def train_command(npz: Path, work: Path, run_dir: Path, epochs: int) -> list[str]:
@@ -272,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        npz = write_npz(work / "noisy.npz")
-        # The first run also builds the cache; the second is timed, and must equal the first.
+        # Noisy brightness classes that overlap, so the temperature is fitted, not kept at 1.
+        npz = brightness_npz(work / "noisy.npz", counts=(480, 96, 48), noise=110)
         timed_reference(train_command(npz, work, work / "reference", args.epochs), env)
         watched, total = timed_reference(train_command(npz, work, work / "again", args.epochs), env)
         reference = {
