@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from dataset.cache import prepare
 from models.basic_cnn_model import BasicCNNModel
 from tests.conftest import brightness_npz
-from tests.test_trainer import InterruptAt, StepCounter, fit, same_weights
+from tests.test_trainer import InterruptAt, StepCounter, fit, same_weights, tiny_config
 from training.build import load_resume
 from training.checkpoint import load_checkpoint
-from training.config import ConfigError, TrainConfig, load_config
+from training.config import ConfigError, TrainConfig
 from training.data import EpochBatchSampler, make_loaders
 from training.evaluate import predict
 
@@ -138,22 +138,7 @@ def test_swa_batchnorm_pass_gets_no_one_image_batch(tmp_path):
 
 def sized_run(tmp_path: Path, n_train: int, run: str, *extra: str):
     npz = brightness_npz(tmp_path / f"run{n_train}.npz", counts=(n_train, 6, 6))
-    return load_config(
-        preset="cpu",
-        overrides=[
-            f"data.source={npz}",
-            f"data.root={tmp_path / 'cache'}",
-            "model.width=0.125",
-            "model.block_channels=[]",  # the preset's block_channels would win over width
-            "model.active_blocks=1",
-            f"optim.batch_size={BATCH}",
-            "run.epochs=2",
-            "run.progress=off",
-            "run.tensorboard=false",
-            f"run.run_dir={tmp_path / run}",
-            *extra,
-        ],
-    )
+    return tiny_config(npz, tmp_path, run, f"optim.batch_size={BATCH}", "run.epochs=2", *extra)
 
 
 @pytest.mark.parametrize(
