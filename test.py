@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.text import Text
 
 from dataset.errors import DataError
-from training.checkpoint import CheckpointError
-from training.evaluate import evaluate_run, latest_run, print_report, save_report
-from training.tta import TTA_MODES
+from training.engine.checkpoint import CheckpointError
+from training.evaluation.report import evaluate_run, latest_run, print_report, save_report
+from training.evaluation.tta import TTA_MODES
 
 
 def get_args_parser() -> argparse.ArgumentParser:

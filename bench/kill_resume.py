@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import brightness_npz  # noqa: E402
-from training.checkpoint import load_checkpoint  # noqa: E402
-from training.metrics_log import read_metrics  # noqa: E402
+from training.callbacks.metrics_log import read_metrics  # noqa: E402
+from training.engine.checkpoint import load_checkpoint  # noqa: E402
 
 TIMING = ("epoch_s", "images_per_s")
 COMPARED = ("last.pt", "best.pt", "swa.pt")

@@ -60,11 +60,11 @@ from torch.utils.data import DataLoader
 
 from dataset.sources import read_npz
 from training.build import build_model, build_trainer
-from training.config import ConfigError, TrainConfig, load_config
-from training.data import make_loaders, prepare_cache
-from training.device import resolve_device
-from training.events import Callback
-from training.seeding import make_generator
+from training.config.schema import ConfigError, TrainConfig, load_config
+from training.engine.data import make_loaders, prepare_cache
+from training.engine.device import resolve_device
+from training.engine.events import Callback
+from training.engine.seeding import make_generator
 
 DEFAULT_DATA = "../shared/data/bloodcells_pbc_28.npz"
 TARGET_RATIO = 1.10

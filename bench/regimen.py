@@ -95,12 +95,13 @@ from torch import nn
 
 from dataset.cache import CacheInfo
 from dataset.errors import DataError
-from training.calibration import expected_calibration_error, nll
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import ConfigError, TrainConfig, load_config
-from training.data import prepare_cache
-from training.evaluate import TEMPERATURE_TTA_KEY, build_model, find_weights, predict, test_loader
-from training.tta import resolve_tta, tta_logits
+from training.config.schema import ConfigError, TrainConfig, load_config
+from training.engine.checkpoint import CheckpointError, load_checkpoint
+from training.engine.data import prepare_cache
+from training.engine.inference import predict
+from training.evaluation.calibration import expected_calibration_error, nll
+from training.evaluation.report import TEMPERATURE_TTA_KEY, build_model, find_weights, test_loader
+from training.evaluation.tta import resolve_tta, tta_logits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "models" / "train.py"

@@ -34,6 +34,13 @@ LINEAR_INITS: tuple[str, ...] = ("kaiming", "torch")
 MIN_FEATURE_SIZE = 4
 #: The classifier separates at least two classes (one class leaves nothing to learn).
 MIN_CLASSES = 2
+#: ModelConfig fields added after checkpoints were first stored, with the value those older
+#: checkpoints used (their stored config lacks the key), so they are rebuilt as they were trained.
+LEGACY_FIELDS: dict[str, Any] = {
+    "downsample": "stride",
+    "block_channels": [],
+    "linear_init": "kaiming",
+}
 
 # Number of ConvBlocks per block by default, the stride of each block's last one by default,
 # and the dilation of each block's last one.

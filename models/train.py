@@ -18,10 +18,10 @@ from rich.console import Console
 from dataset.errors import DataError
 from dataset.sources import embedded_sample
 from training.build import build_trainer, default_run_dir, load_resume
-from training.checkpoint import CheckpointError
-from training.config import ConfigError, build_parser, config_from_args, format_changes
-from training.console import warn
-from training.run_dir import prepare_run_dir
+from training.callbacks.console import warn
+from training.config.schema import ConfigError, build_parser, config_from_args, format_changes
+from training.engine.checkpoint import CheckpointError
+from training.engine.run_dir import prepare_run_dir
 
 
 def data_note(source: str) -> str | None:

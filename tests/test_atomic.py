@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.atomic import create_temp_beside
-from training.checkpoint import copy_checkpoint, save_checkpoint
-from training.config import TrainConfig, save_config
-from training.metrics_log import truncate_metrics
+from training.callbacks.metrics_log import truncate_metrics
+from training.config.schema import TrainConfig, save_config
+from training.engine.atomic import create_temp_beside
+from training.engine.checkpoint import copy_checkpoint, save_checkpoint
 
 
 @pytest.fixture(params=[0o022, 0o027, 0o077], ids=["umask022", "umask027", "umask077"])

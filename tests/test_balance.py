@@ -10,14 +10,8 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 
 from losses import class_weights
-from training.balance import (
-    ClassPenalty,
-    double_correction_warning,
-    make_balanced_sampler,
-    moved_classes,
-    per_class_accuracy,
-    sample_weights,
-)
+from training.callbacks.class_penalty import ClassPenalty, moved_classes, per_class_accuracy
+from training.engine.data import double_correction_warning, make_balanced_sampler, sample_weights
 
 # --------------------------------------------------------------------------- sampling
 

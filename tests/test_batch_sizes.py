@@ -22,10 +22,10 @@ from models.basic_cnn_model import BasicCNNModel
 from tests.conftest import brightness_npz
 from tests.test_trainer import InterruptAt, StepCounter, fit, same_weights, tiny_config
 from training.build import load_resume
-from training.checkpoint import load_checkpoint
-from training.config import ConfigError, TrainConfig
-from training.data import EpochBatchSampler, make_loaders
-from training.evaluate import predict
+from training.config.schema import ConfigError, TrainConfig
+from training.engine.checkpoint import load_checkpoint
+from training.engine.data import EpochBatchSampler, make_loaders
+from training.engine.inference import predict
 
 CPU = torch.device("cpu")
 BATCH = 4

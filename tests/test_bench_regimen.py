@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.calibration import expected_calibration_error, nll
+from training.evaluation.calibration import expected_calibration_error, nll
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 from dataset.errors import DataError
 from models.basic_cnn_model import ModelConfig
 from training.build import build_model, build_trainer
-from training.config import load_config
+from training.config.schema import load_config
 
 
 def small_config(source, tmp_path, *extra: str):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.calibration import (
+from training.evaluation.calibration import (
     NEAR_ZERO_NLL,
     T_MAX,
     T_MIN,

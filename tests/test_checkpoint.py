@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.basic_cnn_model import BasicCNNModel
-from training.checkpoint import (
+from training.engine.checkpoint import (
     FORMAT,
     CheckpointError,
     check_compatible,
@@ -21,7 +21,7 @@ from training.checkpoint import (
     saved_model_config,
     stored_model_config,
 )
-from training.evaluate import build_model
+from training.evaluation.report import build_model
 
 CLASSES = ["benign", "malignant", "normal"]
 
@@ -343,7 +343,7 @@ def test_copy_checkpoint_is_atomic_and_readable(tmp_path, monkeypatch):
     import shutil as shutil_mod
     import stat
 
-    from training.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+    from training.engine.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 
     src, dst = tmp_path / "last.pt", tmp_path / "best.pt"
     save_checkpoint({"format": 1, "model": {"w": torch.ones(3)}}, src)

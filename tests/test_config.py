@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from models.basic_cnn_model import ModelConfig
-from training.config import (
+from training.config.schema import (
     PRESETS,
     ConfigError,
     TrainConfig,
@@ -27,7 +27,7 @@ from training.config import (
     staged_schedule,
     validate_config,
 )
-from training.schedule import staged_lr
+from training.engine.schedule import staged_lr
 
 
 def field_value(cfg: TrainConfig, path: str):
@@ -639,7 +639,7 @@ def test_staged_schedule_follows_the_config() -> None:
 
 
 def test_config_changes_lists_what_differs_from_the_preset_only() -> None:
-    from training.config import config_changes, format_changes
+    from training.config.schema import config_changes, format_changes
 
     assert config_changes(load_config("cpu")) == {}
     assert format_changes(load_config("cpu")) == "configuration: cpu preset, unchanged"

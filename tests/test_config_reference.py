@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-from training.config import SECTIONS
-from training.config_reference import field_meanings, reference_markdown
+from training.config.reference import field_meanings, reference_markdown
+from training.config.schema import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,5 +32,5 @@ def test_committed_reference_matches_the_code():
     committed = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert committed == reference_markdown(), (
         "docs/configuration.md is stale: run "
-        "`python -m training.config_reference > docs/configuration.md`"
+        "`python -m training.config.reference > docs/configuration.md`"
     )

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from dataset.cache import CacheInfo
 from models.basic_cnn_model import BasicCNNModel, ModelConfig, model_summary
-from training.console import ConsoleCallback, resolve_mode, warn
+from training.callbacks.console import ConsoleCallback, resolve_mode, warn
 
 CLASSES = ["benign", "malignant", "normal"]
 COUNTS = {"train": [101, 202, 3303], "val": [11, 22, 33], "test": [21, 42, 63]}
@@ -470,7 +470,7 @@ def test_close_stops_a_live_bar_after_a_crash(model):
 
 
 def test_header_names_a_source_once_when_it_is_the_cache_name():
-    from training.console import _data_name
+    from training.callbacks.console import _data_name
 
     assert _data_name("bloodcells_mini", "bloodcells_mini") == "bloodcells_mini"
     assert _data_name("brain", "../data/brain.npz") == "brain (../data/brain.npz)"

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, RandomSampler, get_worker_info
 from dataset.cache import prepare
 from dataset.npy_dataset import NpyDataset
 from dataset.transforms import StrengthRamp, augment_strength, train_transform
-from training.config import TrainConfig
-from training.data import EpochBatchSampler, make_loaders
+from training.config.schema import TrainConfig
+from training.engine.data import EpochBatchSampler, make_loaders
 
 CPU = torch.device("cpu")
 
@@ -300,8 +300,8 @@ def test_train_transform_factory_pickles_for_spawned_workers(cache):
 
 
 def test_data_image_size_resizes_a_folder_into_its_own_cache(folder_factory, tmp_path):
-    from training.config import DataConfig
-    from training.data import prepare_cache
+    from training.config.schema import DataConfig
+    from training.engine.data import prepare_cache
 
     folder = folder_factory({"train": {"a": 6, "b": 6}, "test": {"a": 3, "b": 3}}, size=(8, 8))
     root = str(tmp_path / "cache")
@@ -312,8 +312,8 @@ def test_data_image_size_resizes_a_folder_into_its_own_cache(folder_factory, tmp
 
 
 def test_data_image_size_is_refused_for_sources_that_are_not_folders(npz_factory, tmp_path):
-    from training.config import ConfigError, DataConfig
-    from training.data import prepare_cache
+    from training.config.schema import ConfigError, DataConfig
+    from training.engine.data import prepare_cache
 
     npz = npz_factory()
     with pytest.raises(ConfigError, match=r"data.image_size=4 is invalid .*only image folders"):

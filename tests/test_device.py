@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from training.config import (
+from training.config.schema import (
     ConfigError,
     build_parser,
     config_from_args,
@@ -17,7 +17,7 @@ from training.config import (
     load_config,
     save_config,
 )
-from training.device import PresetChoice, choose_preset, slow_settings_warning
+from training.engine.device import PresetChoice, choose_preset, slow_settings_warning
 
 
 def probe(found: bool):

@@ -8,7 +8,7 @@ import pytest
 from torch import nn
 
 from models.basic_cnn_model import BasicCNNModel
-from training.dropout_control import DynamicDropout, apply_rates
+from training.callbacks.dropout import DynamicDropout, apply_rates
 
 RATES = [0.1, 0.2, 0.3]
 

@@ -16,10 +16,10 @@ import torch
 
 from tests.conftest import brightness_npz
 from training.build import build_trainer, load_resume
-from training.checkpoint import load_checkpoint
-from training.config import load_config
-from training.events import Callback
-from training.metrics_log import read_metrics
+from training.callbacks.metrics_log import read_metrics
+from training.config.schema import load_config
+from training.engine.checkpoint import load_checkpoint
+from training.engine.events import Callback
 
 TIMING = ("epoch_s", "images_per_s")
 
@@ -113,10 +113,10 @@ def sigint_after_batches(real, n: int):
 def test_ctrl_c_during_the_bn_update_stops_cleanly_and_resumes_to_the_same_files(
     straight, tmp_path, monkeypatch
 ):
-    import training.regimen as regimen
+    import training.callbacks.swa as swa
 
     npz, reference = straight
-    monkeypatch.setattr(regimen, "update_bn", sigint_after_batches(regimen.update_bn, 1))
+    monkeypatch.setattr(swa, "update_bn", sigint_after_batches(swa.update_bn, 1))
     _, summary = fit(end_config(npz, tmp_path, "run"))
     assert summary["stopped"] == "interrupted"
     assert not (tmp_path / "run" / "checkpoints" / "swa.pt").exists()
@@ -129,17 +129,17 @@ def test_ctrl_c_during_the_bn_update_stops_cleanly_and_resumes_to_the_same_files
 def test_a_kill_while_best_pt_is_calibrated_resumes_to_the_same_files(
     straight, tmp_path, monkeypatch
 ):
-    import training.regimen as regimen
+    import training.callbacks.temperature as temperature
 
     npz, reference = straight
-    real_save = regimen.save_checkpoint
+    real_save = temperature.save_checkpoint
 
     def save_or_die(payload, path):
         if Path(path).name == "best.pt":
             raise Killed
         real_save(payload, path)
 
-    monkeypatch.setattr(regimen, "save_checkpoint", save_or_die)
+    monkeypatch.setattr(temperature, "save_checkpoint", save_or_die)
     with pytest.raises(Killed):
         fit(end_config(npz, tmp_path, "run"))
     monkeypatch.undo()

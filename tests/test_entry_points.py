@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from training.metrics_log import read_metrics
+from training.callbacks.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,7 @@ import sys
 import warnings
 from io import StringIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,9 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dataset.cache import prepare
 from models.basic_cnn_model import BasicCNNModel, ModelConfig
-from training import calibration
-from training.checkpoint import CheckpointError, stored_model_config
-from training.tta import tta_logits
+from training.engine.checkpoint import CheckpointError, stored_model_config
+from training.evaluation import calibration
+from training.evaluation.tta import tta_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["alpha", "beta", "gamma"]
@@ -148,11 +149,20 @@ def script_run(tmp_path_factory):
         proc.communicate()
 
 
+REPORT_MODULE = "training.evaluation.report"
+
+
 @pytest.fixture(scope="module")
 def ev(script_run):
-    """``training.evaluate``, imported once the script has started: it pulls in scikit-learn and
-    albumentations (~3 s), which then overlap with the script's own start-up."""
-    return importlib.import_module("training.evaluate")
+    """The evaluation modules, imported once the script has started: they pull in scikit-learn
+    and albumentations (~3 s), which then overlap with the script's own start-up."""
+    names = (
+        "training.evaluation.report",
+        "training.evaluation.metrics",
+        "training.engine.inference",
+    )
+    modules = [importlib.import_module(name) for name in names]
+    return SimpleNamespace(**{k: v for m in modules for k, v in vars(m).items()})
 
 
 # --------------------------------------------------------------------------- metrics
@@ -413,6 +423,7 @@ def test_a_temperature_kept_at_one_is_explained_not_scored(ev, tmp_path):
 
 def test_scaled_row_divides_the_same_logits_by_t(ev, tmp_path, monkeypatch):
     """No second forward pass: the +T row rescores the weight set's own logits."""
+    report_module = importlib.import_module(REPORT_MODULE)
     gen = torch.Generator().manual_seed(4)
     outputs = [3 * torch.randn(12, 3, generator=gen), 3 * torch.randn(12, 3, generator=gen)]
     labels = torch.arange(12) % 3
@@ -422,7 +433,7 @@ def test_scaled_row_divides_the_same_logits_by_t(ev, tmp_path, monkeypatch):
         calls.append(model)
         return outputs[len(calls) - 1], labels
 
-    monkeypatch.setattr(ev, "predict", fake_predict)
+    monkeypatch.setattr(report_module, "predict", fake_predict)
     report = ev.evaluate_run(make_run(tmp_path, {"best": 2.5, "swa": 0.4}), device="cpu")
     assert len(calls) == 2  # one per weight file, none for the +T rows
     for (name, t), logits in zip((("best", 2.5), ("swa", 0.4)), outputs, strict=True):
@@ -462,6 +473,7 @@ def test_bad_temperature_is_refused_naming_file_key_and_value(ev, tmp_path, valu
 
 
 def test_save_report_draws_one_reliability_curve_per_row(ev, tmp_path, monkeypatch):
+    report_module = importlib.import_module(REPORT_MODULE)
     run_dir = make_run(tmp_path, {"best": 1.6, "swa": 0.8})
     report = ev.evaluate_run(run_dir, device="cpu")
     drawn = {}
@@ -470,7 +482,7 @@ def test_save_report_draws_one_reliability_curve_per_row(ev, tmp_path, monkeypat
         drawn.update(curves)
         return calibration.reliability_diagram(curves, path, n_bins)
 
-    monkeypatch.setattr(ev, "reliability_diagram", spy)
+    monkeypatch.setattr(report_module, "reliability_diagram", spy)
     paths = ev.save_report(report, run_dir)
     assert paths == (
         run_dir / "test_report.json",
@@ -581,7 +593,7 @@ def test_script_end_to_end_writes_report_and_figure(script_run):
 
 
 def test_a_deleted_cache_is_rebuilt_with_the_runs_own_size_and_split_options():
-    from training.evaluate import _prepare_kwargs
+    from training.evaluation.report import _prepare_kwargs
 
     stored = {"config": {"data": {"image_size": 0, "split_seed": 3, "val_fraction": 0.2}}}
     assert _prepare_kwargs(stored) == {"image_size": None, "seed": 3, "val_fraction": 0.2}

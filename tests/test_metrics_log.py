@@ -9,12 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.metrics_log import (
-    MetricsLogger,
-    read_metrics,
-    to_plain,
-    truncate_metrics,
-)
+from training.callbacks.metrics_log import MetricsLogger, read_metrics, to_plain, truncate_metrics
 
 KEYS = {
     "epoch",

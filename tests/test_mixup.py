@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from losses import soft_target_cross_entropy
-from training.mixup import Mixup, mixup_alpha, sample_beta
+from training.engine.mixup import Mixup, mixup_alpha, sample_beta
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from rich.console import Console
 
 from tests.test_trainer import tiny_config
 from training.build import build_trainer
-from training.config import (
+from training.config.plan import EPOCH_FIELDS, Rescale, plan_lines, plan_markers, scale_plan
+from training.config.schema import (
     PRESETS,
     ConfigError,
     build_parser,
@@ -23,8 +24,7 @@ from training.config import (
     load_config,
     save_config,
 )
-from training.plan import EPOCH_FIELDS, Rescale, plan_lines, plan_markers, scale_plan
-from training.schedule import Marker
+from training.engine.schedule import Marker
 
 # The cpu preset's epoch settings (a 30-epoch plan), flat, as scale_plan reads them.
 CPU = {

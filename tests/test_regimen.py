@@ -20,21 +20,18 @@ import torch
 from losses import WeightedCrossEntropy
 from tests.conftest import brightness_npz
 from tests.test_trainer import StopAfter
-from training.balance import ClassPenalty
 from training.build import build_trainer, load_resume
-from training.calibration import nll
-from training.checkpoint import load_checkpoint
-from training.config import load_config, staged_schedule
-from training.evaluate import build_model, evaluate_run, predict
-from training.events import Callback
-from training.metrics_log import read_metrics
-from training.regimen import (
-    ClassPenaltyControl,
-    EarlyStop,
-    earliest_stop_epoch,
-    regimen_callbacks,
-)
-from training.schedule import group_multiplier, staged_lr
+from training.callbacks.class_penalty import ClassPenalty, ClassPenaltyControl
+from training.callbacks.early_stop import EarlyStop
+from training.callbacks.metrics_log import read_metrics
+from training.callbacks.regimen import earliest_stop_epoch, regimen_callbacks
+from training.config.schema import load_config, staged_schedule
+from training.engine.checkpoint import load_checkpoint
+from training.engine.events import Callback
+from training.engine.inference import predict
+from training.engine.schedule import group_multiplier, staged_lr
+from training.evaluation.calibration import nll
+from training.evaluation.report import build_model, evaluate_run
 
 SABOTAGED_EPOCH = 5
 
@@ -248,8 +245,8 @@ def test_switches_turn_features_off(separable_npz, tmp_path):
 
 
 def test_temperature_is_fitted_on_the_test_time_augmented_logits(separable_npz, tmp_path, capsys):
-    from training.calibration import choose_temperature
-    from training.evaluate import evaluate_run
+    from training.evaluation.calibration import choose_temperature
+    from training.evaluation.report import evaluate_run
 
     off = ["unfreeze.enabled=false", "safety.swa=false", "safety.early_stop=false"]
     cfg = regimen_config(separable_npz, tmp_path, "tta", *off, "run.epochs=2", "run.tta=auto")

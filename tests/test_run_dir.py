@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ConfigError
-from training.run_dir import prepare_run_dir, remove_temp_leftovers
+from training.config.schema import ConfigError
+from training.engine.run_dir import prepare_run_dir, remove_temp_leftovers
 
 
 def earlier_run(folder: Path) -> Path:

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from training.safety import EarlyStopping, RollbackDecision, RollbackPolicy
+from training.callbacks.early_stop import EarlyStopping
+from training.callbacks.rollback import RollbackDecision, RollbackPolicy
 
 NAN, INF = float("nan"), float("inf")
 

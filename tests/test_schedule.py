@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.schedule import (
+from training.engine.schedule import (
     LR_PLOT_NAME,
     LRSchedule,
     Marker,

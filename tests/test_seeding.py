@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from training.seeding import (
+from training.engine.seeding import (
     make_generator,
     rng_state,
     seed_everything,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from training import device as device_mod
-from training.device import amp_dtype, cpu_has_native_bf16, resolve_device
-from training.stepper import GradStepper, group_size, group_sizes, steps_per_epoch
+from training.engine import device as device_mod
+from training.engine.device import amp_dtype, cpu_has_native_bf16, resolve_device
+from training.engine.stepper import GradStepper, group_size, group_sizes, steps_per_epoch
 
 CPU = torch.device("cpu")
 

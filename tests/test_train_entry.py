@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import models.train as train_script
-import training.device as device_module
+import training.engine.device as device_module
 from tests.test_entry_points import train_cmd
-from training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from training.events import Callback
-from training.metrics_log import read_metrics
+from training.callbacks.metrics_log import read_metrics
+from training.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from training.engine.events import Callback
 
 
 def argv(tiny_npz, tmp_path, run_dir, *extra) -> list[str]:

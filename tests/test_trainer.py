@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from training.build import build_trainer, load_resume
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import load_config
-from training.events import Callback
-from training.metrics_log import read_metrics
-from training.trainer import Interrupted
+from training.callbacks.metrics_log import read_metrics
+from training.config.schema import load_config
+from training.engine.checkpoint import CheckpointError, load_checkpoint
+from training.engine.events import Callback
+from training.engine.trainer import Interrupted
 
 
 def tiny_config(tiny_npz, tmp_path, run="run", *extra):
@@ -219,7 +219,7 @@ class Killed(BaseException):
 def test_a_kill_right_after_last_pt_keeps_that_epochs_metrics_row(tiny_npz, tmp_path, monkeypatch):
     # A kill between last.pt and the epoch-end hooks (e.g. while rollback.pt is copied) must not
     # lose the epoch's row: the checkpoint says epoch 2 is done, so the log must hold it.
-    from training.trainer import Trainer
+    from training.engine.trainer import Trainer
 
     real_save = Trainer.save
 

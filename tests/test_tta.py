@@ -7,8 +7,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from training.evaluate import predict
-from training.tta import TTA_MODES, resolve_tta, resolve_tta_for_images, tta_logits, tta_views
+from training.engine.inference import predict
+from training.evaluation.tta import (
+    TTA_MODES,
+    resolve_tta,
+    resolve_tta_for_images,
+    tta_logits,
+    tta_views,
+)
 
 
 def _image(channels: int = 3, size: int = 5, seed: int = 0) -> torch.Tensor:
@@ -111,7 +117,7 @@ def test_image_check_refuses_d4_on_non_square_images_only():
 
 def test_a_run_with_d4_on_non_square_images_fails_before_training(folder_factory, tmp_path):
     from training.build import build_trainer
-    from training.config import ConfigError, load_config
+    from training.config.schema import ConfigError, load_config
 
     root = folder_factory({"a": 12, "b": 12}, size=(32, 28))  # 32 wide, 28 high
     cfg = load_config(

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from training.unfreeze import UnfreezeSchedule
+from training.callbacks.unfreeze import UnfreezeSchedule
 
 NAN = float("nan")
 

@@ -13,28 +13,27 @@ from rich.console import Console
 from dataset.errors import DataError
 from losses import WeightedCrossEntropy, class_weights
 from models.basic_cnn_model import MIN_CLASSES, BasicCNNModel, min_input_size
-from training.balance import double_correction_warning
-from training.checkpoint import CheckpointError, check_resumable, load_checkpoint
-from training.config import (
+from training.callbacks.console import ConsoleCallback, warn
+from training.callbacks.metrics_log import MetricsLogger
+from training.callbacks.regimen import earliest_stop_epoch, regimen_callbacks
+from training.config.plan import plan_lines, plan_markers
+from training.config.schema import (
     ConfigError,
     TrainConfig,
     config_from_dict,
     save_config,
     staged_schedule,
 )
-from training.console import ConsoleCallback, warn
-from training.data import make_loaders, prepare_cache
-from training.device import amp_dtype, resolve_device, slow_settings_warning
-from training.events import Callback
-from training.metrics_log import MetricsLogger
-from training.mixup import Mixup
-from training.plan import plan_lines, plan_markers
-from training.regimen import earliest_stop_epoch, regimen_callbacks
-from training.run_dir import remove_temp_leftovers
-from training.schedule import plot_schedule
-from training.seeding import make_generator, seed_everything
-from training.trainer import Trainer
-from training.tta import resolve_tta_for_images
+from training.engine.checkpoint import CheckpointError, check_resumable, load_checkpoint
+from training.engine.data import double_correction_warning, make_loaders, prepare_cache
+from training.engine.device import amp_dtype, resolve_device, slow_settings_warning
+from training.engine.events import Callback
+from training.engine.mixup import Mixup
+from training.engine.run_dir import remove_temp_leftovers
+from training.engine.schedule import plot_schedule
+from training.engine.seeding import make_generator, seed_everything
+from training.engine.trainer import Trainer
+from training.evaluation.tta import resolve_tta_for_images
 
 
 def is_main_process() -> bool:

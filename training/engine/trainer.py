@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from dataset.cache import CacheInfo
 from models.basic_cnn_model import NUM_BLOCKS, BasicCNNModel
-from training.checkpoint import (
+from training.config.schema import TrainConfig, config_to_dict, staged_schedule
+from training.engine.checkpoint import (
     CheckpointError,
     check_compatible,
     load_checkpoint,
@@ -33,16 +34,20 @@ from training.checkpoint import (
     save_checkpoint,
     stored_model_config,
 )
-from training.config import TrainConfig, config_to_dict, staged_schedule
-from training.evaluate import classification_metrics, predict
-from training.events import Callback, StopTraining
-from training.mixup import Mixup
-from training.schedule import LRSchedule, PlateauState, warmup_cosine
-from training.seeding import rng_state, set_rng_state
-from training.stepper import GradStepper, group_size, steps_per_epoch
+from training.engine.events import Callback, StopTraining
+from training.engine.inference import predict
+from training.engine.mixup import Mixup
+from training.engine.schedule import LRSchedule, PlateauState, warmup_cosine
+from training.engine.seeding import rng_state, set_rng_state
+from training.engine.stepper import GradStepper, group_size, steps_per_epoch
+from training.evaluation.metrics import classification_metrics
 
 CHECKPOINT_FORMAT = 1
+
+
 SYNC_EVERY = 25  # batches between reads of the loss on an accelerator
+
+
 LOWER_IS_BETTER = {"val_loss"}
 
 

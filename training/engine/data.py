@@ -1,19 +1,29 @@
-"""DataLoaders for training and evaluation, built from the ``data_npy`` cache."""
+"""DataLoaders for training and evaluation, built from the ``data_npy`` cache.
+
+- :func:`make_loaders`: train and val loaders; the train loader's batches come from
+  :class:`EpochBatchSampler`, which folds a last batch of one image into the one before it.
+- :func:`sample_weights` and :func:`make_balanced_sampler`: draw training images with
+  probability proportional to their class weight (inverse frequency, or the effective number of
+  samples of Cui et al. 2019), so that classes are balanced in expectation.
+- :func:`double_correction_warning`: a class-weighted loss on top of balanced sampling corrects
+  the imbalance twice and over-favours the rare classes; this says so.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, Sampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
+import losses
 from dataset.cache import CacheInfo, prepare
 from dataset.npy_dataset import NpyDataset
 from dataset.transforms import StrengthRamp, eval_transform, train_transform
-from training.balance import make_balanced_sampler
-from training.config import MIN_TRAIN_BATCH, ConfigError
+from training.config.schema import MIN_TRAIN_BATCH, ConfigError
 
 
 def resolve_workers(requested: int, device: torch.device) -> int:
@@ -209,3 +219,95 @@ def make_loaders(
     train = DataLoader(train_set, batch_sampler=batches, generator=generator, **common)
     val = DataLoader(NpyDataset(cache, "val"), batch_size=max(256, batch_size), **common)
     return {"train": train, "val": val}
+
+
+def _check_labels(labels: np.ndarray | Sequence[int]) -> np.ndarray:
+    array = np.asarray(labels)
+    if array.ndim != 1 or len(array) == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            f"labels of shape {array.shape} and dtype {array.dtype} are invalid; "
+            "allowed: a non-empty 1-d array of integer class indices"
+        )
+    if array.min() < 0:
+        raise ValueError(f"labels contain {array.min()}; allowed: class indices >= 0")
+    return array.astype(np.int64)
+
+
+def sample_weights(
+    labels: np.ndarray | Sequence[int], class_weights: torch.Tensor | Sequence[float]
+) -> torch.Tensor:
+    """Per-sample weights (N,) for ``WeightedRandomSampler``: each sample gets its class weight.
+
+    With inverse-frequency class weights every class carries the same total weight, so the
+    sampler draws the classes equally often in expectation.
+
+    Args:
+        labels: class index of every training sample, shape (N,).
+        class_weights: weight of every class, shape (C,), non-negative, C > max(labels).
+    """
+    array = _check_labels(labels)
+    cw = torch.as_tensor(class_weights, dtype=torch.float64).flatten()
+    if len(cw) <= array.max():
+        raise ValueError(
+            f"class_weights has {len(cw)} entries but labels go up to {array.max()}; "
+            f"allowed: at least {array.max() + 1} weights"
+        )
+    if not torch.isfinite(cw).all() or (cw < 0).any():
+        raise ValueError(f"class_weights={cw.tolist()} is invalid; allowed: finite numbers >= 0")
+    weights = cw[torch.from_numpy(array)]  # (N,)
+    if weights.sum() <= 0:
+        raise ValueError("every sample has weight 0; the sampler would have nothing to draw")
+    return weights
+
+
+def make_balanced_sampler(
+    labels: np.ndarray | Sequence[int],
+    scheme: str = "inverse",
+    beta: float = 0.999,
+    generator: torch.Generator | None = None,
+    num_samples: int | None = None,
+) -> WeightedRandomSampler:
+    """A sampler that draws training samples with replacement, weighted by their class.
+
+    ``scheme="inverse"`` balances the classes exactly in expectation; ``"effective"`` (Cui et al.
+    2019) sits between the natural distribution (beta=0) and inverse frequency (beta -> 1).
+
+    Args:
+        labels: class index of every training sample, shape (N,).
+        scheme: ``"inverse"``, ``"effective"`` or ``"none"`` (uniform over samples), as in
+            :func:`losses.class_weights`.
+        beta: effective-number hyper-parameter in [0, 1).
+        generator: random generator of the draws; pass a seeded one for reproducible epochs.
+        num_samples: draws per epoch, > 0; ``None`` keeps the epoch length at N.
+    """
+    array = _check_labels(labels)
+    if num_samples is None:
+        num_samples = len(array)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        raise ValueError(f"num_samples={num_samples!r} is invalid; allowed: an int > 0 or None")
+    counts = np.bincount(array)
+    weights = sample_weights(array, losses.class_weights(counts.tolist(), scheme, beta))
+    return WeightedRandomSampler(weights, num_samples, replacement=True, generator=generator)
+
+
+def double_correction_warning(loss_weighting: str, balanced_sampling: bool) -> str | None:
+    """A warning when a class-weighted loss and balanced sampling are both on, else ``None``.
+
+    Balanced sampling already shows the model every class about equally often; weighting the
+    loss by class as well multiplies the rare classes' influence a second time (about 1/n_c^2
+    instead of 1/n_c), which over-predicts them.
+
+    Args:
+        loss_weighting: the loss's class-weight scheme, one of ``losses.WEIGHT_SCHEMES``.
+        balanced_sampling: whether training batches are drawn by :func:`make_balanced_sampler`.
+    """
+    if loss_weighting not in losses.WEIGHT_SCHEMES:
+        allowed = " | ".join(map(repr, losses.WEIGHT_SCHEMES))
+        raise ValueError(f"loss_weighting={loss_weighting!r} is invalid; allowed: {allowed}")
+    if loss_weighting == "none" or not balanced_sampling:
+        return None
+    return (
+        f"class imbalance is corrected twice: the loss is weighted by class "
+        f"({loss_weighting!r}) and batches are drawn with balanced sampling; rare classes will "
+        f"be over-weighted. Use one of the two (loss weighting 'none' or balanced_sampling off)."
+    )

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from models.basic_cnn_model import NUM_BLOCKS
-from training.schedule import WARMUP_START_DIV, Marker
+from training.engine.schedule import WARMUP_START_DIV, Marker
 
 if TYPE_CHECKING:
-    from training.config import TrainConfig
+    from training.config.schema import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,13 @@ class EpochField:
 
 
 _AT = EpochField(span=False, whole=True)
+
+
 _SPAN = EpochField(span=True, whole=True)
+
+
 _FLOAT_SPAN = EpochField(span=True, whole=False)
+
 
 #: Every setting counted in epochs, and how it scales. ``safety.rollback_patience`` is not one:
 #: it counts the epochs that confirm a fall against one noisy validation, whatever the length.
@@ -166,6 +171,8 @@ def scale_plan(
 
 
 _STAGED = ("schedule.warmup_epochs", "schedule.onecycle_end_epoch", "schedule.cosine_end_epoch")
+
+
 # The field rules: the warmup may be 0, the two phase ends are >= 1.
 _STAGED_LOWEST = {"schedule.warmup_epochs": 0}
 
@@ -226,8 +233,6 @@ def _fit_swa(v: dict[str, Any], epochs: int, fixed: Collection[str]) -> None:
         first = first_swa_epoch(v["unfreeze.activate_at"][-1], v["unfreeze.head_blend_epochs"])
     v[path] = max(min(v[path], epochs), first)
 
-
-# --------------------------------------------------------------------------- the plan in words
 
 _Row = tuple[str, str, str]  # phase, its epochs, what happens
 
@@ -375,9 +380,6 @@ def _safety_lines(cfg: TrainConfig, stop_not_before: int | None) -> list[_Row]:
         patience = f"may stop after {_count(s.patience)} without gain"
         rows.append(_line("early stop", _epochs(first, total, total), patience))
     return rows
-
-
-# --------------------------------------------------------------------------- the plan drawn
 
 
 def _ramps(d: Any) -> bool:

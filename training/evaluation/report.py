@@ -17,9 +17,8 @@ under the run's own mode (``"temperature_tta"`` in the checkpoint) and is only a
 of that same mode.
 
 Public API:
-    predict, classification_metrics, scored_metrics, checkpoint_temperature,
-    checkpoint_temperature_reason, build_model, test_loader, find_weights, latest_run,
-    evaluate_run, run_tta, print_report, save_report, WEIGHT_FILES, ECE_BINS.
+    checkpoint_temperature, checkpoint_temperature_reason, build_model, test_loader,
+    find_weights, latest_run, evaluate_run, run_tta, print_report, save_report, WEIGHT_FILES.
 """
 
 from __future__ import annotations
@@ -27,9 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +36,6 @@ from rich import box
 from rich.columns import Columns
 from rich.console import Console
 from rich.table import Table
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-)
-from torch import nn
 from torch.utils.data import DataLoader
 
 from dataset.cache import CacheInfo, load_cache, prepare
@@ -54,33 +43,50 @@ from dataset.errors import DataError
 from dataset.npy_dataset import NpyDataset
 from dataset.transforms import eval_transform
 from models.basic_cnn_model import BasicCNNModel, ModelConfig
-from training.calibration import nll, reliability_bins, reliability_diagram
-from training.checkpoint import (
+from training.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
     restore_model,
     saved_model_config,
 )
-from training.data import resolve_workers
-from training.device import amp_dtype as resolve_amp_dtype
-from training.device import resolve_device
-from training.tta import resolve_tta, tta_logits
+from training.engine.checks import one_line
+from training.engine.data import resolve_workers
+from training.engine.device import amp_dtype as resolve_amp_dtype
+from training.engine.device import resolve_device
+from training.engine.inference import predict
+from training.evaluation.calibration import reliability_diagram
+from training.evaluation.metrics import ECE_BINS, scored_metrics
+from training.evaluation.tta import resolve_tta
 
 #: weight-set name -> file under ``run_dir/checkpoints/``, in report order.
 WEIGHT_FILES: dict[str, str] = {"best": "best.pt", "last": "last.pt", "swa": "swa.pt"}
+
+
 REPORT_JSON = "test_report.json"
+
+
 REPORT_PNG = "confusion_matrix.png"
+
+
 RELIABILITY_PNG = "reliability.png"
+
+
 #: checkpoint key of the softmax temperature fitted on the validation set.
 TEMPERATURE_KEY = "temperature"
+
+
 #: checkpoint key of the test-time augmentation mode the temperature was fitted under.
 TEMPERATURE_TTA_KEY = "temperature_tta"
+
+
 #: checkpoint key of why the temperature was kept at 1 (not identifiable on the validation set).
 TEMPERATURE_REASON_KEY = "temperature_reason"
+
+
 #: suffix of the weight-set row whose logits are divided by the checkpoint's temperature.
 SCALED_SUFFIX = "+T"
-#: equal-width confidence bins of the ECE and the reliability diagram (Guo et al. use 15).
-ECE_BINS = 15
+
+
 # Keyword arguments of dataset.cache.prepare, by their name in the training config's data section.
 _PREPARE_ARGS: dict[str, str] = {
     "val_fraction": "val_fraction",
@@ -90,161 +96,6 @@ _PREPARE_ARGS: dict[str, str] = {
     "strict_size": "strict_size",
     "drop_leaked_test": "drop_leaked_test",
 }
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-# --------------------------------------------------------------------------- predictions
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device | str,
-    amp_dtype: torch.dtype | None = None,
-    tta: str = "none",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` over ``loader`` in eval mode.
-
-    Args:
-        model: the network; moved to ``device``, and put back in its previous train/eval mode.
-        loader: yields ``(images, labels)`` batches.
-        device: where to compute.
-        amp_dtype: autocast dtype (``torch.float16``/``torch.bfloat16``), ``None`` for fp32.
-        tta: test-time augmentation (``training.tta``): the logits are averaged over the
-            views of this mode; "none" is a single pass.
-
-    Returns:
-        Logits ``(N, C)`` float32 and labels ``(N,)`` int64, both on the CPU.
-    """
-    device = torch.device(device)
-    was_training = model.training
-    model.to(device).eval()
-    non_blocking = device.type == "cuda"
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    )
-    all_logits, all_labels = [], []
-    try:
-        for images, labels in loader:
-            with autocast:
-                images = images.to(device, non_blocking=non_blocking)
-                logits = tta_logits(model, images, tta)  # (B, C)
-            all_logits.append(logits.float().cpu())
-            all_labels.append(torch.as_tensor(labels, dtype=torch.int64))
-    finally:
-        model.train(was_training)
-    if not all_logits:
-        raise ValueError("predict: the loader yielded no batches (empty test split?)")
-    return torch.cat(all_logits), torch.cat(all_labels)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def classification_metrics(
-    logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
-) -> dict[str, Any]:
-    """Accuracy, macro-F1, balanced accuracy, NLL, per-class scores and the confusion matrix.
-
-    Every score is computed over all ``len(class_names)`` classes, so a class absent from the
-    labels still has its row (support 0, scores 0) and the matrix stays ``C x C``.
-
-    Args:
-        logits: ``(N, C)`` raw scores.
-        labels: ``(N,)`` true class indices.
-        class_names: one name per class; ``C`` is its length.
-
-    Returns:
-        A JSON-ready dict: ``accuracy``, ``macro_f1``, ``balanced_accuracy``, ``nll`` (mean
-        cross-entropy of the logits, see ``training.calibration.nll``), ``per_class`` (list of
-        ``{class, precision, recall, f1, support}``) and ``confusion_matrix`` (rows true, columns
-        predicted).
-
-    Raises:
-        ValueError: on logits of the wrong shape, or with NaN or inf.
-    """
-    n_classes = len(class_names)
-    if logits.ndim != 2 or logits.shape[1] != n_classes or len(logits) != len(labels):
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not fit "
-            f"{n_classes} classes; expected (N, {n_classes}) and (N,)"
-        )
-    logits = logits.detach().float().cpu()
-    labels = labels.detach().long().cpu()
-    y_true, y_pred = labels.numpy(), logits.argmax(dim=1).numpy()
-    classes = list(range(n_classes))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=classes, zero_division=0
-    )
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(
-            f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)
-        ),
-        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
-        "nll": nll(logits, labels),
-        "per_class": [
-            {
-                "class": str(name),
-                "precision": float(p),
-                "recall": float(r),
-                "f1": float(f),
-                "support": int(s),
-            }
-            for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
-        ],
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
-    }
-
-
-def scored_metrics(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    class_names: Sequence[str],
-    temperature: float = 1.0,
-) -> dict[str, Any]:
-    """:func:`classification_metrics` of ``softmax(logits / temperature)``, with calibration.
-
-    Dividing by T > 0 keeps every argmax, so the prediction scores come from ``logits`` as they
-    are and are the same for any T; NLL and the reliability bins use the scaled logits.
-
-    Args:
-        logits: ``(N, C)`` raw scores.
-        labels: ``(N,)`` true class indices.
-        class_names: one name per class.
-        temperature: the softmax temperature T, > 0; 1.0 leaves the logits as they are.
-
-    Returns:
-        The metrics of :func:`classification_metrics` with ``nll`` at T, plus ``ece`` (over
-        ``ECE_BINS`` bins), ``temperature`` (the T applied) and ``reliability`` (the
-        ``training.calibration.reliability_bins`` dict the ECE comes from).
-    """
-    metrics = classification_metrics(logits, labels, class_names)
-    scaled_nll = nll(logits, labels, temperature)  # first: it checks the temperature
-    # Divided in float64, as calibration.nll does, so NLL and ECE see the same scaled logits.
-    bins = reliability_bins(logits.detach().double().cpu() / temperature, labels, ECE_BINS)
-    metrics.update(
-        nll=scaled_nll,
-        ece=bins["ece"],
-        temperature=float(temperature),
-        reliability=bins,
-    )
-    return metrics
-
-
-def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    # A class that is predicted but absent from y_true has no recall; sklearn leaves it out of
-    # the mean, which is what we want, and warns about it, which we do not.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        return float(balanced_accuracy_score(y_true, y_pred))
-
-
-# --------------------------------------------------------------------------- model and data
 
 
 def build_model(ckpt: dict) -> BasicCNNModel:
@@ -324,9 +175,6 @@ def test_loader(
     return loader, cache
 
 
-# --------------------------------------------------------------------------- a run
-
-
 def checkpoint_temperature(ckpt: Mapping, path: Path) -> float | None:
     """The softmax temperature saved in a checkpoint, or None when it has none (not fitted).
 
@@ -339,7 +187,7 @@ def checkpoint_temperature(ckpt: Mapping, path: Path) -> float | None:
     value = ckpt[TEMPERATURE_KEY]
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (is_number and math.isfinite(value) and value > 0):
-        shown = _one_line(repr(value))
+        shown = one_line(repr(value))
         shown = shown if len(shown) <= 60 else f"{shown[:57]}..."
         raise CheckpointError(
             f"checkpoint {path}: key {TEMPERATURE_KEY!r} is {shown}; allowed: a finite number > 0"
@@ -350,7 +198,7 @@ def checkpoint_temperature(ckpt: Mapping, path: Path) -> float | None:
 def checkpoint_temperature_reason(ckpt: Mapping) -> str | None:
     """Why a checkpoint's temperature was kept at 1, on one line; None when it was fitted."""
     reason = ckpt.get(TEMPERATURE_REASON_KEY)
-    return None if reason is None else _one_line(reason)
+    return None if reason is None else one_line(reason)
 
 
 def find_weights(run_dir: Path) -> dict[str, Path]:
@@ -495,9 +343,6 @@ def _weight_rows(
     return rows
 
 
-# --------------------------------------------------------------------------- printing
-
-
 _SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("accuracy", "accuracy"),
     ("macro-F1", "macro_f1"),
@@ -610,9 +455,6 @@ def print_report(report: dict, console: Console) -> None:
     console.print(_per_class_table(report))
     console.print("confusion matrices: rows are the true class, column j the predicted class j")
     console.print(Columns([_confusion_table(report, name) for name in _main_sets(report)]))
-
-
-# --------------------------------------------------------------------------- saving
 
 
 def _write_atomically(path: Path, write) -> None:

@@ -1,21 +1,16 @@
-"""Class balance: balanced sampling, a double-correction check and adaptive per-class penalties.
+"""Adaptive per-class loss penalties, and the callback that moves them once per epoch.
 
-- :func:`sample_weights` and :func:`make_balanced_sampler`: draw training images with
-  probability proportional to their class weight (inverse frequency, or the effective number of
-  samples of Cui et al., "Class-Balanced Loss Based on Effective Number of Samples", CVPR 2019),
-  so that classes are balanced in expectation.
-- :func:`double_correction_warning`: a class-weighted loss on top of balanced sampling corrects
-  the imbalance twice and over-favours the rare classes; this says so.
 - :class:`ClassPenalty`: per-class loss weights adjusted once per epoch from each class's
   train-validation accuracy gap and validation recall shortfall, smoothed by an exponential
   moving average. It follows the idea of re-weighting the loss by per-class performance rather
-  than by frequency alone (cf. Cui et al. 2019; Lin et al., "Focal Loss for Dense Object
-  Detection", ICCV 2017, does the same per sample).
+  than by frequency alone (cf. Cui et al., "Class-Balanced Loss Based on Effective Number of
+  Samples", CVPR 2019; Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, does the
+  same per sample).
 - :func:`per_class_accuracy`: accuracy of each class (its recall) from logits or predictions.
+- :class:`ClassPenaltyControl`: the callback that feeds it and writes the weights into the loss.
 
 Public API:
-    sample_weights, make_balanced_sampler, double_correction_warning, ClassPenalty,
-    moved_classes, per_class_accuracy.
+    ClassPenalty, moved_classes, per_class_accuracy, ClassPenaltyControl.
 """
 
 from __future__ import annotations
@@ -24,108 +19,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import WeightedRandomSampler
 
-import losses
-
-# --------------------------------------------------------------------------- balanced sampling
-
-
-def _check_labels(labels: np.ndarray | Sequence[int]) -> np.ndarray:
-    array = np.asarray(labels)
-    if array.ndim != 1 or len(array) == 0 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(
-            f"labels of shape {array.shape} and dtype {array.dtype} are invalid; "
-            "allowed: a non-empty 1-d array of integer class indices"
-        )
-    if array.min() < 0:
-        raise ValueError(f"labels contain {array.min()}; allowed: class indices >= 0")
-    return array.astype(np.int64)
-
-
-def sample_weights(
-    labels: np.ndarray | Sequence[int], class_weights: torch.Tensor | Sequence[float]
-) -> torch.Tensor:
-    """Per-sample weights (N,) for ``WeightedRandomSampler``: each sample gets its class weight.
-
-    With inverse-frequency class weights every class carries the same total weight, so the
-    sampler draws the classes equally often in expectation.
-
-    Args:
-        labels: class index of every training sample, shape (N,).
-        class_weights: weight of every class, shape (C,), non-negative, C > max(labels).
-    """
-    array = _check_labels(labels)
-    cw = torch.as_tensor(class_weights, dtype=torch.float64).flatten()
-    if len(cw) <= array.max():
-        raise ValueError(
-            f"class_weights has {len(cw)} entries but labels go up to {array.max()}; "
-            f"allowed: at least {array.max() + 1} weights"
-        )
-    if not torch.isfinite(cw).all() or (cw < 0).any():
-        raise ValueError(f"class_weights={cw.tolist()} is invalid; allowed: finite numbers >= 0")
-    weights = cw[torch.from_numpy(array)]  # (N,)
-    if weights.sum() <= 0:
-        raise ValueError("every sample has weight 0; the sampler would have nothing to draw")
-    return weights
-
-
-def make_balanced_sampler(
-    labels: np.ndarray | Sequence[int],
-    scheme: str = "inverse",
-    beta: float = 0.999,
-    generator: torch.Generator | None = None,
-    num_samples: int | None = None,
-) -> WeightedRandomSampler:
-    """A sampler that draws training samples with replacement, weighted by their class.
-
-    ``scheme="inverse"`` balances the classes exactly in expectation; ``"effective"`` (Cui et al.
-    2019) sits between the natural distribution (beta=0) and inverse frequency (beta -> 1).
-
-    Args:
-        labels: class index of every training sample, shape (N,).
-        scheme: ``"inverse"``, ``"effective"`` or ``"none"`` (uniform over samples), as in
-            :func:`losses.class_weights`.
-        beta: effective-number hyper-parameter in [0, 1).
-        generator: random generator of the draws; pass a seeded one for reproducible epochs.
-        num_samples: draws per epoch, > 0; ``None`` keeps the epoch length at N.
-    """
-    array = _check_labels(labels)
-    if num_samples is None:
-        num_samples = len(array)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-        raise ValueError(f"num_samples={num_samples!r} is invalid; allowed: an int > 0 or None")
-    counts = np.bincount(array)
-    weights = sample_weights(array, losses.class_weights(counts.tolist(), scheme, beta))
-    return WeightedRandomSampler(weights, num_samples, replacement=True, generator=generator)
-
-
-def double_correction_warning(loss_weighting: str, balanced_sampling: bool) -> str | None:
-    """A warning when a class-weighted loss and balanced sampling are both on, else ``None``.
-
-    Balanced sampling already shows the model every class about equally often; weighting the
-    loss by class as well multiplies the rare classes' influence a second time (about 1/n_c^2
-    instead of 1/n_c), which over-predicts them.
-
-    Args:
-        loss_weighting: the loss's class-weight scheme, one of ``losses.WEIGHT_SCHEMES``.
-        balanced_sampling: whether training batches are drawn by :func:`make_balanced_sampler`.
-    """
-    if loss_weighting not in losses.WEIGHT_SCHEMES:
-        allowed = " | ".join(map(repr, losses.WEIGHT_SCHEMES))
-        raise ValueError(f"loss_weighting={loss_weighting!r} is invalid; allowed: {allowed}")
-    if loss_weighting == "none" or not balanced_sampling:
-        return None
-    return (
-        f"class imbalance is corrected twice: the loss is weighted by class "
-        f"({loss_weighting!r}) and batches are drawn with balanced sampling; rare classes will "
-        f"be over-weighted. Use one of the two (loss weighting 'none' or balanced_sampling off)."
-    )
-
-
-# --------------------------------------------------------------------------- per-class metrics
+from losses import WeightedCrossEntropy
+from training.engine.events import Callback
 
 
 def per_class_accuracy(
@@ -160,9 +57,6 @@ def per_class_accuracy(
     fill = acc[present].mean().item() if present.any() else 1.0
     acc[~present] = fill
     return acc.tolist()
-
-
-# --------------------------------------------------------------------------- adaptive penalty
 
 
 def _is_real(value: object) -> bool:
@@ -364,3 +258,48 @@ def moved_classes(
     moves = [abs(float(w) - float(r)) for w, r in zip(weights, reference, strict=True)]
     moved = [c for c, move in enumerate(moves) if move > threshold]
     return sorted(moved, key=lambda c: -moves[c])
+
+
+class ClassPenaltyControl(Callback):
+    """Updates per-class loss weights from each class's train-val gap and validation recall.
+
+    The weights are logged every epoch (``class_penalty``); a banner comes only when a class's
+    weight has drifted more than :attr:`ClassPenalty.notable_move` (more than a single epoch can
+    move it from rest) since the last banner, or since the start for the first: the small moves
+    of every epoch stay in the log.
+    """
+
+    name = "class_penalty"
+
+    def __init__(self, penalty: ClassPenalty, criterion: WeightedCrossEntropy) -> None:
+        self.penalty = penalty
+        self.criterion = criterion
+        self.announced: list[float] = penalty.weights.tolist()
+        self.announced_epoch = 0
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        if trainer.rolled_back:
+            return
+        recall = metrics["val_recall_per_class"]
+        weights = self.penalty.update(metrics["train_acc_per_class"], recall, recall).tolist()
+        self.criterion.set_penalty(self.penalty.weights)
+        metrics["class_penalty"] = [round(w, 4) for w in weights]
+        moved = moved_classes(weights, self.announced, self.penalty.notable_move)
+        if not moved:
+            return
+        names = trainer.cache.class_names
+        moves = ", ".join(f"{names[c]} {self.announced[c]:.2f} -> {weights[c]:.2f}" for c in moved)
+        since = f"epoch {self.announced_epoch}" if self.announced_epoch else "the start"
+        trainer.notify("balance", "class penalty", [f"{moves} since {since}"])
+        self.announced, self.announced_epoch = weights, int(metrics["epoch"])
+
+    def state_dict(self) -> dict:
+        state = self.penalty.state_dict()
+        return {**state, "announced": self.announced, "announced_epoch": self.announced_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.penalty.load_state_dict(state)
+        self.criterion.set_penalty(self.penalty.weights)
+        # A checkpoint from before announcements were tracked: count drift from here on.
+        self.announced = list(state.get("announced", self.penalty.weights.tolist()))
+        self.announced_epoch = int(state.get("announced_epoch", 0))

@@ -27,11 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.atomic import create_temp_beside
-from training.config import LEGACY_DEFAULTS
+from models.basic_cnn_model import LEGACY_FIELDS
+from training.engine.atomic import create_temp_beside
 
 #: version of the checkpoint layout this module writes and reads.
 FORMAT = 1
+
+
 #: ModelConfig fields that decide the parameters' shapes or what they compute; a checkpoint
 #: must match them. dropout, noise_std, input_size and active_blocks change during or between
 #: runs without changing what the weights mean, so they are not compared.
@@ -45,25 +47,33 @@ ARCH_FIELDS: tuple[str, ...] = (
     "downsample",
     "block_channels",
 )
+
+
 #: ModelConfig fields added after checkpoints were first written, with the value those older
 #: checkpoints were trained with (their model_config lacks the key).
-LEGACY_MODEL_FIELDS: dict[str, Any] = LEGACY_DEFAULTS["model"]
+LEGACY_MODEL_FIELDS: dict[str, Any] = LEGACY_FIELDS
+
 
 _SAFE_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype)
+
+
 _MAX_LISTED = 5
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 # torch names the refused import two ways: "Unsupported global: GLOBAL mod.name was not an
 # allowed global" and (for blocked modules such as os or posix) "unsupported GLOBAL mod.name
 # whose module mod is blocked".
 _UNSUPPORTED_GLOBAL = re.compile(r"unsupported (?:global: )?global ([\w.]+)", re.IGNORECASE)
+
+
 _WEIGHTS_ONLY_REFUSAL = "weights only load failed"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe or does not fit the model; one-line message."""
-
-
-# --------------------------------------------------------------------------- writing
 
 
 def _unsafe_entry(obj: Any, where: str) -> str | None:
@@ -150,10 +160,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def _one_line(text: str, limit: int = 200) -> str:
+def _first_line(text: str, limit: int = 200) -> str:
     line = _ANSI.sub("", text).strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
@@ -168,7 +175,7 @@ def _describe_load_error(error: BaseException) -> str:
             "(torch.load with weights_only=True refuses it); a checkpoint may hold only tensors "
             "and plain containers"
         )
-    detail = _one_line(message)
+    detail = _first_line(message)
     name = type(error).__name__
     if not detail:  # EOFError and friends carry no message
         return f"it is not a readable torch checkpoint ({name}; empty or truncated file?)"
@@ -250,9 +257,6 @@ def _check_outline(ckpt: Any, path: Path) -> None:
         )
 
 
-# --------------------------------------------------------------------------- compatibility
-
-
 def _as_dict(config: Any) -> dict:
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return dataclasses.asdict(config)
@@ -329,9 +333,6 @@ def check_compatible(ckpt: dict, model_config: Mapping[str, Any], class_names: l
         raise CheckpointError(f"checkpoint does not fit this run: {'; '.join(problems)}")
 
 
-# --------------------------------------------------------------------------- restoring
-
-
 def _state_differences(model: nn.Module, state: Mapping[str, Any]) -> str:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -367,10 +368,10 @@ def restore_model(model: nn.Module, ckpt: dict) -> None:
         model.set_head_mix(ckpt.get("head_mix", 1.0))
     except (ValueError, TypeError) as error:
         raise CheckpointError(
-            f"checkpoint active_blocks/head_mix cannot be applied: {_one_line(str(error))}"
+            f"checkpoint active_blocks/head_mix cannot be applied: {_first_line(str(error))}"
         ) from error
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as error:
-        summary = _state_differences(model, ckpt["model"]) or _one_line(str(error))
+        summary = _state_differences(model, ckpt["model"]) or _first_line(str(error))
         raise CheckpointError(f"checkpoint weights do not fit the model: {summary}") from error

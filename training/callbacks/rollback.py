@@ -1,12 +1,12 @@
-"""Run safety decisions: roll back to the best weights after a collapse, and stop early.
+"""Rollback: restore the stage's best weights after a collapse.
 
-Both classes are plain decision objects. A callback calls them once per epoch, after validation,
-with that epoch's numbers, and carries out what they decide (restore weights, cut the learning
-rate, raise ``StopTraining``); nothing here touches a model or an optimizer, so every rule can be
-tested from a list of metrics.
+:class:`RollbackPolicy` is a plain decision object: it is called once per epoch, after
+validation, with that epoch's numbers, and touches no model or optimizer, so every rule can be
+tested from a list of metrics. :class:`Rollback` is the callback that carries out its decision
+(restore weights, cut the learning rate, raise ``StopTraining``).
 
 Public API:
-    RollbackDecision, RollbackPolicy, EarlyStopping.
+    RollbackDecision, RollbackPolicy, Rollback, NON_FINITE.
 """
 
 from __future__ import annotations
@@ -14,38 +14,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from training.checks import is_int, is_real
+from training.engine.checkpoint import (
+    copy_checkpoint,
+)
+from training.engine.checks import check_int_at_least, check_mode, invalid, is_real
+from training.engine.events import Callback, StopTraining
+from training.engine.monitor import Mode, is_better, worsening
 
-Mode = Literal["max", "min"]
-MODES: tuple[str, ...] = ("max", "min")
 NON_FINITE = "non-finite"  # prefix of the reasons for a diverged run
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _invalid(where: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"{where}={value!r} is invalid; allowed: {allowed}")
-
-
-def _check_mode(where: str, mode: object) -> None:
-    if mode not in MODES:
-        raise _invalid(where, mode, " | ".join(repr(m) for m in MODES))
-
-
-def _check_int_at_least(where: str, value: object, minimum: int) -> None:
-    if not is_int(value) or value < minimum:
-        raise _invalid(where, value, f"an int >= {minimum}")
-
-
-def _worsening(metric: float, best: float, mode: str) -> float:
-    """How far ``metric`` is on the bad side of ``best`` (negative when it is better)."""
-    return best - metric if mode == "max" else metric - best
-
-
-# --------------------------------------------------------------------------- rollback
 
 
 @dataclass(frozen=True)
@@ -117,14 +95,14 @@ class RollbackPolicy:
         patience: int = 1,
     ) -> None:
         if not is_real(threshold) or threshold <= 0:
-            raise _invalid("RollbackPolicy.threshold", threshold, "a finite float > 0")
-        _check_int_at_least("RollbackPolicy.max_rollbacks", max_rollbacks, 0)
+            raise invalid("RollbackPolicy.threshold", threshold, "a finite float > 0")
+        check_int_at_least("RollbackPolicy.max_rollbacks", max_rollbacks, 0)
         if not is_real(lr_cut) or not 0 < lr_cut <= 1:
-            raise _invalid("RollbackPolicy.lr_cut", lr_cut, "a float in (0, 1]")
-        _check_mode("RollbackPolicy.mode", mode)
+            raise invalid("RollbackPolicy.lr_cut", lr_cut, "a float in (0, 1]")
+        check_mode("RollbackPolicy.mode", mode)
         if not isinstance(relative, bool):
-            raise _invalid("RollbackPolicy.relative", relative, "True | False")
-        _check_int_at_least("RollbackPolicy.patience", patience, 1)
+            raise invalid("RollbackPolicy.relative", relative, "True | False")
+        check_int_at_least("RollbackPolicy.patience", patience, 1)
         self.threshold = float(threshold)
         self.max_rollbacks = max_rollbacks
         self.lr_cut = float(lr_cut)
@@ -205,7 +183,7 @@ class RollbackPolicy:
             return f"{NON_FINITE} weights or statistics ({nonfinite[0]}{more})"
         if best is None:
             return None
-        drop = _worsening(metric, best, self.mode)
+        drop = worsening(metric, best, self.mode)
         limit = self.threshold * abs(best) if self.relative else self.threshold
         if drop <= limit:
             return None
@@ -242,83 +220,89 @@ class RollbackPolicy:
         self.history = [(int(epoch), str(reason)) for epoch, reason in state["history"]]
 
 
-# --------------------------------------------------------------------------- early stopping
+class Rollback(Callback):
+    """Restores the stage's best weights and optimizer state and cuts the lr when the run falls
+    apart (a metric drop past the threshold, or a non-finite loss, metric, weight or BatchNorm
+    statistic; a non-finite state is never kept as the rollback target).
 
-
-class EarlyStopping:
-    """Stops when the monitored metric has not improved for ``patience`` epochs.
-
-    Early stopping as in Prechelt 1998, "Early Stopping - But When?": keep the best weights and
-    stop once the validation metric stalls. With progressive unfreezing the metric often stalls
-    just before a block activates, so no stop happens at or before ``not_before_epoch`` (set it
-    to the schedule's last activation); epochs without improvement are still counted there.
-
-    Args:
-        patience: epochs without improvement that end the run; >= 1.
-        min_delta: an improvement must exceed this margin; >= 0.
-        mode: ``"max"`` when higher is better, ``"min"`` when lower is better.
-        not_before_epoch: no stop at epochs <= this one; >= 0.
-        monitor: name of the metric, used in ``reason`` only.
+    The reference is the best epoch of the current stage (since the last block activation), kept
+    as ``checkpoints/rollback.pt``: right after an activation the new block is untrained and the
+    metric dips below the previous stage's best by design, which is no reason to undo it. A
+    divergence in the first epoch of a stage goes back to the previous stage's best.
     """
 
-    def __init__(
-        self,
-        patience: int = 10,
-        min_delta: float = 0.0,
-        mode: Mode = "max",
-        not_before_epoch: int = 0,
-        monitor: str = "val_acc",
-    ) -> None:
-        _check_int_at_least("EarlyStopping.patience", patience, 1)
-        if not is_real(min_delta) or min_delta < 0:
-            raise _invalid("EarlyStopping.min_delta", min_delta, "a finite float >= 0")
-        _check_mode("EarlyStopping.mode", mode)
-        _check_int_at_least("EarlyStopping.not_before_epoch", not_before_epoch, 0)
-        self.patience = patience
-        self.min_delta = float(min_delta)
-        self.mode = mode
-        self.not_before_epoch = not_before_epoch
-        self.monitor = monitor
+    name = "rollback"
+    FILE = "rollback.pt"
+
+    def __init__(self, policy: RollbackPolicy) -> None:
+        self.policy = policy
+        self.stage: int | None = None
         self.best: float | None = None
         self.best_epoch: int | None = None
-        self.wait = 0
-        self.reason = ""
+        self.fallback: float | None = None
+        self._improved = False
 
-    def update(self, epoch: int, metric: float) -> bool:
-        """Count the epoch's ``metric``; True when training should stop now."""
-        if self._improved(metric):
-            self.best, self.best_epoch, self.wait = float(metric), epoch, 0
-        else:
-            self.wait += 1
-        if self.wait < self.patience or epoch <= self.not_before_epoch:
-            return False
-        self.reason = (
-            f"{self.monitor} has not improved by more than {self.min_delta:g} for {self.wait} "
-            f"epochs (best {self._best_text()} at epoch {self.best_epoch})"
+    def _better(self, metric: float) -> bool:
+        return math.isfinite(metric) and is_better(metric, self.best, self.policy.mode)
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        self._improved = False
+        if trainer.model.active_blocks != self.stage:
+            self.stage = trainer.model.active_blocks
+            self.fallback = self.best if self.best is not None else self.fallback
+            self.best = None
+        metric = float(metrics[trainer.config.run.monitor])
+        loss = float(metrics["train_loss"])
+        bad = metrics.get("nonfinite_state", [])
+        diverged = not (math.isfinite(metric) and math.isfinite(loss)) or bool(bad)
+        reference = self.fallback if (diverged and self.best is None) else self.best
+        # A non-finite state always yields a decision, so it never becomes rollback.pt.
+        decision = self.policy.decide(metrics["epoch"], metric, loss, reference, nonfinite=bad)
+        if decision is None:
+            if self._better(metric):
+                self.best, self.best_epoch, self._improved = metric, metrics["epoch"], True
+            return
+        self.policy.record(decision)
+        metrics["rollback"] = f"{decision.kind}: {decision.reason}"
+        if decision.kind == "abort":
+            trainer.notify("rollback", "training diverged", [decision.reason])
+            raise StopTraining(f"diverged: {decision.reason}")
+        if decision.kind == "exhausted":
+            trainer.notify("warning", "rollback limit reached", [decision.reason])
+            return
+        if decision.kind == "wait":
+            trainer.notify("warning", "rollback pending", [decision.reason])
+            return
+        path = trainer.restore_best(decision.lr_factor, trainer.checkpoint_dir / self.FILE)
+        trainer.notify(
+            "rollback",
+            f"ROLLBACK {decision.count}/{self.policy.max_rollbacks}: back to epoch "
+            f"{self.best_epoch}",
+            [
+                decision.reason,
+                f"restored weights and optimizer state from {path.name}",
+                f"learning rate x{decision.lr_factor:g} (x{decision.total_lr_factor:g} in all)",
+            ],
         )
-        return True
 
-    def _improved(self, metric: float) -> bool:
-        # A NaN never becomes the best: every later comparison with it would be False.
-        if not math.isfinite(metric):
-            return False
-        if self.best is None:
-            return True
-        return -_worsening(metric, self.best, self.mode) > self.min_delta
-
-    def _best_text(self) -> str:
-        return "none" if self.best is None else f"{self.best:.4g}"
+    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
+        # last.pt now holds this epoch's end state: keep a copy while it is the stage's best.
+        if self._improved and trainer.is_main:
+            ck = trainer.checkpoint_dir
+            copy_checkpoint(ck / "last.pt", ck / self.FILE)
 
     def state_dict(self) -> dict:
         return {
+            **self.policy.state_dict(),
+            "stage": self.stage,
             "best": self.best,
             "best_epoch": self.best_epoch,
-            "wait": self.wait,
-            "reason": self.reason,
+            "fallback": self.fallback,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.best = None if state["best"] is None else float(state["best"])
-        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
-        self.wait = int(state["wait"])
-        self.reason = str(state["reason"])
+        self.policy.load_state_dict(state)
+        self.stage = state.get("stage")
+        self.best = state.get("best")
+        self.best_epoch = state.get("best_epoch")
+        self.fallback = state.get("fallback")

@@ -17,10 +17,18 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from training.engine.events import Callback
+
 NUM_BLOCKS = 3
+
+
 SIGNALS: tuple[str, ...] = ("acc", "loss")
+
+
 # Rates are rounded so that 0.1 + 0.05 + 0.05 - 0.05 lands on 0.15 and equals a bound exactly.
 _DECIMALS = 6
+
+
 # Gaps are rounded before the comparison so that 0.90 - 0.85 (0.05000000000000004 in floats)
 # counts as equal to an overfit_gap of 0.05, as it reads.
 _GAP_DECIMALS = 9
@@ -192,3 +200,38 @@ def apply_rates(model: Any, rates: Sequence[float]) -> None:
         raise ValueError(f"rates={values!r} is invalid; allowed: {NUM_BLOCKS} rates")
     for block, p in enumerate(values, start=1):
         model.set_dropout(block, p)
+
+
+class DropoutControl(Callback):
+    """Moves the Dropout2d rates from the train-val gap, once per epoch.
+
+    Epochs trained with Mixup are skipped: their training accuracy and loss are measured on
+    mixed images, so the gap would read as underfitting whatever the model does.
+    """
+
+    name = "dynamic_dropout"
+
+    def __init__(self, control: DynamicDropout, mixup: Any = None) -> None:
+        self.control = control
+        self.mixup = mixup
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        if trainer.rolled_back:
+            return
+        if self.mixup is not None and self.mixup.active(metrics["epoch"] - 1):
+            return
+        name = "acc" if self.control.signal == "acc" else "loss"
+        rates = self.control.decide(
+            metrics[f"train_{name}"], metrics[f"val_{name}"], trainer.model.dropout_rates()
+        )
+        if rates is None:
+            return
+        apply_rates(trainer.model, rates)
+        metrics["dropout"] = list(rates)
+        trainer.notify("dropout", "dropout", [self.control.last_reason])
+
+    def state_dict(self) -> dict:
+        return self.control.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.control.load_state_dict(state)

@@ -36,17 +36,23 @@ from rich.table import Table
 from rich.text import Text
 
 from models.basic_cnn_model import model_summary
-from training.events import Callback
+from training.engine.events import Callback
 
 MODES: tuple[str, ...] = ("auto", "bar", "plain", "off")
+
+
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+
 
 # Fractions of an epoch at which plain mode reports progress: at most three lines, plus the
 # epoch's result line, keeps a log readable however many batches an epoch has.
 PLAIN_MILESTONES: tuple[float, ...] = (0.25, 0.5, 0.75)
+
+
 # A progress line only says the run is alive, which nobody wonders about in an epoch of a few
 # seconds: plain mode skips the milestones reached before this many seconds of the epoch.
 PLAIN_QUIET_SECONDS = 10.0
+
 
 # Border and title style of a banner, by kind; unknown kinds fall back to "info".
 NOTICE_STYLES: dict[str, tuple[str, str]] = {
@@ -60,9 +66,11 @@ NOTICE_STYLES: dict[str, tuple[str, str]] = {
     "info": ("blue", "bold"),
 }
 
+
 # Kinds printed the moment they come, even in the middle of an epoch (a NaN loss, a Ctrl-C);
 # every other banner waits for the epoch's line, since it is a decision taken on that epoch.
 URGENT_KINDS: frozenset[str] = frozenset({"warning", "error"})
+
 
 # Widest '=' frame of a block banner in plain mode; the epoch line is about as wide.
 FRAME_WIDTH = 100
@@ -80,9 +88,6 @@ def resolve_mode(mode: str, console: Console) -> str:
 def warn(console: Console, text: str) -> None:
     """Print a start-up warning in yellow (e.g. "no GPU found: ...")."""
     console.print(Text.assemble(("warning: ", "bold yellow"), (text, "yellow")))
-
-
-# ------------------------------------------------------------------------------ formatting
 
 
 def _duration(seconds: float) -> str:
@@ -144,9 +149,6 @@ def _monitor_style(value: Any, previous: Any, is_best: bool, monitor: str) -> st
     return ""
 
 
-# ---------------------------------------------------------------------------- header parts
-
-
 def counts_table(cache: Any) -> Table:
     """Images per class (rows) and split (columns), with a total row."""
     table = Table(title=f"dataset {cache.name}", box=box.SIMPLE_HEAD, title_justify="left")
@@ -206,9 +208,6 @@ def settings_grid(trainer: Any) -> Table:
     for key, value in rows:
         grid.add_row(key, Text(str(value)))
     return grid
-
-
-# ------------------------------------------------------------------------------- callback
 
 
 class ConsoleCallback(Callback):

@@ -69,9 +69,6 @@ def make_generator(seed: int) -> torch.Generator:
     return generator
 
 
-# --------------------------------------------------------------------------- capture / restore
-
-
 def _numpy_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {

@@ -16,9 +16,14 @@ from pathlib import Path
 import torch
 
 DEVICE_SPECS: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
 AMP_MODES: tuple[str, ...] = ("auto", "off", "fp16", "bf16")
 
+
 _CUDA_INDEX = re.compile(r"cuda:(\d+)")
+
+
 # /proc/cpuinfo flags of CPUs that compute in bfloat16 natively (AVX512-BF16 and AMX tiles).
 _BF16_CPU_FLAGS: frozenset[str] = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -76,9 +81,6 @@ def _found() -> str:
         found.append("MPS")
     built = "CUDA build" if torch.version.cuda else "CPU-only build"
     return f"found: {', '.join(found) or 'CPU only'} (torch {torch.__version__}, {built})"
-
-
-# --------------------------------------------------------------------------- autocast dtype
 
 
 def _cpu_flags() -> set[str]:
@@ -162,9 +164,6 @@ def _auto_dtype(kind: str) -> torch.dtype | None:
     if kind == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
-
-
-# --------------------------------------------------------------------------- preset
 
 
 @dataclass(frozen=True)

@@ -112,14 +112,14 @@ class LRSchedule:
         self.apply()
 
 
-# --------------------------------------------------------------------------- staged schedule
-
 #: The warmup starts at ``peak / 25``: the initial division of the one-cycle policy (Smith & Topin
 #: 2019), also the default ``div_factor`` of torch's OneCycleLR.
 WARMUP_START_DIV = 25.0
 
+
 #: File name :func:`plot_schedule` uses when it is given a folder.
 LR_PLOT_NAME = "lr_schedule.png"
+
 
 PLATEAU_MODES = ("max", "min")
 
@@ -405,8 +405,6 @@ class PlateauState:
         self.bad_epochs = int(state["bad_epochs"])
         self.reductions = [int(e) for e in state["reductions"]]
 
-
-# --------------------------------------------------------------------------- figure
 
 #: Points drawn per curve: enough that a per-step jump looks vertical, few enough to stay fast.
 _PLOT_POINTS = 2000

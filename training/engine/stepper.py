@@ -24,9 +24,6 @@ class _Steppable(Protocol):
     def step(self) -> Any: ...
 
 
-# --------------------------------------------------------------------------- group arithmetic
-
-
 def _check_positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} is invalid; allowed: an int >= 1")
@@ -58,9 +55,6 @@ def group_sizes(num_batches: int, accumulation: int) -> list[int]:
     """:func:`group_size` for every batch of the epoch (10, 4 -> [4]*8 + [2]*2)."""
     _check_positive_int("num_batches", num_batches)
     return [group_size(b, num_batches, accumulation) for b in range(num_batches)]
-
-
-# --------------------------------------------------------------------------- the stepper
 
 
 class GradStepper:

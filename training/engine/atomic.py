@@ -18,6 +18,8 @@ from pathlib import Path
 
 #: every temp file made here ends so; a run removes its leftovers by this suffix.
 TEMP_SUFFIX = ".tmp"
+
+
 _ATTEMPTS = 100
 
 

@@ -10,12 +10,14 @@ import os
 import shutil
 from pathlib import Path
 
-from training.atomic import TEMP_SUFFIX
-from training.config import ConfigError
+from training.config.schema import ConfigError
+from training.engine.atomic import TEMP_SUFFIX
 
 #: entries that only a training run writes; ``--overwrite`` clears a folder holding one of
 #: them, and refuses any other folder, so a mistyped path never deletes unrelated files.
 RUN_MARKERS: tuple[str, ...] = ("config.yaml", "checkpoints", "metrics.jsonl")
+
+
 _LISTED = 4
 
 

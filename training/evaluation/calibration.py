@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 T_MIN, T_MAX = 0.05, 20.0
+
+
 #: mean validation NLL (nats per image) below which the logits leave no signal to fit T on:
 #: the few images that are not fitted with near certainty decide T alone.
 NEAR_ZERO_NLL = 1e-3

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from models.basic_cnn_model import NUM_BLOCKS
-from training.checks import is_int, is_real
+from training.engine.checks import is_int, is_real
+from training.engine.events import Callback
 
 FIRST_LATE_BLOCK = 2  # block 1 is active from the start
+
+
 WARMUP_START = 0.1  # a new group's lr factor at the moment it joins, when warmup is on
-
-
-# --------------------------------------------------------------------------- validation helpers
 
 
 def _invalid(where: str, value: object, allowed: str) -> ValueError:
@@ -232,3 +232,38 @@ class UnfreezeSchedule:
         self.wait = int(state["wait"])
         self.best = None if state["best"] is None else float(state["best"])
         self.last_reason = str(state["last_reason"])
+
+
+class Unfreeze(Callback):
+    """Activates the next block when :class:`UnfreezeSchedule` says so; the classifier's input
+    fades from the previous head to the new one over ``head_blend_epochs`` (0: at once)."""
+
+    name = "unfreeze"
+
+    def __init__(self, schedule: UnfreezeSchedule, head_blend_epochs: float = 0.0) -> None:
+        self.schedule = schedule
+        self.head_blend_epochs = head_blend_epochs
+
+    def on_validation_end(self, trainer: Any, metrics: dict) -> None:
+        active = trainer.model.active_blocks
+        metric = float(metrics[trainer.config.run.monitor])
+        block = self.schedule.decide(metrics["epoch"], metric, active)
+        if block is None:
+            return
+        s = self.schedule
+        trainer.activate_block(
+            block,
+            lr_mult=s.lr_mult.get(block, 1.0),
+            warmup_epochs=s.warmup_epochs,
+            old_group_decay=s.old_group_decay,
+            head_blend_epochs=self.head_blend_epochs,
+            # The banner's title names the block already.
+            reason=s.last_reason.removeprefix(f"block {block}: "),
+        )
+        metrics["unfreeze"] = s.last_reason
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)

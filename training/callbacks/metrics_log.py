@@ -15,11 +15,14 @@ from typing import IO, Any
 
 import torch
 
-from training.atomic import create_temp_beside
-from training.events import Callback
+from training.engine.atomic import create_temp_beside
+from training.engine.events import Callback
 
 METRICS_FILE = "metrics.jsonl"
+
+
 TENSORBOARD_DIR = "tensorboard"
+
 
 # metrics key -> TensorBoard tag; "lr" is a list and gets one tag per parameter group.
 TENSORBOARD_TAGS: dict[str, str] = {

@@ -60,28 +60,33 @@ from models.basic_cnn_model import (
     DEFAULT_DEPTHS,
     DEFAULT_STRIDES,
     DOWNSAMPLES,
+    LEGACY_FIELDS,
     LINEAR_INITS,
     NORMS,
     NUM_BLOCKS,
     ModelConfig,
 )
-from training.atomic import create_temp_beside
-from training.device import choose_preset
-from training.plan import EPOCH_FIELDS, Rescale, first_swa_epoch, scale_plan
-from training.tta import TTA_MODES
+from training.config.plan import EPOCH_FIELDS, Rescale, first_swa_epoch, scale_plan
+from training.engine.atomic import create_temp_beside
+from training.engine.device import choose_preset
+from training.evaluation.tta import TTA_MODES
 
 
 class ConfigError(ValueError):
     """A configuration value, key, preset or file that cannot be used; the message is one line."""
 
 
-# --------------------------------------------------------------------------- field rules
-
 #: Fewest images in a training batch: the model's heads normalise with BatchNorm1d, which in
 #: training mode needs more than one value per channel.
 MIN_TRAIN_BATCH = 2
+
+
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch accepts it too
+
+
 DEVICES_TEXT = "auto, cpu, cuda, cuda:N, mps"
+
+
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -109,11 +114,23 @@ def _int_between(low: int, high: int) -> Rule:
 
 
 POSITIVE = Rule("a number > 0", lambda v: v > 0)
+
+
 NON_NEGATIVE = Rule("a number >= 0", lambda v: v >= 0)
+
+
 RATE = Rule("a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
 UNIT = Rule("a number in [0, 1]", lambda v: 0 <= v <= 1)
+
+
 BOOL = Rule("true or false")
+
+
 TEXT = Rule("a non-empty string", lambda v: bool(v.strip()))
+
+
 SEED = _int_between(0, MAX_SEED)
 
 
@@ -165,9 +182,6 @@ def _field(default: Any, rule: Rule) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-# --------------------------------------------------------------------------- sections
 
 
 @dataclass
@@ -521,11 +535,11 @@ SECTIONS: dict[str, type] = {
     "run": RunConfig,
 }
 
+
 #: Fields added after runs were first stored, by section, with the value those older runs used
 #: (their stored section lacks the key): such a run resumes, or is rebuilt, as it was trained.
-LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"downsample": "stride", "block_channels": [], "linear_init": "kaiming"}
-}
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"model": LEGACY_FIELDS}
+
 
 # Nested overrides on the defaults. "full" is the defaults themselves (full width, 60 epochs,
 # group norm, batch 128); "cpu" is narrow and short so a laptop finishes in minutes.
@@ -584,9 +598,6 @@ PRESETS: dict[str, dict] = {
         },
     },
 }
-
-
-# --------------------------------------------------------------------------- types and checks
 
 
 class _BadType(Exception):
@@ -708,7 +719,9 @@ def validate_config(cfg: TrainConfig) -> None:
 
 def staged_schedule(cfg: TrainConfig):
     """The :class:`~training.schedule.StagedSchedule` that ``cfg.schedule`` describes."""
-    from training.schedule import StagedSchedule  # imported here: the schedule needs matplotlib
+    from training.engine.schedule import (
+        StagedSchedule,  # imported here: the schedule needs matplotlib
+    )
 
     s = cfg.schedule
     return StagedSchedule(
@@ -765,9 +778,6 @@ def _check_regimen(cfg: TrainConfig) -> None:
     if u.enabled and min(gaps) < u.min_gap:
         allowed = f"epochs at least unfreeze.min_gap={u.min_gap} apart (and from the start)"
         raise _invalid("unfreeze.activate_at", u.activate_at, allowed)
-
-
-# --------------------------------------------------------------------------- layering
 
 
 def _field_names(section: str) -> list[str]:
@@ -960,6 +970,7 @@ _STAGED_ONLY = (
     "floor_lrs",
 )
 
+
 #: The settings that leave others unused, read from where each field is consumed.
 _INACTIVE: tuple[_Inactive, ...] = (
     _Inactive(("model.width",), "model.block_channels", bool, "set model.block_channels=[]"),
@@ -1124,9 +1135,6 @@ def load_config(
     return _resolve(preset, yaml_path, overrides, {})
 
 
-# --------------------------------------------------------------------------- dicts and files
-
-
 def config_to_dict(cfg: TrainConfig) -> dict:
     """The configuration as nested plain dicts, lists and scalars (fit for YAML and checkpoints)."""
     return {**{name: asdict(getattr(cfg, name)) for name in SECTIONS}, "preset": cfg.preset}
@@ -1210,8 +1218,6 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
-
-# --------------------------------------------------------------------------- command line
 
 # Shortcut flag (argparse dest) -> field path; applied after every --set.
 SHORTCUTS: dict[str, str] = {
