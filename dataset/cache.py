@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -195,6 +196,18 @@ def _folder_listing_sha256(root: Path) -> str:
 # --------------------------------------------------------------- reading caches
 
 
+class _DamagedCache(DataError):
+    """A cache file that was written but no longer matches ``meta.json``; ``prepare`` rebuilds it.
+
+    Kept apart from the other refusals so that ``prepare`` can say why it rebuilds: a rebuild
+    after damage is otherwise indistinguishable from reuse, apart from the time it takes.
+    """
+
+    def __init__(self, source: Path, damage: str, remedy: str = "rebuild it with --rebuild"):
+        self.damage = damage
+        super().__init__(source, f"{damage}; {remedy}")
+
+
 def load_cache(path: str | Path) -> CacheInfo:
     """Open a built cache folder; a folder without a complete ``meta.json`` is refused."""
     path = Path(path)
@@ -215,7 +228,9 @@ def load_cache(path: str | Path) -> CacheInfo:
     for split in SPLITS:
         for kind in ("images", "labels"):
             if not (path / f"{split}_{kind}.npy").is_file():
-                raise DataError(path, f"cache file {split}_{kind}.npy is missing; rebuild it")
+                raise _DamagedCache(
+                    path, f"cache file {split}_{kind}.npy is missing", remedy="rebuild it"
+                )
     for split in SPLITS:
         _check_array_file(path, meta, split)
     return CacheInfo(path, meta)
@@ -234,7 +249,9 @@ def _check_array_file(path: Path, meta: dict, split: str) -> None:
             "labels": ((n,), np.int64),
         }
     except (KeyError, TypeError) as exc:
-        raise DataError(path / "meta.json", f"cache metadata lacks {exc}; rebuild it") from exc
+        raise _DamagedCache(
+            path / "meta.json", f"cache metadata lacks {exc}", remedy="rebuild it"
+        ) from exc
     if n == 0:
         # Built before empty splits were refused; a rebuild refuses it with the reason.
         raise DataError(path, f"split {split!r} of the cache is empty; rebuild it with --rebuild")
@@ -243,14 +260,12 @@ def _check_array_file(path: Path, meta: dict, split: str) -> None:
         try:
             arr = np.load(file, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise DataError(
-                file, f"cache file is truncated or damaged ({exc}); rebuild it with --rebuild"
-            ) from exc
+            raise _DamagedCache(file, f"cache file is truncated or damaged ({exc})") from exc
         if arr.shape != tuple(shape) or arr.dtype != dtype:
-            raise DataError(
+            raise _DamagedCache(
                 file,
                 f"cache file holds {arr.dtype} {arr.shape}, meta.json says {np.dtype(dtype)} "
-                f"{tuple(shape)}; rebuild it with --rebuild",
+                f"{tuple(shape)}",
             )
 
 
@@ -405,7 +420,7 @@ def prepare(
             return reused, False
     with _writes_under(root), exclusive_lock(root / f".{name}.lock", f"building the cache {out}"):
         # Another run may have built it while this one waited for the lock.
-        reused = None if rebuild else _reusable(out, _try_meta(out), fingerprint)
+        reused = None if rebuild else _reusable(out, _try_meta(out), fingerprint, say=True)
         if reused is not None:
             return reused, False
         _remove_leftovers(out)
@@ -422,18 +437,38 @@ def _writes_under(root: Path) -> Iterator[None]:
         where = Path(exc.filename) if exc.filename else None
         if where is None or not where.resolve().is_relative_to(root.resolve()):
             raise
+        # Named for both front ends: only `python -m dataset` has --root; training sets it.
         raise DataError(
-            root, f"cannot write the cache here ({exc.strerror}: {where}); give a writable --root"
+            root,
+            f"cannot write the cache here ({exc.strerror}: {where}); pick a writable cache root: "
+            "--root DIR for python -m dataset, --set data.root=DIR for training",
         ) from exc
 
 
-def _reusable(out: Path, meta: dict | None, fingerprint: str) -> CacheInfo | None:
+def _reusable(
+    out: Path, meta: dict | None, fingerprint: str, *, say: bool = False
+) -> CacheInfo | None:
+    """The cache at ``out`` if it was built from this source with these parameters and is whole.
+
+    ``say``: print one line to stderr when the cache is damaged (a truncated file), since the
+    rebuild that follows would otherwise look like a slow reuse. Only the check made under the
+    build lock says it, so the process that rebuilds says it once.
+    """
     if not meta or meta.get("fingerprint") != fingerprint:
         return None
     try:
         return load_cache(out)
+    except _DamagedCache as exc:
+        if say:
+            # The file at fault, when the message does not name it already.
+            where = "" if Path(exc.source) == out else f"{Path(exc.source).name}: "
+            print(
+                f"the cache {out} is damaged, so it is rebuilt ({where}{exc.damage})",
+                file=sys.stderr,
+            )
+        return None
     except DataError:
-        return None  # damaged: rebuild
+        return None  # e.g. an empty split of an old cache: the rebuild refuses it with the reason
 
 
 def _remove_leftovers(out: Path) -> None:

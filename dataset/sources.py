@@ -20,6 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from dataset.errors import DataError
 
 SPLITS = ("train", "val", "test")
+#: the ``origin`` :func:`check_classes` gets when nothing names the classes.
+FROM_HIGHEST_LABEL = "the highest train label + 1"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # Folder names that mark a split, lower-cased; anything else under the root is a class folder.
 SPLIT_FOLDERS = {
@@ -119,7 +121,7 @@ def read_npz(path: str | Path, class_names: list[str] | None = None) -> RawSplit
     elif (from_files := _names_from_files(files, labels)) is not None:
         class_names, origin = from_files, "the folders of train_files"
     else:
-        class_names, origin = _names_from_labels(labels), "the highest train label + 1"
+        class_names, origin = _names_from_labels(labels), FROM_HIGHEST_LABEL
     check_classes(labels, list(class_names), path, origin)
     files = {s: f for s, f in files.items() if s in images and len(f) == len(images[s])}
     return RawSplits(images=images, labels=labels, class_names=list(class_names), files=files)
@@ -193,6 +195,20 @@ def check_classes(
         )
     _check_label_range(labels, n, source)
     missing = np.flatnonzero(np.bincount(labels["train"], minlength=n) == 0)
+    if len(missing) and origin == FROM_HIGHEST_LABEL and missing[0] > 0 and missing[-1] == n - 2:
+        # The count came from the highest label, and the labels just below it are absent: that
+        # label (99 among 0..7) stands apart and is the likely typo, not 92 empty classes.
+        stray = [int(y) for y in np.unique(labels["train"]) if y > missing[0]]
+        absent = (
+            f"label {missing[0]} has" if len(missing) == 1 else f"labels {_spans(missing)} have"
+        )
+        raise DataError(
+            source,
+            f"the highest train label is {n - 1} while {absent} no image: "
+            f"labels must be 0..C-1 with every class in train, so {_listed(stray)} "
+            f"{'looks like a stray label' if len(stray) == 1 else 'look like stray labels'} "
+            f"(as read, {n} classes with {len(missing)} of them empty)",
+        )
     if len(missing):
         y = int(missing[0])
         name = "" if class_names[y] == str(y) else f" ({class_names[y]!r})"
@@ -213,6 +229,18 @@ def _check_label_range(labels: dict[str, np.ndarray], n_classes: int, path: Path
                 f"{split}_labels has value {int(bad[0])} outside 0..{n_classes - 1} "
                 f"({len(bad)} such labels, {n_classes} classes)",
             )
+
+
+def _spans(values: np.ndarray, most: int = 4) -> str:
+    """Sorted integers as ranges: ``[3, 4, 5, 9]`` -> ``"3..5, 9"``; past ``most`` ranges, "..."."""
+    breaks = np.flatnonzero(np.diff(values) != 1) + 1
+    runs = np.split(values, breaks)
+    text = [f"{r[0]}" if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs[:most]]
+    return ", ".join(text) + (", ..." if len(runs) > most else "")
+
+
+def _listed(values: list[int], most: int = 4) -> str:
+    return ", ".join(map(str, values[:most])) + (", ..." if len(values) > most else "")
 
 
 def _names_from_labels(labels: dict[str, np.ndarray]) -> list[str]:

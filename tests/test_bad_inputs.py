@@ -86,19 +86,40 @@ def deny(monkeypatch):
 # ------------------------------------------------------------- item: label rule
 
 
-def test_stray_high_label_refused_naming_the_missing_label(npz_factory, tmp_path):
+def test_stray_high_label_refused_naming_it_as_the_cause(npz_factory, tmp_path):
     labels = make_arrays(30)[1]
     labels[4] = 99  # one typo among 0..2 would make 100 classes, 96 of them empty
     path = npz_factory(train_labels=labels)
-    _refused(
+    text = _refused(
         lambda: prepare(path, tmp_path / "c", progress=False),
         str(path),
-        "split 'train' has no image of label 3",
-        "labels must be 0..99",
-        "highest train label",
-        "96 of 100 classes missing",
+        "the highest train label is 99 while labels 3..98 have no image: labels must be 0..C-1 "
+        "with every class in train, so 99 looks like a stray label "
+        "(as read, 100 classes with 96 of them empty)",
     )
+    assert "labels must be 0..99" not in text  # the range the typo made is not the rule
     _nothing_built(tmp_path / "c")
+
+
+def test_several_stray_labels_are_all_named(npz_factory):
+    labels = make_arrays(30)[1]
+    labels[4], labels[5] = 50, 99
+    _refused(
+        lambda: read_npz(npz_factory(train_labels=labels)),
+        "labels 3..49, 51..98 have no image",
+        "so 50, 99 look like stray labels",
+    )
+
+
+def test_a_gap_below_present_labels_is_not_called_a_stray(npz_factory):
+    labels = make_arrays(30, classes=5)[1]
+    labels[labels == 1] = 0  # labels 0, 2, 3, 4: label 1 is missing, none stands apart
+    text = _refused(
+        lambda: read_npz(npz_factory(train_labels=labels)),
+        "split 'train' has no image of label 1; labels must be 0..4",
+        "(1 of 5 classes missing)",
+    )
+    assert "stray" not in text
 
 
 def test_named_class_absent_from_train_refused(npz_factory):
@@ -223,21 +244,48 @@ def test_read_only_cache_root_refused_but_reuse_still_works(npz_factory, tmp_pat
         lambda: prepare(path, root, progress=False),
         str(root),
         "cannot write the cache here (Permission denied",
-        "writable --root",
+        "pick a writable cache root: --root DIR for python -m dataset, "
+        "--set data.root=DIR for training",
     )
     assert list(root.iterdir()) == []
     reused, fresh = prepare(path, ro_root, progress=False)  # an up-to-date cache needs no write
     assert not fresh and reused.path == built.path
 
 
-def test_truncated_cache_file_refused_then_rebuilt(npz_factory, tmp_path):
+def test_truncated_cache_file_refused_then_rebuilt_saying_so(npz_factory, tmp_path, capsys):
     cache, _ = prepare(npz_factory(), tmp_path / "c", progress=False)
     file = cache.path / "train_images.npy"
     data = file.read_bytes()
     file.write_bytes(data[: len(data) - 100])
     _refused(lambda: load_cache(cache.path), str(file), "truncated or damaged", "--rebuild")
+    capsys.readouterr()
     again, built = prepare(npz_factory(), tmp_path / "c", progress=False)
     assert built and again.images("train").shape == (30, 8, 8, 3)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"the cache {cache.path} is damaged, so it is rebuilt "
+        "(train_images.npy: cache file is truncated or damaged ("
+    )
+    assert "--rebuild" not in lines[0]  # it is being rebuilt: no advice to do it
+    prepare(npz_factory(), tmp_path / "c", progress=False)
+    assert capsys.readouterr().err == ""  # a whole cache is reused without a word
+
+
+def test_training_run_says_it_rebuilds_a_damaged_cache(npz_factory, tmp_path, capsys):
+    from training.config.schema import DataConfig
+    from training.engine.data import prepare_cache
+
+    data = DataConfig(source=str(npz_factory()), root=str(tmp_path / "c"))
+    cache = prepare_cache(data, progress=False)
+    (cache.path / "val_labels.npy").unlink()
+    capsys.readouterr()
+    prepare_cache(data, progress=False)
+    err = capsys.readouterr().err
+    assert err == (
+        f"the cache {cache.path} is damaged, so it is rebuilt "
+        "(cache file val_labels.npy is missing)\n"
+    )
 
 
 def test_cache_file_disagreeing_with_meta_refused(npz_factory, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from training.engine.run_dir import prepare_run_dir, remove_temp_leftovers
 def earlier_run(folder: Path) -> Path:
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "checkpoints" / "swa.pt").write_bytes(b"old")
+    (folder / "checkpoints" / "last.pt").write_bytes(b"old")
     (folder / "config.yaml").write_text("run: {}\n")
     (folder / "metrics.jsonl").write_text('{"event": "fit_end"}\n')
     return folder
@@ -44,6 +46,38 @@ def test_a_folder_of_an_earlier_run_is_refused_naming_both_ways_out(tmp_path):
     assert f"--resume {run_dir}" in message and "--overwrite" in message
     assert "checkpoints/" in message and "config.yaml" in message
     assert (run_dir / "checkpoints" / "swa.pt").read_bytes() == b"old"  # nothing touched
+
+
+def run_stopped_before_its_first_epoch(folder: Path) -> Path:
+    """What a run leaves when it stops before saving ``checkpoints/last.pt``."""
+    (folder / "tensorboard").mkdir(parents=True)
+    (folder / "config.yaml").write_text("run: {}\n")
+    (folder / "metrics.jsonl").write_text("")
+    (folder / "lr_schedule.png").write_bytes(b"png")
+    return folder
+
+
+def test_a_run_stopped_before_its_first_epoch_names_only_overwrite(tmp_path):
+    run_dir = run_stopped_before_its_first_epoch(tmp_path / "run")
+    with pytest.raises(ConfigError) as error:
+        prepare_run_dir(run_dir)
+    message = one_line(error)
+    assert "stopped before its first epoch was saved" in message
+    assert "--resume" not in message  # it would fail: there is no checkpoint to resume from
+    assert "--overwrite" in message and str(run_dir) in message
+    prepare_run_dir(run_dir, overwrite=True)  # the way out it names works
+    assert list(run_dir.iterdir()) == []
+
+
+def test_a_folder_that_holds_no_run_names_neither_flag(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"jpeg")
+    with pytest.raises(ConfigError) as error:
+        prepare_run_dir(folder)
+    message = one_line(error)
+    assert "holds no run" in message and "pick another --run-dir" in message
+    assert "--resume" not in message and "--overwrite" not in message
 
 
 def test_overwrite_clears_an_earlier_run_but_keeps_the_folder(tmp_path):
@@ -92,8 +126,107 @@ def test_a_folder_that_cannot_be_created_gives_one_line(tmp_path, monkeypatch):
     )
 
 
+def _denied(path) -> PermissionError:
+    return PermissionError(13, "Permission denied", str(path))
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: nothing can be created or deleted in ``folder``, even by root.
+
+    The mode is set to 0555 too, but root ignores it (and every machine here runs as root), so
+    the calls ``prepare_run_dir`` makes are also made to fail as the kernel fails them for an
+    ordinary user: creating or deleting inside the folder raises ``PermissionError``, and
+    ``os.access`` reports it unwritable.
+    """
+    locked: list[Path] = []
+    real_mkdir, real_unlink, real_rmtree = Path.mkdir, Path.unlink, shutil.rmtree
+    real_access = os.access
+
+    def inside(path) -> bool:
+        return any(Path(path).parent == folder for folder in locked)
+
+    def mkdir(self, *args, **kwargs):
+        if inside(self) and not self.is_dir():
+            raise _denied(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    def unlink(self, *args, **kwargs):
+        if inside(self):
+            raise _denied(self)
+        return real_unlink(self, *args, **kwargs)
+
+    def rmtree(path, *args, **kwargs):
+        if inside(path):
+            raise _denied(path)
+        return real_rmtree(path, *args, **kwargs)
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path) in locked and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    monkeypatch.setattr(os, "access", access)
+
+    def lock(folder: Path) -> None:
+        folder.chmod(0o555)
+        locked.append(folder)
+
+    yield lock
+    for folder in locked:
+        folder.chmod(0o755)
+
+
+def test_a_read_only_parent_gives_one_line(tmp_path, read_only):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    read_only(parent)
+    with pytest.raises(ConfigError) as error:
+        prepare_run_dir(parent / "run")
+    assert one_line(error) == (
+        f"run folder {parent / 'run'} cannot be prepared: Permission denied ({parent / 'run'})"
+    )
+    assert list(parent.iterdir()) == []
+
+
+def test_a_read_only_run_folder_to_resume_gives_one_line(tmp_path, read_only):
+    run_dir = earlier_run(tmp_path / "run")
+    read_only(run_dir)
+    with pytest.raises(ConfigError) as error:
+        prepare_run_dir(run_dir, resume=True)
+    assert one_line(error) == f"run folder {run_dir} is not writable: pick another --run-dir"
+
+
+def test_overwrite_of_a_run_that_cannot_be_deleted_gives_one_line(tmp_path, read_only):
+    run_dir = earlier_run(tmp_path / "run")
+    read_only(run_dir)
+    with pytest.raises(ConfigError) as error:
+        prepare_run_dir(run_dir, overwrite=True)
+    message = one_line(error)
+    assert message.startswith(f"run folder {run_dir} cannot be prepared: Permission denied (")
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_an_unreadable_run_folder_gives_one_line(tmp_path, monkeypatch):
+    run_dir = earlier_run(tmp_path / "run")
+
+    def denied(self):
+        raise _denied(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)  # what listing a mode-0 folder does, but root
+    with pytest.raises(ConfigError) as error:
+        prepare_run_dir(run_dir)
+    assert one_line(error) == (
+        f"run folder {run_dir} cannot be prepared: Permission denied ({run_dir})"
+    )
+
+
+# The same with real modes: these run only where the modes bind (not as root).
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_parent_gives_one_line(tmp_path):
+def test_a_read_only_parent_gives_one_line_with_real_modes(tmp_path):
     parent = tmp_path / "ro"
     parent.mkdir()
     parent.chmod(0o555)
@@ -105,7 +238,7 @@ def test_a_read_only_parent_gives_one_line(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_run_folder_to_resume_gives_one_line(tmp_path):
+def test_a_read_only_run_folder_to_resume_gives_one_line_with_real_modes(tmp_path):
     run_dir = earlier_run(tmp_path / "run")
     run_dir.chmod(0o555)
     try:

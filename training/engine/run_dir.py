@@ -1,7 +1,7 @@
 """The run folder: one run per folder, writable, and free of temp files a killed run left.
 
 Public API:
-    RUN_MARKERS, prepare_run_dir, remove_temp_leftovers.
+    RUN_MARKERS, RESUME_FILE, prepare_run_dir, remove_temp_leftovers.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from training.engine.atomic import TEMP_SUFFIX
 #: entries that only a training run writes; ``--overwrite`` clears a folder holding one of
 #: them, and refuses any other folder, so a mistyped path never deletes unrelated files.
 RUN_MARKERS: tuple[str, ...] = ("config.yaml", "checkpoints", "metrics.jsonl")
+
+#: the checkpoint ``--resume`` continues from, relative to the run folder; a run writes it at
+#: the end of each epoch, so a run stopped earlier leaves its other files but not this one.
+RESUME_FILE = Path("checkpoints", "last.pt")
 
 
 _LISTED = 4
@@ -38,6 +42,26 @@ def _clear(run_dir: Path, entries: list[Path]) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def _not_empty(run_dir: Path, entries: list[Path]) -> str:
+    """Why a new run cannot start in ``run_dir``, naming only the ways out that work there."""
+    held = f"run folder {run_dir} is not empty ({_listing(entries)})"
+    if (run_dir / RESUME_FILE).is_file():
+        return (
+            f"{held}; continue that run with --resume {run_dir}, "
+            "or delete what it holds with --overwrite"
+        )
+    if any((run_dir / marker).exists() for marker in RUN_MARKERS):
+        # --resume would fail for want of a checkpoint. Not taken silently as a fresh start:
+        # the folder may belong to a run still in its first epoch, which clearing would break.
+        return (
+            f"{held}: its run stopped before its first epoch was saved ({RESUME_FILE} missing), "
+            "so there is nothing to resume; start again there with --overwrite, which deletes "
+            "what it holds, or pick another --run-dir"
+        )
+    # Neither flag applies: --overwrite clears only run folders, and there is no run to resume.
+    return f"{held} and holds no run: pick another --run-dir, or empty this one"
 
 
 def prepare_run_dir(run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
@@ -63,10 +87,7 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool = False, overwrite: boo
         entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
         if entries and not resume:
             if not overwrite:
-                raise ConfigError(
-                    f"run folder {run_dir} is not empty ({_listing(entries)}); continue that "
-                    f"run with --resume {run_dir}, or delete what it holds with --overwrite"
-                )
+                raise ConfigError(_not_empty(run_dir, entries))
             _clear(run_dir, entries)
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
