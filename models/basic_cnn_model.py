@@ -15,12 +15,14 @@ Public API:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
+
+from models.staged import MIN_CLASSES, InputTooSmall, StagedModel
 
 NUM_BLOCKS = 3
 BASE_CHANNELS: tuple[int, int, int] = (64, 512, 256)
@@ -32,8 +34,10 @@ LINEAR_INITS: tuple[str, ...] = ("kaiming", "torch")
 #: Side in pixels of the smallest map the last block hands to the heads: the layout's design point
 #: (28 px images end at 4 px through the default strides), kept as the floor for any strides.
 MIN_FEATURE_SIZE = 4
-#: The classifier separates at least two classes (one class leaves nothing to learn).
-MIN_CLASSES = 2
+#: ModelConfig fields that change how a run trains or starts, not what the weights compute: a
+#: resumed or rebuilt model may differ in them (other rates, another depth, other initial
+#: weights). Every other field is architecture, which a checkpoint must match.
+RUNTIME_FIELDS: tuple[str, ...] = ("dropout", "noise_std", "active_blocks", "linear_init")
 #: ModelConfig fields added after checkpoints were first stored, with the value those older
 #: checkpoints used (their stored config lacks the key), so they are rebuilt as they were trained.
 LEGACY_FIELDS: dict[str, Any] = {
@@ -200,12 +204,15 @@ class ModelConfig:
         ):
             raise _invalid("block_strides", strides, f"a tuple of {NUM_BLOCKS} ints, each 1 or 2")
         # After the strides: the least input size follows from them.
-        if not _is_int(self.input_size) or self.input_size < self.min_input_size:
+        if not _is_int(self.input_size):
+            raise _invalid("input_size", self.input_size, f"an int >= {self.min_input_size}")
+        if self.input_size < self.min_input_size:
             allowed = (
                 f"an int >= {self.min_input_size} (block_strides={strides} must leave the last"
                 f" block a map of >= {MIN_FEATURE_SIZE} px)"
             )
-            raise _invalid("input_size", self.input_size, allowed)
+            message = str(_invalid("input_size", self.input_size, allowed))
+            raise InputTooSmall(message, self.min_input_size, "model.block_strides")
 
     @property
     def min_input_size(self) -> int:
@@ -421,12 +428,16 @@ def init_weights(module: nn.Module, linear_init: str = "kaiming") -> None:
 # --------------------------------------------------------------------------- the model
 
 
-class BasicCNNModel(nn.Module):
+class BasicCNNModel(StagedModel):
     """Three-block residual CNN with per-block heads and a shared classifier.
 
     Only blocks ``1..active_blocks`` run in ``forward``; the head of the deepest active block
     feeds the classifier (blended with the previous head while ``head_mix`` < 1). Use
     :meth:`freeze_blocks_until` to change the depth.
+
+    As a :class:`~models.staged.StagedModel` its stages are the three blocks (each bringing its
+    own head), its head is the shared classifier, and it declares all three capabilities:
+    ``partial_depth`` (it grows from block 1), ``head_blend`` and ``dropout``.
 
     Args:
         config: a :class:`ModelConfig`; ``None`` uses the defaults.
@@ -435,6 +446,9 @@ class BasicCNNModel(nn.Module):
     Input ``(B, in_channels, H, W)``, output logits ``(B, num_classes)``. In training mode the
     batch must hold at least 2 samples because of the heads' BatchNorm1d.
     """
+
+    arch = "basic_cnn"
+    capabilities = frozenset({"partial_depth", "head_blend", "dropout"})
 
     def __init__(self, config: ModelConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -455,6 +469,45 @@ class BasicCNNModel(nn.Module):
     def min_input_size(self) -> int:
         """The smallest square input side in pixels this model's layout takes."""
         return self.config.min_input_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    # ----------------------------------------------------------------- the staged-model contract
+
+    def stage_modules(self) -> nn.ModuleList:
+        return self.blocks
+
+    def head_module(self) -> nn.Module:
+        return self.classifier
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(f"block{k}" for k in range(1, NUM_BLOCKS + 1))
+
+    def stage_parameters(self, stage: int) -> list[nn.Parameter]:
+        """Block ``stage``'s parameters and its head's (:meth:`new_parameters`)."""
+        return self.new_parameters(stage)
+
+    def set_trainable(self, stages: Iterable[int]) -> None:
+        """Make blocks ``1..k`` active (see :meth:`freeze_blocks_until`); ``stages`` must be
+        ``{1..k}``: this network grows from block 1."""
+        chosen = sorted(set(stages))
+        if not chosen or chosen != list(range(1, len(chosen) + 1)):
+            raise ValueError(
+                f"BasicCNNModel grows from block 1: trainable stages {chosen} are invalid;"
+                f" allowed: 1..k with k in 1..{NUM_BLOCKS}"
+            )
+        self.freeze_blocks_until(len(chosen))
+
+    def record(self) -> dict[str, Any]:
+        """The arch, its options (architecture) and settings (see :func:`config_record`)."""
+        return config_record({f.name: getattr(self.config, f.name) for f in fields(ModelConfig)})
 
     @property
     def active_blocks(self) -> int:
@@ -518,6 +571,8 @@ class BasicCNNModel(nn.Module):
             block.requires_grad_(index <= k)
             head.requires_grad_(index == k)
         self.classifier.requires_grad_(True)
+        self._trainable = frozenset(range(1, k + 1))
+        self.train(self.training)  # blocks past k rest in eval mode (they do not run)
 
     def new_parameters(self, k: int) -> list[nn.Parameter]:
         """Parameters that activating block ``k`` brings: block k's and head k's."""
@@ -544,6 +599,21 @@ class BasicCNNModel(nn.Module):
     def dropout_rates(self) -> list[float]:
         """Current Dropout2d rate of blocks 1, 2 and 3."""
         return [self._dropouts(k)[0].p for k in range(1, NUM_BLOCKS + 1)]
+
+
+def config_record(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The model record (see :meth:`~models.staged.StagedModel.record`) of ModelConfig fields.
+
+    Fields an older checkpoint lacks take their :data:`LEGACY_FIELDS` value; the image shape goes
+    to the top level, :data:`RUNTIME_FIELDS` to ``settings`` and the rest, the architecture, to
+    ``options``.
+    """
+    values = {**LEGACY_FIELDS, **values}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    shape = {k: values.pop(k) for k in ("in_channels", "num_classes", "input_size") if k in values}
+    settings = {k: values.pop(k) for k in RUNTIME_FIELDS if k in values}
+    stages = [f"block{k}" for k in range(1, NUM_BLOCKS + 1)]
+    return {"arch": "basic_cnn", **shape, "options": values, "settings": settings, "stages": stages}
 
 
 def _resolve_config(config: ModelConfig | None, overrides: Mapping[str, Any]) -> ModelConfig:

@@ -1,4 +1,4 @@
-"""Train BasicCNNModel: ``python models/train.py [--preset cpu] [--data SOURCE] [...]``.
+"""Train a registered network: ``python models/train.py [--model NAME] [--data SOURCE] [...]``.
 
 Configuration: typed defaults -> ``--preset`` -> ``--config FILE.yaml`` -> ``--set key=value`` ->
 the shortcut flags; ``--resume RUN_DIR`` continues a run from its ``checkpoints/last.pt``. A new

@@ -45,9 +45,9 @@ def test_images_below_the_models_minimum_are_refused_before_training(npz_factory
         build_trainer(small_config(source, tmp_path), tmp_path / "run")
     side = least - 1
     assert str(info.value) == (
-        f"{source}: {side}x{side} px images are smaller than BasicCNNModel takes with"
-        f" model.block_strides=[2, 2, 2]: at least {least}x{least} px; resize them"
-        " (data.image_size, for an image folder) or set smaller model.block_strides"
+        f"{source}: {side}x{side} px images are smaller than basic_cnn takes as configured:"
+        f" at least {least}x{least} px; resize them (data.image_size, for an image folder) or"
+        " change model.block_strides"
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -64,4 +64,4 @@ def test_a_single_class_is_refused_in_one_line(tmp_path):
     cfg = small_config("one.npz", tmp_path)
     with pytest.raises(DataError) as info:
         build_model(cfg, fake_cache(28, 1))
-    assert str(info.value) == "one.npz: 1 class (c0); BasicCNNModel needs at least 2 classes"
+    assert str(info.value) == "one.npz: 1 class (c0); a classifier needs at least 2 classes"

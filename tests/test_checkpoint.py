@@ -16,14 +16,23 @@ from training.engine.checkpoint import (
     CheckpointError,
     check_compatible,
     load_checkpoint,
+    model_record,
     restore_model,
     save_checkpoint,
-    saved_model_config,
-    stored_model_config,
 )
 from training.evaluation.report import build_model
 
 CLASSES = ["benign", "malignant", "normal"]
+
+
+def legacy_payload(model: BasicCNNModel | None = None, **extra) -> dict:
+    """A checkpoint as written before the model record: the BasicCNNModel's config alone."""
+    model = model or tiny_model()
+    ckpt = payload(model, **extra)
+    del ckpt["model_record"], ckpt["trainable_stages"]
+    config = dataclasses.asdict(model.config)
+    ckpt["model_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    return ckpt
 
 
 def tiny_model(**overrides) -> BasicCNNModel:
@@ -33,13 +42,13 @@ def tiny_model(**overrides) -> BasicCNNModel:
 
 def payload(model: BasicCNNModel | None = None, **extra) -> dict:
     model = model or tiny_model()
-    config = stored_model_config(model.config)  # as the trainer writes it
     return {
         "format": FORMAT,
         "epoch": 3,
         "step": 42,
         "model": model.state_dict(),
-        "model_config": config,
+        "model_record": model.record(),  # as the trainer writes it
+        "trainable_stages": sorted(model.trainable_stages),
         "active_blocks": model.active_blocks,
         "class_names": list(CLASSES),
         "mean": [0.5],
@@ -235,58 +244,83 @@ def test_a_file_that_is_not_our_checkpoint_is_refused(tmp_path, content, message
 )
 def test_another_architecture_is_refused_naming_the_field_and_both_values(field, value):
     ckpt = payload()
-    current = {**ckpt["model_config"], field: value}
+    current = ckpt_record = ckpt["model_record"]
+    if field in ckpt_record:
+        current = {**ckpt_record, field: value}
+        old = ckpt_record[field]
+    else:
+        current = {**ckpt_record, "options": {**ckpt_record["options"], field: value}}
+        old = ckpt_record["options"][field]
     with pytest.raises(CheckpointError) as error:
         check_compatible(ckpt, current, CLASSES)
-    old = ckpt["model_config"][field]
     assert_one_line_naming(error, f"{field}: checkpoint {old!r} vs current {value!r}")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("conv_block", "basic"), ("block_depths", [1, 1, 1]), ("block_strides", [1, 2, 2])],
+)
+def test_every_architecture_option_is_compared_not_a_hand_list(field, value):
+    """The options a checkpoint must match come from the model's record: fields added to the
+    model later are compared without anyone listing them."""
+    trained = tiny_model(**{field: value})
+    with pytest.raises(CheckpointError, match=f"{field}: checkpoint"):
+        check_compatible(payload(trained), tiny_model().record(), CLASSES)
+
+
+def test_another_arch_is_refused_naming_both():
+    ckpt = payload()
+    current = {**ckpt["model_record"], "arch": "resnet18", "options": {}}
+    with pytest.raises(CheckpointError) as error:
+        check_compatible(ckpt, current, CLASSES)
+    assert_one_line_naming(error, "arch: checkpoint 'basic_cnn' vs current 'resnet18'")
 
 
 def test_another_class_list_is_refused_naming_the_classes():
     ckpt = payload()
     with pytest.raises(CheckpointError) as error:
-        check_compatible(ckpt, ckpt["model_config"], ["benign", "malignant", "cyst"])
+        check_compatible(ckpt, ckpt["model_record"], ["benign", "malignant", "cyst"])
     assert_one_line_naming(error, "class_names", "only in checkpoint: ['normal']", "'cyst'")
     with pytest.raises(CheckpointError, match="another order"):
-        check_compatible(ckpt, ckpt["model_config"], list(reversed(CLASSES)))
+        check_compatible(ckpt, ckpt["model_record"], list(reversed(CLASSES)))
 
 
 def test_block_channels_round_trip_through_a_checkpoint_and_older_ones_lack_none():
     trained = tiny_model(block_channels=(8, 16, 24))
     ckpt = payload(trained)
-    check_compatible(ckpt, trained.config, CLASSES)  # tuple in the model, list in the file
+    check_compatible(ckpt, trained.record(), CLASSES)  # tuple in the model, list in the file
     rebuilt = build_model(ckpt).eval()
     assert rebuilt.config.channels() == (8, 16, 24)
     with pytest.raises(CheckpointError, match=r"block_channels: checkpoint \[8, 16, 24\] vs"):
-        check_compatible(ckpt, tiny_model().config, CLASSES)
-    legacy = payload()
+        check_compatible(ckpt, tiny_model().record(), CLASSES)
+    legacy = legacy_payload()
     del legacy["model_config"]["block_channels"]  # written before the option existed
-    check_compatible(legacy, tiny_model().config, CLASSES)
+    check_compatible(legacy, tiny_model().record(), CLASSES)
     assert build_model(legacy).config.block_channels == ()
 
 
 def test_the_linear_init_is_kept_in_a_checkpoint_but_does_not_bar_loading_it():
     trained = tiny_model(linear_init="torch")
     ckpt = payload(trained)
-    check_compatible(ckpt, tiny_model().config, CLASSES)  # only the starting weights differ
+    check_compatible(ckpt, tiny_model().record(), CLASSES)  # only the starting weights differ
     rebuilt = build_model(ckpt)
     assert rebuilt.config.linear_init == "torch"
     assert torch.equal(rebuilt.classifier.weight, trained.classifier.weight)
-    legacy = payload()
+    legacy = legacy_payload()
     del legacy["model_config"]["linear_init"]  # written before the option existed
     assert build_model(legacy).config.linear_init == "kaiming"
 
 
 def test_a_checkpoint_from_before_the_downsample_option_is_rebuilt_strided():
     trained = tiny_model(downsample="stride")
-    legacy = payload(trained)
+    legacy = legacy_payload(trained)
     del legacy["model_config"]["downsample"]
-    assert saved_model_config(legacy)["downsample"] == "stride"
-    check_compatible(legacy, trained.config, CLASSES)
+    assert model_record(legacy)["options"]["downsample"] == "stride"
+    check_compatible(legacy, trained.record(), CLASSES)
     with pytest.raises(
         CheckpointError, match="downsample: checkpoint 'stride' vs current 'maxpool'"
     ):
-        check_compatible(legacy, tiny_model().config, CLASSES)
+        check_compatible(legacy, tiny_model().record(), CLASSES)
     rebuilt = build_model(legacy).eval()
     assert rebuilt.config.downsample == "stride"
     x = torch.randn(2, 1, 28, 28)
@@ -297,7 +331,7 @@ def test_a_checkpoint_from_before_the_downsample_option_is_rebuilt_strided():
 def test_runtime_fields_may_differ():
     ckpt = payload()
     model = tiny_model(dropout=(0.0, 0.0, 0.0), active_blocks=2, noise_std=0.0, input_size=64)
-    check_compatible(ckpt, model.config, CLASSES)  # a ModelConfig works as well as a dict
+    check_compatible(ckpt, model.record(), CLASSES)
 
 
 # --------------------------------------------------------------------------- restoring
@@ -335,8 +369,24 @@ def test_restore_model_summarises_missing_and_unexpected_keys():
 
 
 def test_restore_model_refuses_a_bad_depth():
-    with pytest.raises(CheckpointError, match="active_blocks"):
-        restore_model(tiny_model(), payload(active_blocks=7))
+    legacy = legacy_payload(active_blocks=7)
+    with pytest.raises(CheckpointError, match="depth=7 is invalid"):
+        restore_model(tiny_model(), legacy)
+    with pytest.raises(CheckpointError, match="k=4 is invalid"):
+        restore_model(tiny_model(), payload(trainable_stages=[1, 2, 3, 4]))
+
+
+def test_restore_model_refuses_stages_a_growing_model_cannot_take():
+    with pytest.raises(CheckpointError, match="grows from block 1"):
+        restore_model(tiny_model(), payload(trainable_stages=[3]))
+
+
+def test_a_checkpoint_without_a_record_is_refused_in_one_line():
+    ckpt = payload()
+    del ckpt["model_record"]
+    with pytest.raises(CheckpointError) as error:
+        check_compatible(ckpt, tiny_model().record(), CLASSES)
+    assert_one_line_naming(error, "no 'model_record'")
 
 
 def test_copy_checkpoint_is_atomic_and_readable(tmp_path, monkeypatch):

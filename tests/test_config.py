@@ -107,22 +107,32 @@ def test_unknown_preset_lists_the_presets() -> None:
         load_config("gpu")
 
 
+def as_model_config(section, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
+    """The basic_cnn config a model section builds (as the registry does)."""
+    return ModelConfig(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        input_size=input_size,
+        **section.arch_options(),
+    )
+
+
 def test_model_section_builds_a_model_config() -> None:
     section = load_config("cpu", overrides=["model.dropout=[0.0,0.1,0.2]"]).model
-    mc = section.to_model_config(in_channels=1, num_classes=4, input_size=28)
+    mc = as_model_config(section, in_channels=1, num_classes=4, input_size=28)
     assert isinstance(mc, ModelConfig)
     assert (mc.in_channels, mc.num_classes, mc.width, mc.norm) == (1, 4, 1.0, "batch")
     assert mc.dropout == (0.0, 0.1, 0.2)
     assert mc.block_channels == (32, 64, 128) and mc.linear_init == "torch"  # the cpu preset's
-    defaults = load_config().model.to_model_config(in_channels=3, num_classes=8, input_size=28)
+    defaults = as_model_config(load_config().model, in_channels=3, num_classes=8, input_size=28)
     assert defaults.block_channels == () and defaults.linear_init == "kaiming"
     channels = load_config(overrides=["model.block_channels=[16, 24, 40]"]).model
     assert channels.block_channels == [16, 24, 40]
     assert all(type(c) is int for c in channels.block_channels)  # echoed as ints, not 16.0
-    mc = channels.to_model_config(in_channels=3, num_classes=8, input_size=28)
+    mc = as_model_config(channels, in_channels=3, num_classes=8, input_size=28)
     assert mc.block_channels == (16, 24, 40) and all(type(c) is int for c in mc.block_channels)
     torch_init = load_config(overrides=["model.linear_init=torch"]).model
-    assert torch_init.to_model_config(3, 8, 28).linear_init == "torch"
+    assert as_model_config(torch_init, 3, 8, 28).linear_init == "torch"
 
 
 # --------------------------------------------------------------------------- layering
@@ -292,7 +302,7 @@ def test_bad_set_key_is_a_config_error(item: str) -> None:
         ("model.activation=relu", "model.activation='relu' is invalid; allowed: silu, gelu, mish"),
         ("model.gn_groups=0", "model.gn_groups=0 is invalid; allowed: an int >= 1"),
         ("model.noise_std=-0.1", "model.noise_std=-0.1 is invalid; allowed: a number >= 0"),
-        ("model.active_blocks=4", "model.active_blocks=4 is invalid; allowed: an int in 1..3"),
+        ("model.active_blocks=4", "model.active_blocks=4 is invalid; allowed: 1 | 2 | 3"),
         ("model.dropout=[0.1,0.2]", "model.dropout=[0.1, 0.2] is invalid; allowed: a list of 3"),
         (
             "model.dropout=[0.1,0.2,1.0]",
@@ -300,11 +310,11 @@ def test_bad_set_key_is_a_config_error(item: str) -> None:
         ),
         (
             "model.dropout=0.1",
-            "model.dropout=0.1 is invalid; allowed: a list of 3 numbers in [0, 1)",
+            "model.dropout=0.1 is invalid; allowed: a list of numbers in [0, 1), one per block",
         ),
         (
             "model.block_channels=[32,64]",
-            "model.block_channels=[32, 64] is invalid; allowed: [] (base widths x width) or",
+            "model.block_channels=[32, 64] is invalid; allowed: [] or a list of 3 ints >= 1",
         ),
         ("model.block_channels=[32,0.5,8]", "model.block_channels=[32, 0.5, 8] is invalid"),
         ("model.block_channels=[32,0,8]", "model.block_channels=[32, 0, 8] is invalid"),
@@ -401,8 +411,8 @@ def test_width_under_the_presets_block_channels_is_refused_in_one_line() -> None
 
 def test_width_takes_effect_once_block_channels_is_cleared() -> None:
     cfg = load_config("cpu", overrides=["model.width=0.125", "model.block_channels=[]"])
-    narrow = cfg.model.to_model_config(in_channels=3, num_classes=3, input_size=28)
-    preset = load_config("cpu").model.to_model_config(in_channels=3, num_classes=3, input_size=28)
+    narrow = as_model_config(cfg.model, in_channels=3, num_classes=3, input_size=28)
+    preset = as_model_config(load_config("cpu").model, in_channels=3, num_classes=3, input_size=28)
     assert narrow.channels() != preset.channels()
     assert preset.channels() == tuple(PRESETS["cpu"]["model"]["block_channels"])
 
@@ -539,7 +549,7 @@ def test_block_layout_settings_reach_the_model_and_older_runs_keep_theirs() -> N
             "model.block_strides=[1, 2, 2]",
         ],
     ).model
-    mc = section.to_model_config(in_channels=3, num_classes=8, input_size=28)
+    mc = as_model_config(section, in_channels=3, num_classes=8, input_size=28)
     assert (mc.conv_block, mc.block_depths, mc.block_strides) == ("basic", (1, 2, 2), (1, 2, 2))
     assert all(type(d) is int for d in section.block_depths)
     # A run stored before these options existed was built with single blocks of depth 2/3/3,

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.text import Text
 
 from dataset.cache import CacheInfo
-from models.basic_cnn_model import BasicCNNModel, ModelConfig, model_summary
+from models.basic_cnn_model import BasicCNNModel, ModelConfig
+from models.staged import stage_summary
 from training.callbacks.console import ConsoleCallback, resolve_mode, warn
 
 CLASSES = ["benign", "malignant", "normal"]
@@ -142,7 +143,7 @@ def test_header_shows_classes_counts_and_block_parameters(model):
         assert name in out
     assert "3,303" in out and "63" in out  # a per-class count, formatted
     assert "3,606" in out  # train total
-    rows = {r["name"]: r for r in model_summary(model, 0)}
+    rows = {r["name"]: r for r in stage_summary(model)}
     assert rows["block2"]["params"] > 0 and not rows["block2"]["active"]
     assert f"{rows['block2']['params']:,}" in out
     assert f"{rows['block1']['trainable']:,}" in out

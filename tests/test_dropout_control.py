@@ -122,7 +122,7 @@ def test_state_round_trip():
         ({"underfit_gap": 0.1}, r"underfit_gap=0.1 is invalid; allowed: a number <= overfit_gap"),
         ({"overfit_gap": math.inf}, "overfit_gap=inf is invalid"),
         ({"signal": "f1"}, "signal='f1' is invalid; allowed: 'acc' | 'loss'"),
-        ({"base_rates": (0.1, 0.2)}, r"base_rates=\(0.1, 0.2\) is invalid; allowed: 3 numbers"),
+        ({"base_rates": ()}, r"base_rates=\(\) is invalid; allowed: one or more numbers"),
         ({"base_rates": (0.1, 0.2, 0.6)}, r"allowed: 3 numbers in \[min_rate=0.0, max_rate=0.5\]"),
     ],
 )

@@ -3,6 +3,7 @@ fitted temperature), and the test.py script."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dataset.cache import prepare
 from models.basic_cnn_model import BasicCNNModel, ModelConfig
-from training.engine.checkpoint import CheckpointError, stored_model_config
+from training.engine.checkpoint import CheckpointError
 from training.evaluation import calibration
 from training.evaluation.tta import tta_logits
 
@@ -72,7 +73,10 @@ def make_checkpoint(cache, seed: int, epoch: int) -> dict:
         "epoch": epoch,
         "step": epoch * 4,
         "model": model.state_dict(),
-        "model_config": stored_model_config(config),  # as the trainer writes it
+        # The format before the model record: the BasicCNNModel's config alone.
+        "model_config": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+        },
         "active_blocks": 2,  # deeper than the config's 1: restoring must apply it
         "optimizer": {},
         "scheduler": {},

@@ -274,8 +274,8 @@ def test_plan_lines_one_per_phase():
         "cosine",
         "plateau",
         "floor",
-        "block 2",
-        "block 3",
+        "block2",
+        "block3",
         "Mixup",
         "augmentation",
         "SWA",
@@ -286,8 +286,8 @@ def test_plan_lines_one_per_phase():
         r"cosine +epochs 3-5 +-> 1\.5e-04",
         r"plateau +epoch 6 +lr x0\.1 after 1 epoch without gain",
         r"floor +epoch 6 +lr >= 3\.0e-05",
-        r"block 2 +joins after epoch 1 +trains from epoch 2",
-        r"block 3 +joins after epoch 2 +trains from epoch 3",
+        r"block2 +joins after epoch 1 +trains from epoch 2",
+        r"block3 +joins after epoch 2 +trains from epoch 3",
         r"Mixup +epochs 1-2 +alpha 0\.2 -> 0 at epoch 1\.2",
         r"SWA +epochs 5-6 +2 epochs averaged",
         r"early stop +epoch 6 +may stop after 2 epochs without gain",
@@ -322,18 +322,18 @@ def test_plan_lines_for_switched_off_features():
     text = "\n".join(plan_lines(cfg))
     for name in ("Mixup", "augmentation", "SWA", "early stop"):
         assert re.search(rf"^  {name} +off$", text, re.M), name
-    assert re.search(r"blocks +1 of 3 throughout +unfreezing off", text)
+    assert re.search(r"stages +1 of 3 trainable throughout +unfreezing off", text)
     assert re.search(r"cosine +epochs 2-30 +-> 1\.0e-05", text) and "one-cycle" not in text
 
 
 def test_plan_markers():
     marks = plan_markers(load_config("cpu", overrides=["run.epochs=6"]))
-    assert marks[:2] == [Marker("block 2 joins", 1.0), Marker("block 3 joins", 2.0)]
+    assert marks[:2] == [Marker("block2 joins", 1.0), Marker("block3 joins", 2.0)]
     spans = {m.label: (m.start, m.end) for m in marks[2:]}
     # The cpu preset's strength stays at 0.01: no ramp to draw.
     assert spans == {"SWA": (4.0, 6.0), "Mixup": (0.0, 1.2)}
     short = plan_markers(load_config("cpu", overrides=["run.epochs=2"]))
-    assert [m.label for m in short] == ["block 2 joins", "Mixup"]  # no SWA
+    assert [m.label for m in short] == ["block2 joins", "Mixup"]  # no SWA
     ramp = plan_markers(load_config(overrides=["run.epochs=30"]))
     assert ("aug. ramp", 0.0, 5.0) in [(m.label, m.start, m.end) for m in ramp]
 

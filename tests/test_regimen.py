@@ -110,7 +110,7 @@ def test_every_feature_acts_in_metrics_and_on_the_console(straight_run, tmp_path
     # progressive unfreezing: blocks 2 and 3 at the end of epochs 2 and 4
     assert [r["active_blocks"] for r in rows][:5] == [1, 1, 2, 2, 3]
     assert "stage" in kinds(by_epoch[2]) and "stage" in kinds(by_epoch[4])
-    assert "STAGE 2: block 2 active" in out and "STAGE 3: block 3 active" in out
+    assert "STAGE 2: block2 active" in out and "STAGE 3: block3 active" in out
     assert len(by_epoch[5]["lr"]) == 3  # one parameter group per active block
     # Mixup: alpha decays to 0 by epoch 3; augmentation strength ramps up over 3 epochs
     alphas = [r["mixup_alpha"] for r in rows]
@@ -190,7 +190,7 @@ def test_every_group_follows_the_schedule_after_activation(separable_npz, tmp_pa
     spe = trainer.steps_per_epoch
     for _ in range(spe):
         trainer.schedule.step()
-    trainer.activate_block(2, lr_mult=0.5, warmup_epochs=1.0, old_group_decay=0.8)
+    trainer.unfreeze_to(2, lr_mult=0.5, warmup_epochs=1.0, old_group_decay=0.8)
     groups = trainer.optimizer.param_groups
     assert [g["name"] for g in groups] == ["block1", "block2"]
     staged = staged_schedule(cfg)
@@ -346,7 +346,7 @@ def test_head_blend_starts_from_the_old_head_and_fades_in_over_its_steps(separab
     model = trainer.model.eval()
     x = torch.randn(5, 3, 28, 28)
     before = model(x)
-    trainer.activate_block(2, head_blend_epochs=0.5)
+    trainer.unfreeze_to(2, head_blend_epochs=0.5)
     # No jump at the switch: the classifier still reads block 1's head.
     assert model.head_mix == 0.0
     assert torch.allclose(model(x), before, atol=1e-6)
@@ -364,7 +364,7 @@ def test_head_blend_starts_from_the_old_head_and_fades_in_over_its_steps(separab
 def test_head_mix_is_saved_and_restored_with_the_checkpoint(separable_npz, tmp_path):
     cfg = regimen_config(separable_npz, tmp_path, "mixck", "unfreeze.enabled=false")
     trainer = build_trainer(cfg, tmp_path / "mixck")
-    trainer.activate_block(2, head_blend_epochs=2.0)
+    trainer.unfreeze_to(2, head_blend_epochs=2.0)
     trainer.model.set_head_mix(0.375)
     path = trainer.save("last.pt")
     assert load_checkpoint(path)["head_mix"] == 0.375
@@ -375,7 +375,7 @@ def test_head_mix_is_saved_and_restored_with_the_checkpoint(separable_npz, tmp_p
 def test_an_activation_without_blend_switches_heads_at_once(separable_npz, tmp_path, capsys):
     cfg = regimen_config(separable_npz, tmp_path, "hard", "unfreeze.enabled=false")
     trainer = build_trainer(cfg, tmp_path / "hard")
-    trainer.activate_block(2, head_blend_epochs=0.0)
+    trainer.unfreeze_to(2, head_blend_epochs=0.0)
     assert trainer.model.head_mix == 1.0
     assert "head 1 -> 2: switched at once" in capsys.readouterr().out
 

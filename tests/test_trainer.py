@@ -164,15 +164,15 @@ def test_activated_block_joins_optimizer_and_schedule(tiny_npz, tmp_path):
             notices.append((kind, title))
 
     trainer.callbacks.append(Listen())
-    trainer.activate_block(3)
+    trainer.unfreeze_to(3)
     names = [g["name"] for g in trainer.optimizer.param_groups]
     assert names == ["block1", "block2", "block3"]
-    assert notices == [("stage", "STAGE 3: block 3 active")]
+    assert notices == [("stage", "STAGE 3: block2, block3 active")]
     trainer.schedule.step()
     lrs = trainer.schedule.lrs()
     assert lrs[0] == pytest.approx(lrs[1]) == pytest.approx(lrs[2])
-    with pytest.raises(ValueError, match="k=2 is invalid"):
-        trainer.activate_block(2)
+    with pytest.raises(ValueError, match="depth=2 is invalid"):
+        trainer.unfreeze_to(2)
 
 
 def test_a_run_stored_before_the_downsample_option_resumes_strided(tiny_npz, tmp_path):
@@ -180,6 +180,10 @@ def test_a_run_stored_before_the_downsample_option_resumes_strided(tiny_npz, tmp
     path = tmp_path / "a" / "checkpoints" / "last.pt"
     ckpt = load_checkpoint(path)
     del ckpt["config"]["model"]["downsample"]
+    # Stored the way checkpoints were before the model record: the model's config alone.
+    record, _ = ckpt.pop("model_record"), ckpt.pop("trainable_stages")
+    shape = {k: record[k] for k in ("in_channels", "num_classes", "input_size")}
+    ckpt["model_config"] = {**shape, **record["options"], **record["settings"]}
     del ckpt["model_config"]["downsample"]
     torch.save(ckpt, path)
     cfg, ckpt = load_resume(tmp_path / "a")
@@ -208,7 +212,7 @@ def test_a_stage_banner_shows_a_scaled_warmup_in_three_digits(tiny_npz, tmp_path
             shown.extend(lines)
 
     trainer.callbacks.append(Listen())
-    trainer.activate_block(2, warmup_epochs=1 / 60)
+    trainer.unfreeze_to(2, warmup_epochs=1 / 60)
     assert any("warmup 0.0167 ep" in line for line in shown), shown  # not 0.0166667
 
 

@@ -12,11 +12,13 @@ from rich.console import Console
 
 from dataset.errors import DataError
 from losses import WeightedCrossEntropy, class_weights
-from models.basic_cnn_model import MIN_CLASSES, BasicCNNModel, min_input_size
+from models.registry import build_model as build_registered
+from models.staged import MIN_CLASSES, InputTooSmall, StagedModel, trainable_at
+from models.weights import WeightsError, load_weights, pretrained_imagenet
 from training.callbacks.console import ConsoleCallback, warn
 from training.callbacks.metrics_log import MetricsLogger
 from training.callbacks.regimen import earliest_stop_epoch, regimen_callbacks
-from training.config.plan import plan_lines, plan_markers
+from training.config.plan import plan_lines, plan_markers, stage_plan
 from training.config.schema import (
     ConfigError,
     TrainConfig,
@@ -24,7 +26,12 @@ from training.config.schema import (
     save_config,
     staged_schedule,
 )
-from training.engine.checkpoint import CheckpointError, check_resumable, load_checkpoint
+from training.engine.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    load_checkpoint,
+    model_record,
+)
 from training.engine.data import double_correction_warning, make_loaders, prepare_cache
 from training.engine.device import amp_dtype, resolve_device, slow_settings_warning
 from training.engine.events import Callback
@@ -56,36 +63,93 @@ def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict]:
     return config_from_dict(ckpt["config"]), ckpt
 
 
-def build_model(cfg: TrainConfig, cache) -> BasicCNNModel:
+def build_model(cfg: TrainConfig, cache) -> StagedModel:
     """The configured model, shaped for the cache's channels, classes and image size.
 
     Raises:
-        DataError: images smaller than the model's layout takes, or fewer than two classes.
+        DataError: fewer than two classes, or images smaller than the model takes (each model
+            states its own minimum, from its strides, stem and input resize).
     """
-    check_data_fits_model(cfg, cache)
-    return BasicCNNModel(
-        cfg.model.to_model_config(cache.channels, cache.num_classes, cache.image_size)
-    )
-
-
-def check_data_fits_model(cfg: TrainConfig, cache) -> None:
-    """Refuse, in one line, data the configured model cannot train on, before anything runs."""
-    height, width = cache.meta["image_shape"][:2]
-    strides = cfg.model.block_strides
-    least = min_input_size(strides)
-    if min(height, width) < least:
-        raise DataError(
-            cfg.data.source,
-            f"{height}x{width} px images are smaller than BasicCNNModel takes with"
-            f" model.block_strides={strides}: at least {least}x{least} px; resize them"
-            " (data.image_size, for an image folder) or set smaller model.block_strides",
-        )
     if cache.num_classes < MIN_CLASSES:
+        names = ", ".join(map(str, cache.class_names))
         raise DataError(
             cfg.data.source,
-            f"{cache.num_classes} class ({', '.join(map(str, cache.class_names))}); BasicCNNModel"
-            f" needs at least {MIN_CLASSES} classes",
+            f"{cache.num_classes} class ({names}); a classifier needs at least {MIN_CLASSES}"
+            " classes",
         )
+    height, width = cache.meta["image_shape"][:2]
+    try:
+        model = build_registered(
+            cfg.model.arch,
+            in_channels=cache.channels,
+            num_classes=cache.num_classes,
+            input_size=min(height, width),
+            options=cfg.model.arch_options(),
+        )
+    except InputTooSmall as error:
+        fixes = "data.image_size, for an image folder"
+        fixes += "; or model.resize" if cfg.model.arch != "basic_cnn" else ""
+        least = error.minimum
+        raise DataError(
+            cfg.data.source,
+            f"{height}x{width} px images are smaller than {cfg.model.arch} takes as configured:"
+            f" at least {least}x{least} px; resize them ({fixes}) or change {error.remedy}",
+        ) from None
+    plan = stage_plan(cfg)
+    model.set_trainable(trainable_at(plan.direction, plan.start, model.num_stages))
+    return model
+
+
+INIT_WEIGHTS: tuple[str, ...] = ("best", "swa", "last")
+
+
+def init_checkpoint(spec: str) -> Path:
+    """The checkpoint ``model.init`` names: ``RUN_DIR`` (its best.pt) or ``RUN_DIR:best|swa|last``.
+
+    Raises:
+        ConfigError: when the run folder holds no such checkpoint.
+    """
+    folder, _, name = spec.rpartition(":")
+    if name not in INIT_WEIGHTS or not folder:
+        folder, name = spec, "best"
+    path = Path(folder) / "checkpoints" / f"{name}.pt"
+    if not path.is_file():
+        allowed = f"a run folder with checkpoints/{name}.pt, optionally :{'|'.join(INIT_WEIGHTS)}"
+        raise ConfigError(f"model.init={spec!r}: {path} does not exist; allowed: {allowed}")
+    return path
+
+
+def load_start_weights(cfg: TrainConfig, model: StagedModel, console: Console) -> None:
+    """Load ``model.pretrained`` and then ``model.init`` into a new model, and print what
+    matched (see :class:`models.weights.WeightReport`).
+
+    Raises:
+        ConfigError: in one line, for weights that cannot be fetched, read or used, or an init
+            run of another arch.
+    """
+    m, reports = cfg.model, []
+    if m.pretrained:
+        try:
+            source = pretrained_imagenet(m.arch) if m.pretrained == "imagenet" else m.pretrained
+            reports.append(load_weights(model, source, report=False))
+        except WeightsError as error:
+            raise ConfigError(f"model.pretrained={m.pretrained!r}: {error}") from None
+    if m.init:
+        path = init_checkpoint(m.init)
+        ckpt = load_checkpoint(path)
+        trained_as = model_record(ckpt)["arch"]
+        if trained_as != m.arch:
+            raise ConfigError(
+                f"model.init={m.init!r}: {path} holds a {trained_as} model and this run trains"
+                f" {m.arch}; allowed: a run of the same arch (--model {trained_as})"
+            )
+        try:
+            reports.append(load_weights(model, ckpt["model"], report=False))
+        except WeightsError as error:
+            raise ConfigError(f"model.init={m.init!r}: {error}") from None
+    for report in reports:
+        for line in report.lines():
+            console.print(f"weights: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def build_trainer(
@@ -115,17 +179,26 @@ def build_trainer(
         resolve_tta_for_images(cfg.run.tta, tuple(cache.meta["image_shape"]))
     except ValueError as error:
         raise ConfigError(f"run.{error}") from None
-    model = build_model(cfg, cache).to(device)
+    model = build_model(cfg, cache)
+    if resume is None:  # a resumed run's weights come from its checkpoint
+        load_start_weights(cfg, model, console)
+    model = model.to(device)
     loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed))
     criterion = build_criterion(cfg, cache).to(device)
     mixup = build_mixup(cfg, cache)
+    if is_main and cfg.regularize.dynamic_dropout and "dropout" not in model.capabilities:
+        console.print(
+            f"note: dynamic dropout is off: {cfg.model.arch} has no dropout a run can move",
+            markup=False,
+            highlight=False,
+        )
     if is_main and (
         message := double_correction_warning(cfg.balance.loss_weights, cfg.data.balanced_sampling)
     ):
         warn(console, message)
     callbacks: list[Callback] = [
         # The regimen decides first, so the console and the log see the epoch's decisions.
-        *regimen_callbacks(cfg, criterion, mixup),
+        *regimen_callbacks(cfg, criterion, mixup, model.capabilities),
         ConsoleCallback(console, cfg.run.progress),
         MetricsLogger(run_dir, cfg.run.tensorboard),
         *(extra_callbacks or []),

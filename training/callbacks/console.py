@@ -35,7 +35,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from models.basic_cnn_model import model_summary
+from models.staged import stage_summary
 from training.engine.events import Callback
 
 MODES: tuple[str, ...] = ("auto", "bar", "plain", "off")
@@ -164,8 +164,8 @@ def counts_table(cache: Any) -> Table:
 
 
 def model_table(model: torch.nn.Module) -> Table:
-    """Trainable and total parameters of every part of the model, and which parts are active."""
-    rows = model_summary(model, 0)
+    """Trainable and total parameters of every stage and the head, and which are trainable."""
+    rows = stage_summary(model)
     table = Table(title="model", box=box.SIMPLE_HEAD, title_justify="left")
     table.add_column("part")
     table.add_column("trainable", justify="right")
@@ -438,9 +438,8 @@ class ConsoleCallback(Callback):
 
 
 def _stage_text(active: Any, model: Any) -> str:
-    """``"stage 2/3"``: blocks active now, out of the model's blocks (stage k runs blocks 1..k)."""
-    blocks = getattr(model, "blocks", None)
-    total = f"/{len(blocks)}" if blocks is not None else ""
+    """``"stage 2/3"``: stages trainable now, out of the model's stages."""
+    total = f"/{model.num_stages}" if hasattr(model, "num_stages") else ""
     return f"stage {active if active is not None else '-'}{total}"
 
 

@@ -5,7 +5,8 @@ A widening generalisation gap is the usual sign of overfitting, and dropout (Sri
 as ``Dropout2d``: Tompson et al., "Efficient Object Localization Using Convolutional Networks",
 CVPR 2015) is the regulariser that is cheapest to turn up or down during a run. The decision
 lives in :class:`DynamicDropout`, a plain class a callback calls once per epoch;
-:func:`apply_rates` writes the result into a :class:`~models.basic_cnn_model.BasicCNNModel`.
+:func:`apply_rates` writes the result into a staged model that declares the ``dropout``
+capability (one rate per stage, :mod:`models.staged`).
 
 Public API:
     DynamicDropout, apply_rates, SIGNALS.
@@ -18,9 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from training.engine.events import Callback
-
-NUM_BLOCKS = 3
-
 
 SIGNALS: tuple[str, ...] = ("acc", "loss")
 
@@ -105,9 +103,10 @@ class DynamicDropout:
         self.num_changes = 0
 
     def _check_rates(self, name: str, rates: Sequence[float]) -> list[float]:
-        allowed = f"{NUM_BLOCKS} numbers in [min_rate={self.min_rate}, max_rate={self.max_rate}]"
+        count = len(getattr(self, "base_rates", rates)) or "one or more"
+        allowed = f"{count} numbers in [min_rate={self.min_rate}, max_rate={self.max_rate}]"
         values = list(rates)
-        if len(values) != NUM_BLOCKS or not all(_is_real(r) for r in values):
+        if not values or len(values) != count or not all(_is_real(r) for r in values):
             raise _invalid(name, rates, allowed)
         if not all(self.min_rate <= r <= self.max_rate for r in values):
             raise _invalid(name, rates, allowed)
@@ -136,8 +135,9 @@ class DynamicDropout:
         towards.
         """
         current = [float(r) for r in rates]
-        if len(current) != NUM_BLOCKS:
-            raise ValueError(f"rates={list(rates)!r} is invalid; allowed: {NUM_BLOCKS} rates")
+        if len(current) != len(self.base_rates):
+            allowed = f"{len(self.base_rates)} rates"
+            raise ValueError(f"rates={list(rates)!r} is invalid; allowed: {allowed}")
         gap = self.last_gap = self.gap(train_value, val_value)
         if not math.isfinite(gap):
             self.last_reason = f"gap {gap} is not finite; rates unchanged"
@@ -189,17 +189,18 @@ def _fmt(rates: Sequence[float]) -> str:
 
 
 def apply_rates(model: Any, rates: Sequence[float]) -> None:
-    """Write ``rates`` into blocks 1..3 with ``model.set_dropout(block, p)``.
+    """Write ``rates`` into stages 1..n with ``model.set_dropout(stage, p)``.
 
-    ``model`` is a :class:`~models.basic_cnn_model.BasicCNNModel` (or anything with the same
-    ``set_dropout``), which validates each rate. Frozen, inactive blocks get their rate too, so
-    a block activated later starts with the current rate.
+    ``model`` declares the ``dropout`` capability (one rate per stage) and validates each rate.
+    Frozen, inactive stages get their rate too, so a stage activated later starts with the
+    current rate.
     """
     values = list(rates)
-    if len(values) != NUM_BLOCKS:
-        raise ValueError(f"rates={values!r} is invalid; allowed: {NUM_BLOCKS} rates")
-    for block, p in enumerate(values, start=1):
-        model.set_dropout(block, p)
+    count = len(model.dropout_rates())
+    if len(values) != count:
+        raise ValueError(f"rates={values!r} is invalid; allowed: {count} rates")
+    for stage, p in enumerate(values, start=1):
+        model.set_dropout(stage, p)
 
 
 class DropoutControl(Callback):

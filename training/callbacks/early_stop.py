@@ -118,9 +118,9 @@ class EarlyStop(Callback):
             raise StopTraining(f"early stop: {self.stop_reason}")
 
     def on_validation_end(self, trainer: Any, metrics: dict) -> None:
-        if trainer.model.active_blocks != self.stage:
+        if trainer.depth != self.stage:
             # A new stage gets a full patience: its first epochs dip while the block settles.
-            self.stage = trainer.model.active_blocks
+            self.stage = trainer.depth
             self.stopper.wait = 0
         metric = float(metrics[trainer.config.run.monitor])
         if self.stopper.update(metrics["epoch"], metric):

@@ -18,6 +18,7 @@ SWA is finalised before temperature scaling, which calibrates best.pt and swa.pt
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from losses import WeightedCrossEntropy
@@ -29,15 +30,22 @@ from training.callbacks.rollback import Rollback, RollbackPolicy
 from training.callbacks.swa import StochasticWeightAveraging
 from training.callbacks.temperature import TemperatureScaling
 from training.callbacks.unfreeze import Unfreeze, UnfreezeSchedule
+from training.config.plan import stage_plan, unfreeze_direction
 from training.config.schema import TrainConfig
 from training.engine.events import Callback
 from training.engine.monitor import monitor_mode
 
 
 def regimen_callbacks(
-    cfg: TrainConfig, criterion: WeightedCrossEntropy, mixup: Any
+    cfg: TrainConfig,
+    criterion: WeightedCrossEntropy,
+    mixup: Any,
+    capabilities: Collection[str] = frozenset({"dropout"}),
 ) -> list[Callback]:
-    """The regimen's callbacks that ``cfg`` switches on, in the order they must run."""
+    """The regimen's callbacks that ``cfg`` switches on, in the order they must run.
+
+    ``capabilities`` are the model's (:mod:`models.staged`): dynamic dropout needs ``dropout``.
+    """
     monitor, mode = cfg.run.monitor, monitor_mode(cfg.run.monitor)
     s, u, r, b = cfg.safety, cfg.unfreeze, cfg.regularize, cfg.balance
     callbacks: list[Callback] = []
@@ -54,9 +62,9 @@ def regimen_callbacks(
     if cfg.schedule.kind == "staged":
         callbacks.append(PlateauCut())
     unfreeze = _unfreeze_schedule(cfg)
-    if u.enabled:
+    if u.enabled and unfreeze_direction(cfg) != "all":
         callbacks.append(Unfreeze(unfreeze, cfg.unfreeze.head_blend_epochs))
-    if r.dynamic_dropout:
+    if r.dynamic_dropout and "dropout" in capabilities:
         control = DynamicDropout(
             base_rates=[min(max(p, r.dropout_min), r.dropout_max) for p in cfg.model.dropout],
             min_rate=r.dropout_min,
@@ -100,20 +108,25 @@ def earliest_stop_epoch(cfg: TrainConfig) -> int:
     high, so a patience can run out in the middle of the schedule, and a run stopped there
     would end with no weight average at all (no ``swa.pt`` for ``test.py`` to compare).
     """
-    last = _unfreeze_schedule(cfg).final_activation_epoch() if cfg.unfreeze.enabled else 0
+    unfreezes = cfg.unfreeze.enabled and unfreeze_direction(cfg) != "all"
+    last = _unfreeze_schedule(cfg).final_activation_epoch() if unfreezes else 0
     return max(last, cfg.safety.swa_start_epoch if cfg.safety.swa else 0)
 
 
 def _unfreeze_schedule(cfg: TrainConfig) -> UnfreezeSchedule:
-    u = cfg.unfreeze
-    # activate_at lists blocks 2 and 3; a run that starts deeper skips the entries it passed.
+    u, plan = cfg.unfreeze, stage_plan(cfg)
+    # Entry i of activate_at is depth plan.first + i; a run that starts deeper skips the
+    # entries it passed.
+    depths = range(plan.first, len(plan.names) + 1)
     return UnfreezeSchedule(
-        activate_at={2 + i: int(e) for i, e in enumerate(u.activate_at)},
+        activate_at={d: int(e) for d, e in zip(depths, u.activate_at, strict=False)},
         plateau_patience=u.plateau_patience or None,
         min_gap=u.min_gap,
         mode=monitor_mode(cfg.run.monitor),
-        lr_mult={block: m for block, m in zip((2, 3), u.lr_mult, strict=True)},
+        lr_mult={d: m for d, m in zip(depths, u.lr_mult, strict=False)},
         old_group_decay=u.old_group_decay,
         warmup_epochs=u.warmup_epochs,
         monitor=cfg.run.monitor,
+        num_stages=len(plan.names),
+        first_depth=plan.first,
     )

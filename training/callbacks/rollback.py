@@ -247,8 +247,8 @@ class Rollback(Callback):
 
     def on_validation_end(self, trainer: Any, metrics: dict) -> None:
         self._improved = False
-        if trainer.model.active_blocks != self.stage:
-            self.stage = trainer.model.active_blocks
+        if trainer.depth != self.stage:
+            self.stage = trainer.depth
             self.fallback = self.best if self.best is not None else self.fallback
             self.best = None
         metric = float(metrics[trainer.config.run.monitor])

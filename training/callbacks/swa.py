@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from training.engine.events import Callback
@@ -70,12 +72,12 @@ class StochasticWeightAveraging(Callback):
             trainer.notify("swa", "no weights averaged", [ended])
             return
         averaged = self._ensure(trainer)
-        # Frozen blocks are averaged too (their weights do not change); the activations
-        # (active_blocks, head mix, dropout) are the live model's, not those of the epoch the
-        # average began (or of a resumed run's start): update_bn must see what swa.pt will run.
+        # Frozen stages are averaged too (their weights do not change); the trainable stages,
+        # head mix and dropout are the live model's, not those of the epoch the average began
+        # (or of a resumed run's start): update_bn must see what swa.pt will run.
         live, module = trainer.model, averaged.module
         module.load_state_dict({**live.state_dict(), **module.state_dict()})
-        module.freeze_blocks_until(live.active_blocks)
+        module.set_trainable(live.trainable_stages)
         module.set_head_mix(live.head_mix)
         for block, rate in enumerate(live.dropout_rates(), start=1):
             module.set_dropout(block, rate)
@@ -105,7 +107,10 @@ class StochasticWeightAveraging(Callback):
             torch.manual_seed(trainer.config.run.seed)
             trainer.seed_epoch(int(trainer.history[-1]["epoch"]))
             batches = _until_interrupted(trainer.loaders["train"], trainer)
-            update_bn(batches, module, device=trainer.device)
+            was_training = module.training
+            module.train()  # frozen stages stay in eval mode (models.staged)
+            update_bn(batches, _TrainableNorms(module), device=trainer.device)
+            module.train(was_training)
 
     def state_dict(self) -> dict:
         return {"averaged": None if self.averaged is None else self.averaged.state_dict()}
@@ -113,6 +118,27 @@ class StochasticWeightAveraging(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.averaged = None
         self._pending = state.get("averaged")
+
+
+class _TrainableNorms(nn.Module):
+    """``module`` as ``update_bn`` should see it: only the BatchNorm layers outside its frozen
+    stages are reset and re-estimated. A frozen stage (a pretrained backbone's) keeps its
+    running statistics and normalises with them, as it did throughout the run."""
+
+    def __init__(self, module: Any) -> None:
+        super().__init__()
+        frozen = {
+            id(m)
+            for stage, part in enumerate(module.stage_modules(), start=1)
+            if stage not in module.trainable_stages
+            for m in part.modules()
+        }
+        norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and id(m) not in frozen]
+        self.norms = nn.ModuleList(norms)  # what update_bn finds in .modules()
+        object.__setattr__(self, "_net", module)  # not a submodule: its modes are its own
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._net(x)
 
 
 def _until_interrupted(batches: Iterable, trainer: Any) -> Iterator:

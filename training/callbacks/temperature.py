@@ -48,7 +48,7 @@ class TemperatureScaling(Callback):
             if path.exists():
                 trainer.check_interrupt()  # each file is rewritten whole or not at all
                 results[name] = self._calibrate(trainer, path)
-        mode = resolve_tta(self.tta, trainer.model.config.in_channels)
+        mode = resolve_tta(self.tta, trainer.model.in_channels)
         summary["calibration"] = {name: {**r, "tta": mode} for name, r in results.items()}
         lines = [
             f"{name}: T={r['temperature']:.3f}  NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}"
@@ -70,7 +70,7 @@ class TemperatureScaling(Callback):
         ckpt = load_checkpoint(path)
         model = copy.deepcopy(trainer.model)
         restore_model(model, ckpt)
-        mode = resolve_tta(self.tta, model.config.in_channels)
+        mode = resolve_tta(self.tta, model.in_channels)
         logits, labels = predict(
             model, trainer.loaders["val"], trainer.device, trainer.amp_dtype, tta=mode
         )

@@ -18,12 +18,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from models.basic_cnn_model import NUM_BLOCKS
 from training.engine.checks import is_int, is_real
 from training.engine.events import Callback
-
-FIRST_LATE_BLOCK = 2  # block 1 is active from the start
-
 
 WARMUP_START = 0.1  # a new group's lr factor at the moment it joins, when warmup is on
 
@@ -72,6 +68,11 @@ class UnfreezeSchedule:
         warmup_epochs: a new group's rate rises linearly from 0.1x to 1x over this many epochs;
             0 turns warmup off.
         monitor: name of the metric, used in ``last_reason`` only.
+        num_stages: the model's stage count, the deepest depth there is.
+        first_depth: the first depth that joins (the run starts one below it: 2 for a network
+            that grows from stage 1, 1 for one that thaws from the head alone).
+
+    "Block k" here is depth k: k stages trainable, whichever direction they join in.
     """
 
     def __init__(
@@ -84,10 +85,17 @@ class UnfreezeSchedule:
         old_group_decay: float = 1.0,
         warmup_epochs: float = 0.0,
         monitor: str = "val_acc",
+        num_stages: int = 3,
+        first_depth: int = 2,
     ) -> None:
         # None stands for the defaults so that no mutable default is shared between instances.
         activate_at = {2: 15, 3: 30} if activate_at is None else activate_at
         lr_mult = {2: 1.0, 3: 1.0} if lr_mult is None else lr_mult
+        if not is_int(num_stages) or num_stages < 1:
+            raise _invalid("num_stages", num_stages, "an int >= 1")
+        if not is_int(first_depth) or not 1 <= first_depth <= num_stages + 1:
+            raise _invalid("first_depth", first_depth, f"an int in 1..{num_stages + 1}")
+        self.num_stages, self.first_depth = num_stages, first_depth
         if plateau_patience is not None and (not is_int(plateau_patience) or plateau_patience < 1):
             raise _invalid("plateau_patience", plateau_patience, "None or an int >= 1")
         if not is_int(min_gap) or min_gap < 1:
@@ -114,9 +122,10 @@ class UnfreezeSchedule:
 
     def _check_schedule(self) -> None:
         blocks = list(self.activate_at)
-        expected = list(range(FIRST_LATE_BLOCK, FIRST_LATE_BLOCK + len(blocks)))
-        if blocks != expected or len(blocks) > NUM_BLOCKS - 1:
-            allowed = f"blocks {FIRST_LATE_BLOCK}..k without holes, k <= {NUM_BLOCKS}"
+        first, last = self.first_depth, self.num_stages
+        expected = list(range(first, first + len(blocks)))
+        if blocks != expected or len(blocks) > last - first + 1:
+            allowed = f"blocks {first}..k without holes, k <= {last}"
             raise _invalid("activate_at", self.activate_at, allowed)
         previous = 0
         for block, epoch in self.activate_at.items():
@@ -126,13 +135,13 @@ class UnfreezeSchedule:
                 raise _invalid(f"activate_at[{block}]", epoch, allowed)
             previous = epoch
 
-    @staticmethod
-    def _check_lr_mult(lr_mult: Mapping[int, float]) -> dict[int, float]:
+    def _check_lr_mult(self, lr_mult: Mapping[int, float]) -> dict[int, float]:
         if not isinstance(lr_mult, Mapping):
             raise _invalid("lr_mult", lr_mult, "a dict block -> multiplier")
         for block, mult in lr_mult.items():
-            if not is_int(block) or not FIRST_LATE_BLOCK <= block <= NUM_BLOCKS:
-                raise _invalid("lr_mult key", block, f"a block in {FIRST_LATE_BLOCK}..{NUM_BLOCKS}")
+            first, last = self.first_depth, self.num_stages
+            if not is_int(block) or not first <= block <= last:
+                raise _invalid("lr_mult key", block, f"a block in {first}..{last}")
             if not is_real(mult) or mult <= 0:
                 raise _invalid(f"lr_mult[{block}]", mult, "a finite float > 0")
         return {block: float(mult) for block, mult in sorted(lr_mult.items())}
@@ -146,8 +155,15 @@ class UnfreezeSchedule:
         runs now. Returning a block records the activation (``last_activation_epoch``,
         ``last_reason``), so the caller must activate it.
         """
-        if not is_int(active_blocks) or not 1 <= active_blocks <= NUM_BLOCKS:
-            raise _invalid("decide: active_blocks", active_blocks, f"an int in 1..{NUM_BLOCKS}")
+        if (
+            not is_int(active_blocks)
+            or not self.first_depth - 1 <= active_blocks <= self.num_stages
+        ):
+            raise _invalid(
+                "decide: active_blocks",
+                active_blocks,
+                f"an int in {self.first_depth - 1}..{self.num_stages}",
+            )
         self._track(metric)
         block = active_blocks + 1
         scheduled = self.activate_at.get(block)
@@ -194,8 +210,8 @@ class UnfreezeSchedule:
         The warmup factor rises linearly from 0.1 at activation to 1 after ``warmup_epochs``
         (fractions of an epoch allowed, for per-step use); it is 1 when warmup is off.
         """
-        if not is_int(block) or not 1 <= block <= NUM_BLOCKS:
-            raise _invalid("group_lr_factor: block", block, f"an int in 1..{NUM_BLOCKS}")
+        if not is_int(block) or not 1 <= block <= self.num_stages:
+            raise _invalid("group_lr_factor: block", block, f"an int in 1..{self.num_stages}")
         if not is_real(epochs_since_activation) or epochs_since_activation < 0:
             raise _invalid(
                 "group_lr_factor: epochs_since_activation", epochs_since_activation, "a float >= 0"
@@ -211,8 +227,13 @@ class UnfreezeSchedule:
 
         Each activation after ``block``'s own multiplies its rate by the decay once.
         """
-        if not is_int(active_blocks) or not 1 <= active_blocks <= NUM_BLOCKS:
-            raise _invalid("old_group_factor: active_blocks", active_blocks, f"1..{NUM_BLOCKS}")
+        if (
+            not is_int(active_blocks)
+            or not self.first_depth - 1 <= active_blocks <= self.num_stages
+        ):
+            raise _invalid(
+                "old_group_factor: active_blocks", active_blocks, f"1..{self.num_stages}"
+            )
         if not is_int(block) or not 1 <= block <= active_blocks:
             raise _invalid("old_group_factor: block", block, f"an int in 1..{active_blocks}")
         return self.old_group_decay ** (active_blocks - block)
@@ -235,8 +256,9 @@ class UnfreezeSchedule:
 
 
 class Unfreeze(Callback):
-    """Activates the next block when :class:`UnfreezeSchedule` says so; the classifier's input
-    fades from the previous head to the new one over ``head_blend_epochs`` (0: at once)."""
+    """Unfreezes the next stage when :class:`UnfreezeSchedule` says so; with a model that blends
+    heads, the classifier's input fades from the previous depth's features to the new one's over
+    ``head_blend_epochs`` (0: at once)."""
 
     name = "unfreeze"
 
@@ -245,20 +267,19 @@ class Unfreeze(Callback):
         self.head_blend_epochs = head_blend_epochs
 
     def on_validation_end(self, trainer: Any, metrics: dict) -> None:
-        active = trainer.model.active_blocks
         metric = float(metrics[trainer.config.run.monitor])
-        block = self.schedule.decide(metrics["epoch"], metric, active)
-        if block is None:
+        depth = self.schedule.decide(metrics["epoch"], metric, trainer.depth)
+        if depth is None:
             return
         s = self.schedule
-        trainer.activate_block(
-            block,
-            lr_mult=s.lr_mult.get(block, 1.0),
+        trainer.unfreeze_to(
+            depth,
+            lr_mult=s.lr_mult.get(depth, 1.0),
             warmup_epochs=s.warmup_epochs,
             old_group_decay=s.old_group_decay,
             head_blend_epochs=self.head_blend_epochs,
-            # The banner's title names the block already.
-            reason=s.last_reason.removeprefix(f"block {block}: "),
+            # The banner's title names the stage already.
+            reason=s.last_reason.removeprefix(f"block {depth}: "),
         )
         metrics["unfreeze"] = s.last_reason
 

@@ -24,7 +24,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from models.basic_cnn_model import NUM_BLOCKS
+from models.registry import DEFAULT_ARCH, stage_names
+from models.staged import start_depth
 from training.engine.schedule import WARMUP_START_DIV, Marker
 
 if TYPE_CHECKING:
@@ -322,14 +323,64 @@ def _count(n: float) -> str:
     return f"{n:g} epoch" + ("" if n == 1 else "s")
 
 
+def unfreeze_direction(cfg: TrainConfig) -> str:
+    """The direction stages join in (see :mod:`models.staged`): ``unfreeze.direction``, or for
+    ``auto``: ``grow`` for ``basic_cnn`` (its forward runs only the active blocks), ``thaw`` for
+    a zoo model whose weights are loaded (``model.pretrained`` or ``model.init``), and ``all``
+    for a zoo model trained from scratch."""
+    direction = cfg.unfreeze.direction
+    if direction != "auto":
+        return direction
+    if cfg.model.arch == DEFAULT_ARCH:
+        return "grow"
+    return "thaw" if cfg.model.pretrained or cfg.model.init else "all"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How a run's stages join: their names, the direction, the depth at the start, and the
+    first depth that ``unfreeze.activate_at`` schedules (its entry 0)."""
+
+    names: tuple[str, ...]
+    direction: str
+    start: int
+    first: int
+
+    def stage_at(self, depth: int) -> str:
+        """The name of the stage that joins to make the depth ``depth``."""
+        n = len(self.names)
+        return self.names[depth - 1] if self.direction == "grow" else self.names[n - depth]
+
+    @property
+    def joins(self) -> int:
+        """How many stages ``unfreeze.activate_at`` schedules."""
+        return len(self.names) - self.first + 1
+
+
+def stage_plan(cfg: TrainConfig) -> StagePlan:
+    """The :class:`StagePlan` of ``cfg``'s model and unfreezing settings."""
+    names = stage_names(cfg.model.arch, cfg.model.arch_options())
+    direction = unfreeze_direction(cfg)
+    if cfg.model.arch == DEFAULT_ARCH:
+        # activate_at lists blocks 2 and 3; a run that starts deeper skips the entries it passed.
+        return StagePlan(names, direction, cfg.model.active_blocks, 2)
+    start = start_depth(direction, len(names))
+    return StagePlan(names, direction, start, start + 1)
+
+
 def _block_lines(cfg: TrainConfig) -> list[_Row]:
-    u, active, total = cfg.unfreeze, cfg.model.active_blocks, cfg.run.epochs
+    u, total, plan = cfg.unfreeze, cfg.run.epochs, stage_plan(cfg)
+    n = len(plan.names)
+    if plan.direction == "all":
+        return [_line("stages", f"all {n} trainable throughout", "unfreeze.direction all")]
     if not u.enabled:
-        return [_line("blocks", f"{active} of {NUM_BLOCKS} throughout", "unfreezing off")]
+        return [_line("stages", f"{plan.start} of {n} trainable throughout", "unfreezing off")]
     rows = []
-    for block in range(2, NUM_BLOCKS + 1):
-        name, i = f"block {block}", block - 2
-        if block <= active:
+    if plan.direction == "thaw":
+        rows.append(_line("head", "from the start", f"the {n} stages below it frozen"))
+    for depth in range(plan.first, n + 1):
+        name, i = plan.stage_at(depth), depth - plan.first
+        if depth <= plan.start:
             rows.append(_line(name, "active from the start"))
         elif i >= len(u.activate_at):
             rows.append(_line(name, "never joins", "unfreeze.activate_at has no entry for it"))
@@ -339,11 +390,16 @@ def _block_lines(cfg: TrainConfig) -> list[_Row]:
             # A plateau can bring an activation forward only where min_gap leaves room.
             early = u.plateau_patience > 0 and at > (i + 1) * u.min_gap
             sooner = f", sooner after {_count(u.plateau_patience)} without gain" if early else ""
-            blend = f"; head blend {_count(u.head_blend_epochs)}"
+            blend = f"; head blend {_count(u.head_blend_epochs)}" if _blends(cfg) else ""
             rows.append(
                 _line(name, f"joins after epoch {at}", f"trains from epoch {at + 1}{sooner}{blend}")
             )
     return rows
+
+
+def _blends(cfg: TrainConfig) -> bool:
+    """Whether the model fades its classifier's input to a new depth (basic_cnn's heads do)."""
+    return cfg.model.arch == DEFAULT_ARCH
 
 
 def _regularise_lines(cfg: TrainConfig) -> list[_Row]:
@@ -398,10 +454,11 @@ def plan_markers(cfg: TrainConfig) -> list[Marker]:
     total = cfg.run.epochs
     u, r, d, s = cfg.unfreeze, cfg.regularize, cfg.data, cfg.safety
     marks: list[Marker] = []
-    if u.enabled:
-        for i, at in enumerate(u.activate_at):
-            if 2 + i > cfg.model.active_blocks and at < total:
-                marks.append(Marker(f"block {2 + i} joins", float(at)))
+    plan = stage_plan(cfg)
+    if u.enabled and plan.direction != "all":
+        for i, at in enumerate(u.activate_at[: plan.joins]):
+            if plan.first + i > plan.start and at < total:
+                marks.append(Marker(f"{plan.stage_at(plan.first + i)} joins", float(at)))
     if s.swa and s.swa_start_epoch <= total:
         note = f"{_epochs(s.swa_start_epoch, total, total)} averaged"
         marks.append(Marker("SWA", float(s.swa_start_epoch - 1), float(total), note))

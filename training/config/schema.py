@@ -46,7 +46,7 @@ import copy
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -55,7 +55,6 @@ import yaml
 
 from models.basic_cnn_model import (
     ACTIVATIONS,
-    BLOCK_STRIDES,
     CONV_BLOCKS,
     DEFAULT_DEPTHS,
     DEFAULT_STRIDES,
@@ -63,10 +62,17 @@ from models.basic_cnn_model import (
     LEGACY_FIELDS,
     LINEAR_INITS,
     NORMS,
-    NUM_BLOCKS,
-    ModelConfig,
 )
-from training.config.plan import EPOCH_FIELDS, Rescale, first_swa_epoch, scale_plan
+from models.registry import ARCH_NAMES, DEFAULT_ARCH, check_options, is_registered
+from models.staged import DIRECTIONS
+from training.config.plan import (
+    EPOCH_FIELDS,
+    Rescale,
+    first_swa_epoch,
+    scale_plan,
+    stage_plan,
+    unfreeze_direction,
+)
 from training.engine.atomic import create_temp_beside
 from training.engine.device import choose_preset
 from training.evaluation.tta import TTA_MODES
@@ -153,27 +159,27 @@ def _n_above(length: int, low: float) -> Callable[[list[float]], bool]:
     return lambda v: len(v) == length and all(x > low for x in v)
 
 
+# basic_cnn's lists have one entry per block; the model checks the count (check_options).
 _BLOCK_CHANNELS = Rule(
-    f"[] (base widths x width) or a list of {NUM_BLOCKS} ints >= 1",
-    lambda v: v == [] or (len(v) == NUM_BLOCKS and all(c >= 1 for c in v)),
+    "[] (base widths x width) or a list of ints >= 1, one per block",
+    lambda v: all(c >= 1 for c in v),
 )
 
 
-_BLOCK_DEPTHS = Rule(
-    f"a list of {NUM_BLOCKS} ints >= 1",
-    lambda v: len(v) == NUM_BLOCKS and all(d >= 1 for d in v),
-)
+_BLOCK_DEPTHS = Rule("a list of ints >= 1, one per block", lambda v: all(d >= 1 for d in v))
 
 
 _BLOCK_STRIDES = Rule(
-    f"a list of {NUM_BLOCKS} ints, each 1 or 2",
-    lambda v: len(v) == NUM_BLOCKS and all(s in BLOCK_STRIDES for s in v),
+    "a list of ints, each 1 or 2, one per block", lambda v: all(s in (1, 2) for s in v)
+)
+_BLOCK_RATES = Rule(
+    "a list of numbers in [0, 1), one per block", lambda v: all(0 <= p < 1 for p in v)
 )
 
 
 def _epochs_ok(v: list[float]) -> bool:
     ints = all(float(x).is_integer() and x >= 1 for x in v)
-    return 1 <= len(v) <= 2 and ints and all(a < b for a, b in zip(v, v[1:], strict=False))
+    return ints and all(a < b for a, b in zip(v, v[1:], strict=False))
 
 
 def _field(default: Any, rule: Rule) -> Any:
@@ -224,9 +230,24 @@ class DataConfig:
 
 @dataclass
 class ModelSection:
-    """The network's shape; the dataset fills in channels, classes and image size.
+    """The network: which one, its weights, and its shape; the dataset fills in channels,
+    classes and image size.
 
     Args:
+        arch: the registered network (``--model``): ``basic_cnn``, a torchvision family
+            (``resnet18``, ``resnet50``, ``densenet121``, ``efficientnet_b0``, ``vgg16_bn``,
+            ``mobilenet_v2``, ``inception_v3``) or ``timm/<name>`` for any timm model.
+        stem: zoo models: "imagenet" (the library's stem), "cifar" (a 3x3 stride-1 first conv
+            and no max-pool, for small images) or "auto" (cifar below 64 px where the arch has
+            it, imagenet otherwise).
+        resize: zoo models: resize every image to this many px inside the model; 0 = off.
+        pretrained: "" (random weights), "imagenet" (the library's own ImageNet weights) or a
+            weights file (``.pth``/``.pt`` state dict or ``.safetensors``).
+        init: start from another run's weights: ``RUN_DIR`` or ``RUN_DIR:best|swa|last``
+            (best by default); the classifier is replaced when the classes differ.
+
+    The fields below shape ``basic_cnn`` only:
+
         width: channel multiplier > 0.
         norm: normalisation inside the conv blocks, "group" or "batch".
         activation: "silu", "gelu" or "mish".
@@ -246,13 +267,18 @@ class ModelSection:
         block_strides: 1 (keep) or 2 (halve the feature map) at the end of blocks 1, 2 and 3.
     """
 
+    arch: str = _field(DEFAULT_ARCH, Rule(", ".join(ARCH_NAMES), is_registered))
+    stem: str = _field("auto", _choice("auto", "imagenet", "cifar"))
+    resize: int = _field(0, _int_at_least(0, " (0 = off)"))
+    pretrained: str = _field("", Rule("'', imagenet or a weights file (.pth, .pt, .safetensors)"))
+    init: str = _field("", Rule("'' or a run folder, optionally :best, :swa or :last"))
     width: float = _field(1.0, POSITIVE)
     norm: str = _field("group", _choice(*NORMS))
     activation: str = _field("silu", _choice(*ACTIVATIONS))
     gn_groups: int = _field(8, _int_at_least(1))
     noise_std: float = _field(0.05, NON_NEGATIVE)
-    dropout: list[float] = _field([0.1, 0.2, 0.3], _rates(NUM_BLOCKS))
-    active_blocks: int = _field(1, _int_between(1, NUM_BLOCKS))
+    dropout: list[float] = _field([0.1, 0.2, 0.3], _BLOCK_RATES)
+    active_blocks: int = _field(1, _int_at_least(1, ", at most the block count"))
     downsample: str = _field("maxpool", _choice(*DOWNSAMPLES))
     block_channels: list[int] = _field([], _BLOCK_CHANNELS)
     linear_init: str = _field("kaiming", _choice(*LINEAR_INITS))
@@ -260,26 +286,31 @@ class ModelSection:
     block_depths: list[int] = _field(list(DEFAULT_DEPTHS), _BLOCK_DEPTHS)
     block_strides: list[int] = _field(list(DEFAULT_STRIDES), _BLOCK_STRIDES)
 
-    def to_model_config(self, in_channels: int, num_classes: int, input_size: int) -> ModelConfig:
-        """The :class:`ModelConfig` of this section for a dataset's channels, classes and size."""
-        return ModelConfig(
-            in_channels=in_channels,
-            num_classes=num_classes,
-            input_size=input_size,
-            activation=self.activation,
-            width=self.width,
-            norm=self.norm,
-            gn_groups=self.gn_groups,
-            noise_std=self.noise_std,
-            dropout=tuple(self.dropout),
-            active_blocks=self.active_blocks,
-            downsample=self.downsample,
-            block_channels=tuple(self.block_channels),
-            linear_init=self.linear_init,
-            conv_block=self.conv_block,
-            block_depths=tuple(self.block_depths),
-            block_strides=tuple(self.block_strides),
-        )
+    def arch_options(self) -> dict[str, Any]:
+        """The options of this section that shape ``arch`` (:func:`models.registry.build_model`)."""
+        if self.arch != DEFAULT_ARCH:
+            return {"stem": self.stem, "resize": self.resize}
+        return {name: getattr(self, name) for name in BASIC_CNN_FIELDS}
+
+
+#: The fields of the model section that shape basic_cnn only.
+BASIC_CNN_FIELDS: tuple[str, ...] = (
+    "width",
+    "norm",
+    "activation",
+    "gn_groups",
+    "noise_std",
+    "dropout",
+    "active_blocks",
+    "downsample",
+    "block_channels",
+    "linear_init",
+    "conv_block",
+    "block_depths",
+    "block_strides",
+)
+#: Fields of the model section that shape zoo models only.
+ZOO_FIELDS: tuple[str, ...] = ("stem", "resize")
 
 
 @dataclass
@@ -346,28 +377,39 @@ class ScheduleConfig:
 
 @dataclass
 class UnfreezeConfig:
-    """Progressive unfreezing: the run starts with ``model.active_blocks`` blocks (1 by default).
+    """Progressive unfreezing: stages join the trainable set one at a time.
 
     Args:
-        enabled: activate blocks during the run; false keeps ``model.active_blocks`` throughout.
-        activate_at: epochs at whose end blocks 2 and 3 activate at the latest (one or two
-            entries; one entry never activates block 3).
+        direction: "grow" (stage 1 first, deeper ones join; basic_cnn starts with
+            ``model.active_blocks``), "thaw" (the head alone first, then stages from the deepest
+            down, each a group at ``old_group_decay`` times the rate of the one above), "all"
+            (every stage from the start) or "auto": grow for basic_cnn, thaw for a zoo model
+            with loaded weights (``model.pretrained`` or ``model.init``), all otherwise.
+        enabled: let stages join during the run; false keeps the starting set throughout (a
+            linear probe, when thawing).
+        activate_at: epochs at whose end stages join at the latest, one per joining stage
+            (basic_cnn: blocks 2 and 3, one entry never activates block 3). A zoo model whose
+            stage count differs from the preset's entries gets one stage per
+            ``(last - first) / (joins - 1)`` epochs from the preset's first entry.
         plateau_patience: epochs without improvement of ``run.monitor`` that bring the next
             activation forward; 0 turns the plateau trigger off.
         min_gap: least number of epochs between two activations.
-        lr_mult: learning-rate multipliers of blocks 2 and 3's parameter groups.
-        old_group_decay: at each activation the older groups' rates are multiplied by this, in
-            (0, 1]; < 1 gives discriminative rates.
+        lr_mult: learning-rate multipliers of the joining stages' parameter groups, one per
+            entry of ``activate_at`` (1 for a zoo model whose count differs from the preset's).
+        old_group_decay: discriminative rates, in (0, 1]: growing, the older groups' rates are
+            multiplied by this at each activation; thawing, each stage's rate is this times the
+            rate of the stage above it (the head's is the peak).
         warmup_epochs: a new group's rate rises from 0.1x to its full rate over this many epochs.
         head_blend_epochs: the classifier's input fades from the previous block's head to the
             new block's over this many epochs (0: switch at once, with the new head untrained).
     """
 
+    direction: str = _field("auto", _choice("auto", *DIRECTIONS))
     enabled: bool = _field(True, BOOL)
-    activate_at: list[float] = _field([15, 30], Rule("1 or 2 increasing epochs >= 1", _epochs_ok))
+    activate_at: list[float] = _field([15, 30], Rule("increasing epochs >= 1", _epochs_ok))
     plateau_patience: int = _field(5, _int_at_least(0, " (0 = off)"))
     min_gap: int = _field(5, _int_at_least(1))
-    lr_mult: list[float] = _field([1.0, 1.0], Rule("2 numbers > 0", _n_above(2, 0)))
+    lr_mult: list[float] = _field([1.0, 1.0], Rule("numbers > 0", _all_above(0)))
     old_group_decay: float = _field(1.0, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
     warmup_epochs: float = _field(1.0, NON_NEGATIVE)
     head_blend_epochs: float = _field(1.0, NON_NEGATIVE)
@@ -754,7 +796,7 @@ def _check_staged(cfg: TrainConfig) -> None:
 def earliest_swa_epoch(u: UnfreezeConfig) -> int:
     """The first epoch whose weights may enter the SWA average: after the last activation in
     ``u.activate_at``, and once the head blend that follows it is over."""
-    return first_swa_epoch(u.activate_at[-1], u.head_blend_epochs)
+    return first_swa_epoch(u.activate_at[-1], u.head_blend_epochs) if u.activate_at else 1
 
 
 def _check_regimen(cfg: TrainConfig) -> None:
@@ -765,7 +807,10 @@ def _check_regimen(cfg: TrainConfig) -> None:
     if r.dropout_min > r.dropout_max:
         allowed = f"a number <= regularize.dropout_max={r.dropout_max!r}"
         raise _invalid("regularize.dropout_min", r.dropout_min, allowed)
+    _check_model(cfg)
     u = cfg.unfreeze
+    if not u.activate_at:
+        return
     last = int(u.activate_at[-1])
     first = earliest_swa_epoch(u)
     if u.enabled and cfg.safety.swa and cfg.safety.swa_start_epoch < first:
@@ -778,6 +823,61 @@ def _check_regimen(cfg: TrainConfig) -> None:
     if u.enabled and min(gaps) < u.min_gap:
         allowed = f"epochs at least unfreeze.min_gap={u.min_gap} apart (and from the start)"
         raise _invalid("unfreeze.activate_at", u.activate_at, allowed)
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    """The model's own checks of its options, the direction it can unfreeze in, and how many
+    stages ``unfreeze.activate_at`` and ``unfreeze.lr_mult`` schedule."""
+    m = cfg.model
+    try:
+        check_options(m.arch, m.arch_options())
+    except ValueError as error:
+        raise ConfigError(_as_config_message(str(error), m)) from None
+    direction = unfreeze_direction(cfg)
+    if m.arch == DEFAULT_ARCH and direction != "grow":
+        allowed = "auto or grow (basic_cnn runs only its active blocks, so it grows from block 1)"
+        raise _invalid("unfreeze.direction", cfg.unfreeze.direction, allowed)
+    if m.arch == DEFAULT_ARCH or direction == "all" or not cfg.unfreeze.enabled:
+        return
+    joins = stage_plan(cfg).joins
+    for name in ("activate_at", "lr_mult"):
+        value = getattr(cfg.unfreeze, name)
+        if len(value) != joins:
+            allowed = f"{joins} entries, one per stage that joins ({m.arch}, direction {direction})"
+            raise _invalid(f"unfreeze.{name}", value, allowed)
+
+
+def _as_config_message(message: str, section: ModelSection) -> str:
+    """The model's refusal of an option ("ModelConfig.dropout=(0.1,) is invalid; allowed: a
+    tuple of 3 rates") in the config's words: the field's path and value as the user gave them."""
+    found = re.match(r"ModelConfig\.(\w+)=.*? is invalid; allowed: (.*)$", message)
+    if not found or not hasattr(section, found[1]):
+        return message.replace("ModelConfig.", "model.", 1)
+    name, allowed = found[1], found[2].replace("a tuple", "a list").replace("() or", "[] or")
+    return f"model.{name}={getattr(section, name)!r} is invalid; allowed: {allowed}"
+
+
+def fit_stages(cfg: TrainConfig, given: Collection[str]) -> None:
+    """Give a zoo model's run one ``activate_at`` and ``lr_mult`` entry per joining stage where
+    the user set neither and the preset's count differs: the joins are spread from the preset's
+    first activation, one per ``(last - first) // (joins - 1)`` epochs (at least 1), each at
+    rate multiplier 1; ``min_gap`` shrinks to that spacing where not set, and a derived SWA start
+    moves after the last join."""
+    u = cfg.unfreeze
+    if cfg.model.arch == DEFAULT_ARCH or unfreeze_direction(cfg) == "all" or not u.enabled:
+        return
+    joins = stage_plan(cfg).joins
+    if "unfreeze.activate_at" not in given and len(u.activate_at) != joins and joins:
+        first, last = int(u.activate_at[0]), int(u.activate_at[-1])
+        step = max(1, (last - first) // (joins - 1)) if joins > 1 else 1
+        u.activate_at = [float(first + i * step) for i in range(joins)]
+        if "unfreeze.min_gap" not in given:
+            u.min_gap = min(u.min_gap, step, first)
+    if "unfreeze.lr_mult" not in given and len(u.lr_mult) != joins:
+        u.lr_mult = [1.0] * joins
+    swa = "safety.swa_start_epoch"
+    if swa not in given and u.activate_at and cfg.safety.swa_start_epoch < earliest_swa_epoch(u):
+        cfg.safety.swa_start_epoch = earliest_swa_epoch(u)
 
 
 def _field_names(section: str) -> list[str]:
@@ -907,6 +1007,7 @@ def _resolve(
     cfg = TrainConfig(**{name: cls(**tree[name]) for name, cls in SECTIONS.items()}, preset=preset)
     _check_fields(cfg)  # typed values first: the scaling does arithmetic on them
     _fit_to_length(cfg, base_epochs, given)
+    fit_stages(cfg, given)
     _check_given(cfg, given)
     validate_config(cfg)
     cfg.unused = _check_unused(cfg, {p for p in given if _get(cfg, p) != _tree_get(base, p)})
@@ -973,6 +1074,18 @@ _STAGED_ONLY = (
 
 #: The settings that leave others unused, read from where each field is consumed.
 _INACTIVE: tuple[_Inactive, ...] = (
+    _Inactive(
+        tuple(f"model.{name}" for name in BASIC_CNN_FIELDS) + ("unfreeze.head_blend_epochs",),
+        "model.arch",
+        lambda v: v != DEFAULT_ARCH,
+        "set model.arch=basic_cnn",
+    ),
+    _Inactive(
+        tuple(f"model.{name}" for name in ZOO_FIELDS),
+        "model.arch",
+        lambda v: v == DEFAULT_ARCH,
+        "set model.arch (--model) to a zoo network",
+    ),
     _Inactive(("model.width",), "model.block_channels", bool, "set model.block_channels=[]"),
     _Inactive(("model.gn_groups",), "model.norm", lambda v: v == "batch", "set model.norm=group"),
     _Inactive(
@@ -1231,6 +1344,9 @@ SHORTCUTS: dict[str, str] = {
     "workers": "data.workers",
     "image_size": "data.image_size",
     "deterministic": "run.deterministic",
+    "model": "model.arch",
+    "pretrained": "model.pretrained",
+    "init": "model.init",
 }
 
 
@@ -1238,7 +1354,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The training command line; returned so other scripts can reuse or extend it."""
     parser = argparse.ArgumentParser(
         prog="python models/train.py",
-        description="Train the progressive-unfreezing CNN. Settings resolve as: defaults -> "
+        description="Train a network with progressive unfreezing. Settings resolve as: defaults -> "
         "--preset -> --config file -> --set overrides -> the shortcut flags below.",
         epilog="example: python models/train.py --preset cpu --data bloodmnist "
         "--set model.dropout=[0.1,0.2,0.3] --epochs 3",
@@ -1257,6 +1373,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="bloodcells_mini (the embedded sample, default), a MedMNIST name such as "
         "bloodmnist, an .npz file or an image folder (data.source)",
+    )
+    add(
+        "--model",
+        metavar="NAME",
+        help="basic_cnn (default), resnet18, resnet50, densenet121, efficientnet_b0, vgg16_bn, "
+        "mobilenet_v2, inception_v3 or timm/<name> (model.arch)",
+    )
+    add(
+        "--pretrained",
+        metavar="WEIGHTS",
+        help="imagenet (the library's weights) or a .pth/.pt/.safetensors file (model.pretrained)",
+    )
+    add(
+        "--init",
+        metavar="RUN_DIR[:best|swa|last]",
+        help="start from another run's weights; a new classifier when the classes differ "
+        "(model.init)",
     )
     add("--epochs", type=int, metavar="N", help="epochs to train (run.epochs)")
     add("--batch-size", type=int, metavar="N", help="images per step (optim.batch_size)")

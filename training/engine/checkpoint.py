@@ -7,10 +7,8 @@ dtypes and devices). :func:`save_checkpoint` checks that before writing, so a st
 fails at save time rather than at resume.
 
 Public API:
-    CheckpointError, FORMAT, ARCH_FIELDS, LEGACY_MODEL_FIELDS, RESUME_KEYS, save_checkpoint,
-    load_checkpoint, check_resumable,
-    stored_model_config, saved_model_config, check_compatible,
-    restore_model.
+    CheckpointError, FORMAT, RESUME_KEYS, save_checkpoint, load_checkpoint, check_resumable,
+    model_record, check_compatible, restore_model.
 """
 
 from __future__ import annotations
@@ -27,31 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.basic_cnn_model import LEGACY_FIELDS
+from models.registry import record_of_checkpoint
+from models.staged import trainable_at
 from training.engine.atomic import create_temp_beside
 
 #: version of the checkpoint layout this module writes and reads.
 FORMAT = 1
-
-
-#: ModelConfig fields that decide the parameters' shapes or what they compute; a checkpoint
-#: must match them. dropout, noise_std, input_size and active_blocks change during or between
-#: runs without changing what the weights mean, so they are not compared.
-ARCH_FIELDS: tuple[str, ...] = (
-    "in_channels",
-    "num_classes",
-    "activation",
-    "width",
-    "norm",
-    "gn_groups",
-    "downsample",
-    "block_channels",
-)
-
-
-#: ModelConfig fields added after checkpoints were first written, with the value those older
-#: checkpoints were trained with (their model_config lacks the key).
-LEGACY_MODEL_FIELDS: dict[str, Any] = LEGACY_FIELDS
 
 
 _SAFE_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype)
@@ -269,14 +248,20 @@ def _shorten(values: Sequence[Any]) -> str:
     return f"[{shown}{more}]"
 
 
-def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+def _record_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs in the architecture: the arch, the image channels, the class count and every
+    option of the record (the model's ``settings`` may change between runs)."""
     missing = "<absent>"
-    diffs = []
-    for name in ARCH_FIELDS:
-        old, new = saved.get(name, missing), current.get(name, missing)
-        if old != new:
-            diffs.append(f"{name}: checkpoint {old!r} vs current {new!r}")
-    return diffs
+    pairs = [(k, saved.get(k, missing), current.get(k, missing)) for k in _SHAPE_KEYS]
+    old_options, new_options = saved.get("options", {}), current.get("options", {})
+    names = sorted(set(old_options) | set(new_options))
+    pairs += [(k, old_options.get(k, missing), new_options.get(k, missing)) for k in names]
+    return [
+        f"{name}: checkpoint {old!r} vs current {new!r}" for name, old, new in pairs if old != new
+    ]
+
+
+_SHAPE_KEYS: tuple[str, ...] = ("arch", "in_channels", "num_classes")
 
 
 def _class_difference(saved: Sequence[str], current: Sequence[str]) -> str | None:
@@ -295,33 +280,32 @@ def _class_difference(saved: Sequence[str], current: Sequence[str]) -> str | Non
     )
 
 
-def stored_model_config(config: Any) -> dict[str, Any]:
-    """A ModelConfig as a checkpoint stores it: its fields, with the tuples as lists."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in _as_dict(config).items()}
+def model_record(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's model record (arch, options, settings, stage names); see
+    :func:`models.registry.record_of_checkpoint`.
+
+    Raises:
+        CheckpointError: when the checkpoint holds none.
+    """
+    record = record_of_checkpoint(ckpt)
+    if record is None:
+        raise CheckpointError("checkpoint has no 'model_record' dict; cannot rebuild its model")
+    return record
 
 
-def saved_model_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """The checkpoint's ``model_config``, with :data:`LEGACY_MODEL_FIELDS` filled in where an
-    older checkpoint lacks them (so it is rebuilt as it was trained)."""
-    return {**LEGACY_MODEL_FIELDS, **ckpt["model_config"]}
-
-
-def check_compatible(ckpt: dict, model_config: Mapping[str, Any], class_names: list[str]) -> None:
+def check_compatible(ckpt: dict, record: Mapping[str, Any], class_names: list[str]) -> None:
     """Refuse a checkpoint whose architecture or class list differs from the current run's.
 
     Args:
         ckpt: a dict from :func:`load_checkpoint`.
-        model_config: the current ModelConfig fields (a dict, or the ModelConfig itself).
+        record: the current model's ``record()``.
         class_names: the current dataset's class names, in label order.
 
     Raises:
-        CheckpointError: naming every differing field (see ``ARCH_FIELDS``) with both values.
+        CheckpointError: naming every differing field (the arch, channels, classes and the
+            record's options) with both values.
     """
-    if not isinstance(ckpt.get("model_config"), Mapping):
-        raise CheckpointError("checkpoint has no 'model_config' dict; cannot check compatibility")
-    # Compared as stored (tuples as lists), so a ModelConfig and its checkpoint copy agree.
-    saved = stored_model_config(saved_model_config(ckpt))
-    problems = _config_differences(saved, stored_model_config(model_config))
+    problems = _record_differences(model_record(ckpt), record)
     saved_classes = ckpt.get("class_names")
     if saved_classes is None:
         problems.append("class_names: absent from the checkpoint")
@@ -356,19 +340,23 @@ def _state_differences(model: nn.Module, state: Mapping[str, Any]) -> str:
 
 
 def restore_model(model: nn.Module, ckpt: dict) -> None:
-    """Set the model's depth and head mix to the checkpoint's ``active_blocks`` and
-    ``head_mix`` (1 when absent) and load its weights.
+    """Give a staged model the checkpoint's trainable stages and head mix (1 when absent) and
+    load its weights. Checkpoints from before the stage contract name only ``active_blocks``
+    (blocks 1..k of a network that grows).
 
     Raises:
-        CheckpointError: when ``active_blocks`` or ``head_mix`` is invalid, or the state dict
+        CheckpointError: when the stages or ``head_mix`` are invalid, or the state dict
             does not fit, summarising the first few missing, unexpected and mismatched keys.
     """
     try:
-        model.freeze_blocks_until(ckpt.get("active_blocks"))
+        stages = ckpt.get("trainable_stages")
+        if stages is None:
+            stages = trainable_at("grow", ckpt.get("active_blocks"), model.num_stages)
+        model.set_trainable(stages)
         model.set_head_mix(ckpt.get("head_mix", 1.0))
     except (ValueError, TypeError) as error:
         raise CheckpointError(
-            f"checkpoint active_blocks/head_mix cannot be applied: {_first_line(str(error))}"
+            f"checkpoint trainable stages/head_mix cannot be applied: {_first_line(str(error))}"
         ) from error
     try:
         model.load_state_dict(ckpt["model"])

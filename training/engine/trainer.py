@@ -24,19 +24,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dataset.cache import CacheInfo
-from models.basic_cnn_model import NUM_BLOCKS, BasicCNNModel
-from training.config.schema import TrainConfig, config_to_dict, staged_schedule
+from models.staged import StagedModel, trainable_at
+from training.config.schema import TrainConfig, config_to_dict, staged_schedule, unfreeze_direction
 from training.engine.checkpoint import (
     CheckpointError,
     check_compatible,
     load_checkpoint,
     restore_model,
     save_checkpoint,
-    stored_model_config,
 )
 from training.engine.events import Callback, StopTraining
 from training.engine.inference import predict
 from training.engine.mixup import Mixup
+from training.engine.monitor import is_better, monitor_mode
 from training.engine.schedule import LRSchedule, PlateauState, warmup_cosine
 from training.engine.seeding import rng_state, set_rng_state
 from training.engine.stepper import GradStepper, group_size, steps_per_epoch
@@ -46,9 +46,6 @@ CHECKPOINT_FORMAT = 1
 
 
 SYNC_EVERY = 25  # batches between reads of the loss on an accelerator
-
-
-LOWER_IS_BETTER = {"val_loss"}
 
 
 class Interrupted(Exception):  # noqa: N818 - control flow: a user asked the run to stop
@@ -82,23 +79,44 @@ def nonfinite_tensors(model: nn.Module) -> list[str]:
     return [k for (k, _), ok in zip(named, finite, strict=True) if not ok]
 
 
-def build_optimizer(model: BasicCNNModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with one parameter group per active block (block 1's group holds the classifier).
+def build_optimizer(
+    model: StagedModel, cfg: TrainConfig, direction: str = "grow"
+) -> torch.optim.AdamW:
+    """AdamW with one parameter group per trainable stage, named after the stage.
 
-    Groups are named ``block1``..``block3`` so that a block activated later joins as a group of
-    its own, with its own learning rate.
+    Growing, the first stage's group also holds the head (the classifier trains from the start
+    with stage 1). Thawing (or with every stage trainable), the head is a group of its own named
+    ``head``, followed by the stages from the deepest down, each at ``old_group_decay`` times
+    the rate of the stage above it (discriminative rates). A stage that joins later becomes a
+    group of its own, with its own learning rate (:meth:`Trainer.unfreeze_to`).
     """
     o = cfg.optim
-    groups = [{"params": model.initial_parameters(), "name": "block1"}]
-    groups += [
-        {"params": model.new_parameters(k), "name": f"block{k}"}
-        for k in range(2, model.active_blocks + 1)
-    ]
+    names, trainable = model.stage_names, sorted(model.trainable_stages)
+    if direction == "grow":
+        first, *rest = trainable
+        groups = [
+            {
+                "params": [*model.stage_parameters(first), *model.head_parameters()],
+                "name": names[first - 1],
+            }
+        ]
+        groups += [{"params": model.stage_parameters(k), "name": names[k - 1]} for k in rest]
+    else:
+        decay = cfg.unfreeze.old_group_decay
+        groups = [{"params": model.head_parameters(), "name": "head"}]
+        groups += [
+            {
+                "params": model.stage_parameters(k),
+                "name": names[k - 1],
+                "lr_mult": decay ** (model.num_stages - k + 1),
+            }
+            for k in reversed(trainable)
+        ]
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
 class Trainer:
-    """Train a :class:`BasicCNNModel` on a cache with the features given as callbacks.
+    """Train a :class:`~models.staged.StagedModel` on a cache with the features as callbacks.
 
     Args:
         config: the resolved :class:`~training.config.TrainConfig`.
@@ -120,7 +138,7 @@ class Trainer:
         self,
         config: TrainConfig,
         *,
-        model: BasicCNNModel,
+        model: StagedModel,
         cache: CacheInfo,
         loaders: dict[str, DataLoader],
         device: torch.device,
@@ -147,7 +165,8 @@ class Trainer:
         self.num_classes = len(cache.class_names)
         self.batches_per_epoch = len(loaders["train"])
         self.steps_per_epoch = steps_per_epoch(self.batches_per_epoch, config.optim.accumulation)
-        self.optimizer = build_optimizer(model, config)
+        self.direction = unfreeze_direction(config)
+        self.optimizer = build_optimizer(model, config, self.direction)
         self.schedule = self._make_schedule()
         self.stepper = GradStepper(
             self.optimizer,
@@ -194,9 +213,14 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_notice(self, kind, title, list(lines), banner=banner)
 
-    def activate_block(
+    @property
+    def depth(self) -> int:
+        """How many stages are trainable (have joined), whichever direction they join in."""
+        return len(self.model.trainable_stages)
+
+    def unfreeze_to(
         self,
-        k: int,
+        depth: int,
         *,
         lr_mult: float = 1.0,
         warmup_epochs: float = 0.0,
@@ -204,54 +228,73 @@ class Trainer:
         head_blend_epochs: float = 0.0,
         reason: str = "",
     ) -> list[str]:
-        """Make blocks ``1..k`` active; each newly active block joins the optimizer as a group.
+        """Make ``depth`` stages trainable in the run's direction; each stage that joins becomes
+        an optimizer group named after it.
 
         A new group follows the schedule from the step it joins, times ``lr_mult`` and a linear
-        warmup from 0.1x over ``warmup_epochs``; the groups already there have their multiplier
-        multiplied by ``old_group_decay`` (discriminative rates; block 1's group holds the
-        classifier). The model's head switches to block ``k``'s adapter: at once, or, when one
-        block joins and ``head_blend_epochs`` > 0, fading in linearly over that many epochs of
-        optimizer steps (the classifier first sees the previous head's features, as before).
-        Returns the names of the groups added; announces the stage change.
+        warmup from 0.1x over ``warmup_epochs``. Discriminative rates: growing, the groups
+        already there have their multiplier multiplied by ``old_group_decay`` (the stage 1 group
+        holds the head); thawing, the new, shallower stage starts at ``old_group_decay`` times
+        the rate of the stage above it. With the model's ``head_blend``, the classifier's input
+        switches to the new depth at once or, when one stage joins and ``head_blend_epochs`` >
+        0, fades in linearly over that many epochs of optimizer steps. Returns the names of the
+        groups added; announces the stage change.
         """
-        before = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        old = self.model.active_blocks
-        if not old < k <= NUM_BLOCKS:
-            raise ValueError(f"activate_block: k={k} is invalid; allowed: {old + 1}..{NUM_BLOCKS}")
-        self.model.freeze_blocks_until(k)
-        for group in self.optimizer.param_groups:
-            group["lr_mult"] = group.get("lr_mult", 1.0) * old_group_decay
+        model, n = self.model, self.model.num_stages
+        before = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        old = self.depth
+        if not old < depth <= n:
+            raise ValueError(f"unfreeze_to: depth={depth} is invalid; allowed: {old + 1}..{n}")
+        joining = sorted(trainable_at(self.direction, depth, n) - model.trainable_stages)
+        if self.direction != "grow":
+            joining.reverse()  # thawing: from the deepest down
+        model.set_trainable(trainable_at(self.direction, depth, n))
+        if self.direction == "grow":
+            for group in self.optimizer.param_groups:
+                group["lr_mult"] = group.get("lr_mult", 1.0) * old_group_decay
         added = []
         step = self.schedule.last_step
-        for block in range(old + 1, k + 1):
+        for i, stage in enumerate(joining, start=1):
+            mult = float(lr_mult)
+            if self.direction != "grow":
+                mult *= old_group_decay ** (old + i)
+            name = model.stage_names[stage - 1]
             self.optimizer.add_param_group(
                 {
-                    "params": self.model.new_parameters(block),
-                    "name": f"block{block}",
+                    "params": model.stage_parameters(stage),
+                    "name": name,
                     "base_lr": self.config.optim.lr,
-                    "lr_mult": float(lr_mult),
+                    "lr_mult": mult,
                     "joined_step": step,
                     "warmup_steps": round(warmup_epochs * self.steps_per_epoch),
                     "blend_steps": round(head_blend_epochs * self.steps_per_epoch),
                 }
             )
-            added.append(f"block{block}")
-        blend = k == old + 1 and self.optimizer.param_groups[-1]["blend_steps"] > 0
+            added.append(name)
+        blend = (
+            "head_blend" in model.capabilities
+            and depth == old + 1
+            and self.optimizer.param_groups[-1]["blend_steps"] > 0
+        )
         if blend:
-            self.model.set_head_mix(0.0)
+            model.set_head_mix(0.0)
         self.schedule.apply()
-        after = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        after = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lrs = ", ".join(f"{g['name']} {g['lr']:.2e}" for g in self.optimizer.param_groups)
+        lines = [
+            f"trainable parameters {before:,} -> {after:,}",
+            f"new groups: {', '.join(added)} (lr x{lr_mult:g}, warmup {warmup_epochs:.3g} ep)",
+            f"learning rates now: {lrs}",
+        ]
+        if "head_blend" in model.capabilities:
+            how = f"blended over {head_blend_epochs:.3g} ep" if blend else "switched at once"
+            lines.append(f"head {old} -> {depth}: {how}")
         self.notify(
             "stage",
-            f"STAGE {k}: block {k} active" + (f" ({reason})" if reason else ""),
-            [
-                f"trainable parameters {before:,} -> {after:,}",
-                f"new groups: {', '.join(added)} (lr x{lr_mult:g}, warmup {warmup_epochs:.3g} ep)",
-                f"learning rates now: {lrs}",
-                f"head {old} -> {k}: "
-                + (f"blended over {head_blend_epochs:.3g} ep" if blend else "switched at once"),
-            ],
+            f"STAGE {depth}: {', '.join(added)} "
+            + ("active" if self.direction == "grow" else "unfrozen")
+            + (f" ({reason})" if reason else ""),
+            lines,
         )
         return added
 
@@ -259,7 +302,7 @@ class Trainer:
         """After an optimizer step: move the head mix along the deepest group's blend."""
         if self.model.head_mix >= 1.0:
             return
-        name = f"block{self.model.active_blocks}"
+        name = self.model.stage_names[self.depth - 1]
         group = next(g for g in self.optimizer.param_groups if g.get("name") == name)
         done = (self.step - group["joined_step"]) / max(1, group.get("blend_steps", 0))
         self.model.set_head_mix(min(1.0, done))
@@ -276,7 +319,7 @@ class Trainer:
         own = self.model.state_dict()
         # Weights of blocks that were frozen at the best epoch equal their values then.
         self.model.load_state_dict({k: best_model.get(k, v) for k, v in own.items()})
-        if ckpt.get("active_blocks") == self.model.active_blocks:
+        if ckpt.get("active_blocks") == self.depth:
             self.model.set_head_mix(ckpt.get("head_mix", 1.0))
         saved = ckpt["optimizer"]
         state = self.optimizer.state_dict()
@@ -383,7 +426,7 @@ class Trainer:
         train = self._train_epoch(epoch)
         metrics = {"epoch": epoch, **train, **self._validate()}
         metrics["lr"] = [g["lr"] for g in self.optimizer.param_groups]
-        metrics["active_blocks"] = self.model.active_blocks
+        metrics["active_blocks"] = self.depth
         metrics["head_mix"] = self.model.head_mix
         metrics["dropout"] = self.model.dropout_rates()
         strength = getattr(self.loaders["train"].dataset, "strength", None)
@@ -521,8 +564,11 @@ class Trainer:
         monitor = self.config.run.monitor
         value = float(metrics[monitor])
         old = self.best["value"]
-        better = old is None or (value < old if monitor in LOWER_IS_BETTER else value > old)
-        better = better and math.isfinite(value) and not metrics.get("nonfinite_state")
+        better = (
+            is_better(value, old, monitor_mode(monitor))
+            and math.isfinite(value)
+            and not metrics.get("nonfinite_state")
+        )
         if better:
             self.best = {"metric": monitor, "value": value, "epoch": metrics["epoch"]}
         metrics["is_best"] = better
@@ -590,14 +636,14 @@ class Trainer:
 
     def checkpoint_payload(self) -> dict:
         """Everything needed to resume this run or to evaluate its weights."""
-        model_config = stored_model_config(self.model.config)
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch if self._progress is None else self.epoch - 1,
             "step": self.step,
             "model": self.model.state_dict(),
-            "model_config": model_config,
-            "active_blocks": self.model.active_blocks,
+            "model_record": self.model.record(),
+            "trainable_stages": sorted(self.model.trainable_stages),
+            "active_blocks": self.depth,
             "head_mix": self.model.head_mix,
             "dropout_rates": self.model.dropout_rates(),
             "optimizer": self.optimizer.state_dict(),
@@ -644,13 +690,13 @@ class Trainer:
 
     def load_state(self, ckpt: dict) -> None:
         """Restore a checkpoint written by :meth:`checkpoint_payload`, to continue exactly."""
-        check_compatible(ckpt, stored_model_config(self.model.config), self.cache.class_names)
+        check_compatible(ckpt, self.model.record(), self.cache.class_names)
         restore_model(self.model, ckpt)
         for block, p in enumerate(ckpt.get("dropout_rates", []), start=1):
             self.model.set_dropout(block, p)
         # Rebuild the optimizer with the checkpoint's groups (one per active block) before
         # loading its state, so group count and order match.
-        self.optimizer = build_optimizer(self.model, self.config)
+        self.optimizer = build_optimizer(self.model, self.config, self.direction)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as exc:

@@ -42,12 +42,13 @@ from dataset.cache import CacheInfo, load_cache, prepare
 from dataset.errors import DataError
 from dataset.npy_dataset import NpyDataset
 from dataset.transforms import eval_transform
-from models.basic_cnn_model import BasicCNNModel, ModelConfig
+from models.registry import build_from_record
+from models.staged import StagedModel
 from training.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    model_record,
     restore_model,
-    saved_model_config,
 )
 from training.engine.checks import one_line
 from training.engine.data import resolve_workers
@@ -98,9 +99,13 @@ _PREPARE_ARGS: dict[str, str] = {
 }
 
 
-def build_model(ckpt: dict) -> BasicCNNModel:
-    """The checkpoint's network with its weights, at the depth it was saved at (on the CPU)."""
-    model = BasicCNNModel(ModelConfig(**saved_model_config(ckpt)))
+def build_model(ckpt: dict) -> StagedModel:
+    """The checkpoint's network with its weights, at the depth it was saved at (on the CPU),
+    rebuilt from the checkpoint alone (its model record: any registered arch)."""
+    try:
+        model = build_from_record(model_record(ckpt))
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint's model cannot be rebuilt: {error}") from None
     restore_model(model, ckpt)
     return model
 
@@ -135,7 +140,7 @@ def _check_compatible(cache: CacheInfo, ckpt: dict, source: str) -> None:
             f"class names {cache.class_names} differ from the checkpoint's {expected}; "
             "evaluate on data with the classes the model was trained on",
         )
-    in_channels = ckpt["model_config"].get("in_channels")
+    in_channels = model_record(ckpt).get("in_channels")
     if in_channels is not None and cache.channels != in_channels:
         raise DataError(
             source, f"images have {cache.channels} channel(s), the model expects {in_channels}"
