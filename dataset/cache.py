@@ -94,6 +94,13 @@ class CacheInfo:
         """Images per class in ``split``."""
         return list(self.meta["counts"][split])
 
+    def rows(self, split: str) -> np.ndarray | None:
+        """Rows of the split's ``.npy`` files in use: ``None`` for all of them.
+
+        A class or fraction subset (:class:`dataset.subset.CacheSubset`) returns its index.
+        """
+        return None
+
     def labels(self, split: str) -> np.ndarray:
         return np.load(self.path / f"{split}_labels.npy")
 

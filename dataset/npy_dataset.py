@@ -45,7 +45,8 @@ class NpyDataset(Dataset):
     augmentation depends on those alone, whether workers are persistent or not.
 
     Args:
-        cache: a :class:`~dataset.cache.CacheInfo` or the path of a cache folder.
+        cache: a :class:`~dataset.cache.CacheInfo` or the path of a cache folder; a
+            :class:`~dataset.subset.CacheSubset` gives its rows only, with its renumbered labels.
         split: ``train``, ``val`` or ``test``.
         transform: an Albumentations pipeline taking ``image=`` uint8 HWC and returning a CHW
             tensor under ``"image"``; by default normalisation with the cache's train mean/std.
@@ -74,6 +75,8 @@ class NpyDataset(Dataset):
         self.split = split
         self.images_path = self.cache.path / f"{split}_images.npy"
         self.labels = self.cache.labels(split)  # (N,) int64, small enough to hold
+        # A subset cache reads some rows of the full file; its labels are already renumbered.
+        self.rows = self.cache.rows(split)
         self.transform_for_strength = transform_for_strength
         self.ramp = ramp
         if ramp is None:
@@ -162,7 +165,8 @@ class NpyDataset(Dataset):
         transform.set_random_seed(_stream_seed(seed, epoch, slot))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = np.array(self.images[index])  # copy one (H, W, C) image out of the map
+        row = index if self.rows is None else int(self.rows[index])
+        image = np.array(self.images[row])  # copy one (H, W, C) image out of the map
         return self._current_transform()(image=image)["image"], int(self.labels[index])
 
     def __getstate__(self) -> dict:

@@ -30,8 +30,8 @@ from training.callbacks.rollback import Rollback, RollbackPolicy
 from training.callbacks.swa import StochasticWeightAveraging
 from training.callbacks.temperature import TemperatureScaling
 from training.callbacks.unfreeze import Unfreeze, UnfreezeSchedule
-from training.config.plan import stage_plan, unfreeze_direction
-from training.config.schema import TrainConfig
+from training.config.plan import stage_plan
+from training.config.schema import TrainConfig, unfreezes
 from training.engine.events import Callback
 from training.engine.monitor import monitor_mode
 
@@ -47,7 +47,7 @@ def regimen_callbacks(
     ``capabilities`` are the model's (:mod:`models.staged`): dynamic dropout needs ``dropout``.
     """
     monitor, mode = cfg.run.monitor, monitor_mode(cfg.run.monitor)
-    s, u, r, b = cfg.safety, cfg.unfreeze, cfg.regularize, cfg.balance
+    s, r, b = cfg.safety, cfg.regularize, cfg.balance
     callbacks: list[Callback] = []
     if s.rollback:
         policy = RollbackPolicy(
@@ -62,7 +62,7 @@ def regimen_callbacks(
     if cfg.schedule.kind == "staged":
         callbacks.append(PlateauCut())
     unfreeze = _unfreeze_schedule(cfg)
-    if u.enabled and unfreeze_direction(cfg) != "all":
+    if unfreezes(cfg):
         callbacks.append(Unfreeze(unfreeze, cfg.unfreeze.head_blend_epochs))
     if r.dynamic_dropout and "dropout" in capabilities:
         control = DynamicDropout(
@@ -108,8 +108,7 @@ def earliest_stop_epoch(cfg: TrainConfig) -> int:
     high, so a patience can run out in the middle of the schedule, and a run stopped there
     would end with no weight average at all (no ``swa.pt`` for ``test.py`` to compare).
     """
-    unfreezes = cfg.unfreeze.enabled and unfreeze_direction(cfg) != "all"
-    last = _unfreeze_schedule(cfg).final_activation_epoch() if unfreezes else 0
+    last = _unfreeze_schedule(cfg).final_activation_epoch() if unfreezes(cfg) else 0
     return max(last, cfg.safety.swa_start_epoch if cfg.safety.swa else 0)
 
 

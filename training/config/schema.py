@@ -211,6 +211,13 @@ class DataConfig:
         balanced_sampling: draw training batches with class-balanced sampling.
         image_size: for an image folder, resize every image to this square size; 0 keeps the
             folder's most common size. Each size gets its own cache, ``<folder>_<size>px``.
+        classes: train, validate and test on these classes only, labelled 0..k-1 in the order
+            given (class names of the cache, at least 2); [] uses every class. The cache stays
+            the same: the subset is an index over it, normalised with the full train split's
+            mean/std.
+        train_fraction: share of each class's training images used, in (0, 1]: the first
+            ceil(fraction x n) of a per-class permutation seeded by ``split_seed``, so smaller
+            fractions are nested in larger ones; val and test are not reduced.
     """
 
     source: str = _field("bloodcells_mini", TEXT)
@@ -226,6 +233,14 @@ class DataConfig:
     workers: int = _field(-1, _int_at_least(-1, " (-1 = auto)"))
     balanced_sampling: bool = _field(False, BOOL)
     image_size: int = _field(0, _int_at_least(0, " (0 = the folder's most common size)"))
+    classes: list[str] = _field(
+        [],
+        Rule(
+            "[] (all classes) or a list of at least 2 distinct class names",
+            lambda v: not v or (len(v) >= 2 and len(set(v)) == len(v) and all(n for n in v)),
+        ),
+    )
+    train_fraction: float = _field(1.0, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
 
 
 @dataclass
@@ -793,6 +808,11 @@ def _check_staged(cfg: TrainConfig) -> None:
         raise ConfigError(f"schedule (staged, peak optim.lr={cfg.optim.lr!r}): {exc}") from None
 
 
+def unfreezes(cfg: TrainConfig) -> bool:
+    """Whether stages join during the run (unfreezing on, and not every stage from the start)."""
+    return cfg.unfreeze.enabled and unfreeze_direction(cfg) != "all"
+
+
 def earliest_swa_epoch(u: UnfreezeConfig) -> int:
     """The first epoch whose weights may enter the SWA average: after the last activation in
     ``u.activate_at``, and once the head blend that follows it is over."""
@@ -813,14 +833,14 @@ def _check_regimen(cfg: TrainConfig) -> None:
         return
     last = int(u.activate_at[-1])
     first = earliest_swa_epoch(u)
-    if u.enabled and cfg.safety.swa and cfg.safety.swa_start_epoch < first:
+    if unfreezes(cfg) and cfg.safety.swa and cfg.safety.swa_start_epoch < first:
         allowed = (
             f"an epoch after the last activation and its head blend (unfreeze.activate_at ends"
             f" at {last}, unfreeze.head_blend_epochs={u.head_blend_epochs:g}): >= {first}"
         )
         raise _invalid("safety.swa_start_epoch", cfg.safety.swa_start_epoch, allowed)
     gaps = [b - a for a, b in zip([0, *u.activate_at], u.activate_at, strict=False)]
-    if u.enabled and min(gaps) < u.min_gap:
+    if unfreezes(cfg) and min(gaps) < u.min_gap:
         allowed = f"epochs at least unfreeze.min_gap={u.min_gap} apart (and from the start)"
         raise _invalid("unfreeze.activate_at", u.activate_at, allowed)
 
@@ -1006,6 +1026,8 @@ def _resolve(
         given.add(path)
     cfg = TrainConfig(**{name: cls(**tree[name]) for name, cls in SECTIONS.items()}, preset=preset)
     _check_fields(cfg)  # typed values first: the scaling does arithmetic on them
+    if cfg.model.arch != DEFAULT_ARCH and "unfreeze.head_blend_epochs" not in given:
+        cfg.unfreeze.head_blend_epochs = 0.0  # only basic_cnn blends heads: no blend to wait for
     _fit_to_length(cfg, base_epochs, given)
     fit_stages(cfg, given)
     _check_given(cfg, given)
@@ -1022,7 +1044,10 @@ def _fit_to_length(cfg: TrainConfig, base_epochs: int, given: set[str]) -> None:
     """
     paths = [*EPOCH_FIELDS, "run.epochs", "schedule.kind", "unfreeze.enabled"]
     flat = {path: _get(cfg, path) for path in paths}
-    for path, value in scale_plan(flat, base_epochs, given).items():
+    flat["unfreeze.enabled"] = unfreezes(cfg)  # what the repairs must make room for
+    scaled = scale_plan(flat, base_epochs, given)
+    scaled["unfreeze.enabled"] = cfg.unfreeze.enabled
+    for path, value in scaled.items():
         section, _, key = path.partition(".")
         setattr(getattr(cfg, section), key, value)
     if cfg.run.epochs == base_epochs:

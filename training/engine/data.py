@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomS
 import losses
 from dataset.cache import CacheInfo, prepare
 from dataset.npy_dataset import NpyDataset
+from dataset.subset import subset_cache
 from dataset.transforms import StrengthRamp, eval_transform, train_transform
 from training.config.schema import MIN_TRAIN_BATCH, ConfigError
 
@@ -40,8 +41,14 @@ def resolve_workers(requested: int, device: torch.device) -> int:
 def prepare_cache(data_cfg, progress: bool = True) -> CacheInfo:
     """Build or reuse the cache that ``data_cfg`` (a ``DataConfig``) names.
 
+    With ``data.classes`` or ``data.train_fraction`` set, the result is a
+    :class:`~dataset.subset.CacheSubset` of it: the same interface, so the class weights, the
+    balanced sampler, the counts table and the checkpoint's class names all see the subset, while
+    the images are read from the full cache (no cache is written for a subset).
+
     Raises:
-        ConfigError: ``data.image_size`` set for a source that is not an image folder.
+        ConfigError: ``data.image_size`` set for a source that is not an image folder, or
+            ``data.classes`` naming classes the cache lacks.
     """
     size, name = data_cfg.image_size or None, None
     if size is not None:
@@ -64,7 +71,25 @@ def prepare_cache(data_cfg, progress: bool = True) -> CacheInfo:
         drop_leaked_test=data_cfg.drop_leaked_test,
         progress=progress,
     )
-    return cache
+    return select_subset(cache, data_cfg)
+
+
+def select_subset(cache: CacheInfo, data_cfg) -> CacheInfo:
+    """``cache`` restricted to ``data_cfg.classes`` and ``data_cfg.train_fraction``.
+
+    The fraction's permutations are seeded by ``data_cfg.split_seed``, so runs with one seed
+    train on the same images whatever their ``run.seed``.
+
+    Raises:
+        ConfigError: unknown, repeated or too few class names, in one line.
+    """
+    classes = list(getattr(data_cfg, "classes", []) or [])
+    fraction = float(getattr(data_cfg, "train_fraction", 1.0))
+    try:
+        return subset_cache(cache, classes, fraction, data_cfg.split_seed)
+    except ValueError as error:
+        key = "data.train_fraction" if str(error).startswith("train fraction") else "data.classes"
+        raise ConfigError(f"{key}: {error} (dataset {cache.name})") from None
 
 
 class EpochBatchSampler(Sampler[list[int]]):

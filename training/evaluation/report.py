@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from dataset.cache import CacheInfo, load_cache, prepare
 from dataset.errors import DataError
 from dataset.npy_dataset import NpyDataset
+from dataset.subset import subset_cache
 from dataset.transforms import eval_transform
 from models.registry import build_from_record
 from models.staged import StagedModel
@@ -132,6 +133,24 @@ def _checkpoint_cache(ckpt: dict) -> CacheInfo:
         return cache
 
 
+def _checkpoint_classes(ckpt: dict) -> list[str]:
+    """The class subset the run trained on (its config's ``data.classes``); [] for all."""
+    data_cfg = (ckpt.get("config") or {}).get("data") or {}
+    return [str(name) for name in data_cfg.get("classes") or []]
+
+
+def _select_classes(cache: CacheInfo, ckpt: dict, source: str) -> CacheInfo:
+    """The test split restricted to the run's class subset, if it trained on one.
+
+    Only the classes are selected: ``data.train_fraction`` reduced the training split alone.
+    """
+    classes = _checkpoint_classes(ckpt)
+    try:
+        return subset_cache(cache, classes)
+    except ValueError as error:
+        raise DataError(source, f"the run trained on a class subset: {error}") from None
+
+
 def _check_compatible(cache: CacheInfo, ckpt: dict, source: str) -> None:
     expected = list(ckpt["class_names"])
     if cache.class_names != expected:
@@ -161,13 +180,16 @@ def test_loader(
         workers: DataLoader worker processes.
 
     Images are normalised with the checkpoint's mean/std, the statistics the model was trained
-    with, not those of the (possibly different) test cache.
+    with, not those of the (possibly different) test cache. A run trained on a class subset
+    (``data.classes`` in the checkpoint's config) is tested on the images of those classes
+    only, labelled as in training; ``data_override`` must then hold those classes.
     """
     if data_override is None:
         cache, source = _checkpoint_cache(ckpt), str(ckpt["data"]["source"])
     else:
         root = Path(ckpt["data"]["cache"]).parent
         cache, source = prepare(data_override, root)[0], str(data_override)
+    cache = _select_classes(cache, ckpt, source)
     _check_compatible(cache, ckpt, source)
     dataset = NpyDataset(cache, "test", eval_transform(ckpt["mean"], ckpt["std"]))
     loader = DataLoader(
