@@ -21,6 +21,16 @@ Trains two models on the same ``.npz`` source and scores both on the same test s
   the loop trains on the train split only, does no validation or model selection, and is
   scored with its final weights. Its wall time is its training loop alone.
 
+``--plain-net`` picks the plain arm's network. ``reference`` is the loop above. ``same`` trains
+the regimen's own network (``--set model.arch=resnet18``, any registered one, every stage at
+once) in that loop, so a zoo model is compared with itself. ``wbc4`` is a short loop's
+4-stage BatchNorm CNN (32-32 / 64-64 / 128-128 / 256 channels), with right-angle rotations added
+to the flips of colour images. ``same`` and ``wbc4`` train under bf16 autocast where the CPU has
+native bf16, as the ``cpu`` preset does. Every plain arm also gets a ``plain+T`` row: its test
+logits divided by a temperature fitted on the validation split, as the regimen calibrates its
+own, so the ECE comparison is after temperature scaling on both sides. The training images per
+second of both arms (training loops alone) are printed and kept in the JSON.
+
 With ``--set run.tta=MODE`` (test-time augmentation, ``training.tta``) the regimen's rows are
 scored on logits averaged over the mode's flipped and rotated views, as ``test.py`` scores that
 run, and the table gains ``plain tta=MODE`` (the plain network scored the same way) and
@@ -68,6 +78,7 @@ MRI runs in the README took two to three times as long as bloodcells runs under 
     .venv/bin/python bench/regimen.py --skip-regimen --plain-epochs 3
     .venv/bin/python bench/regimen.py --set run.epochs=12 --run-dir runs/regimen-12
     .venv/bin/python bench/regimen.py --seeds 0 1 2 --run-dir runs/regimen-3seeds
+    .venv/bin/python bench/regimen.py --set model.arch=timm/resnet10t --plain-net same --seeds 0 1
 """
 
 from __future__ import annotations
@@ -95,11 +106,13 @@ from torch import nn
 
 from dataset.cache import CacheInfo
 from dataset.errors import DataError
+from training.build import build_model as build_run_model
 from training.config.schema import ConfigError, TrainConfig, load_config
 from training.engine.checkpoint import CheckpointError, load_checkpoint
 from training.engine.data import prepare_cache
+from training.engine.device import amp_dtype
 from training.engine.inference import predict
-from training.evaluation.calibration import expected_calibration_error, nll
+from training.evaluation.calibration import choose_temperature, expected_calibration_error, nll
 from training.evaluation.report import TEMPERATURE_TTA_KEY, build_model, find_weights, test_loader
 from training.evaluation.tta import resolve_tta, tta_logits
 
@@ -117,6 +130,8 @@ REFERENCE_ACCURACY: dict[str, float] = {
     "brain_tumor_mri_64.npz": 0.9214,
 }
 PLAIN_WIDTHS = (32, 64, 128)
+#: the plain arm's networks (see ``--plain-net``).
+PLAIN_NETS = ("reference", "same", "wbc4")
 PLAIN_MAX_LR = 3e-3
 PLAIN_BATCH = 128
 EVAL_BATCH = 512
@@ -132,6 +147,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=DEFAULT_DATA, help="an .npz source (default: %(default)s)")
     p.add_argument("--preset", default="cpu", help="config preset (default: %(default)s)")
     p.add_argument("--plain-epochs", type=int, default=15, help="epochs of the plain loop")
+    p.add_argument(
+        "--plain-net",
+        choices=PLAIN_NETS,
+        default="reference",
+        help="the plain arm's network: reference (the data README's 6-conv CNN, fp32, flips), "
+        "same (the regimen's own model.arch, every stage trained, bf16 where native), wbc4 (a "
+        "4-stage BatchNorm CNN, flips and right-angle rotations, bf16 where native)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads for both arms")
     p.add_argument("--skip-plain", action="store_true", help="do not train the plain loop")
     p.add_argument("--skip-regimen", action="store_true", help="do not train the regimen")
@@ -279,6 +302,54 @@ class PlainCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class Wbc4CNN(nn.Module):
+    """A short loop's network: four stages of conv-BN-ReLU at 32-32, 64-64, 128-128 and 256
+    channels, the first three ending in a 2x2 max-pool; global average pooling and a linear
+    classifier.
+
+    Args:
+        in_channels: image channels.
+        num_classes: output classes.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for w in (32, 64, 128):
+            layers += [*_conv_bn_relu(c, w), *_conv_bn_relu(w, w), nn.MaxPool2d(2)]
+            c = w
+        layers += _conv_bn_relu(c, 256)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` images -> ``(B, num_classes)`` logits."""
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def plain_network(kind: str, cfg: TrainConfig, cache: CacheInfo) -> nn.Module:
+    """The plain arm's network for ``--plain-net``, every part of it trainable."""
+    if kind == "wbc4":
+        return Wbc4CNN(cache.channels, cache.num_classes)
+    if kind == "same":
+        model = build_run_model(cfg, cache)
+        model.set_trainable(range(1, model.num_stages + 1))
+        return model
+    return PlainCNN(cache.channels, cache.num_classes)
+
+
+def random_rot90(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each square image by 0, 90, 180 or 270 degrees, drawn uniformly."""
+    turns = torch.randint(0, 4, (x.shape[0],), generator=generator)  # (B,)
+    out = x.clone()
+    for k in (1, 2, 3):
+        chosen = turns == k
+        if chosen.any():
+            out[chosen] = torch.rot90(x[chosen], k, dims=(2, 3))
+    return out
+
+
 @dataclass
 class Split:
     """One split held in memory: uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``."""
@@ -337,13 +408,18 @@ def plain_logits(
     return torch.cat(chunks).float()
 
 
-def train_plain(cache: CacheInfo, epochs: int, seed: int) -> tuple[PlainCNN, float]:
-    """Train the reference loop on the cache's train split.
+def train_plain(
+    cache: CacheInfo, epochs: int, seed: int, net: str = "reference", cfg: TrainConfig | None = None
+) -> tuple[nn.Module, float]:
+    """Train the plain loop on the cache's train split.
 
     Args:
         cache: the ``data_npy`` cache both arms read.
         epochs: passes over the train split.
         seed: seeds the weights, the shuffling and the flips.
+        net: ``--plain-net``; ``same`` and ``wbc4`` train under bf16 autocast where the CPU has
+            native bf16, and ``wbc4`` adds right-angle rotations to the flips of colour images.
+        cfg: the regimen's config (``same`` builds its model).
 
     Returns:
         The trained model and the loop's wall time in seconds.
@@ -352,7 +428,10 @@ def train_plain(cache: CacheInfo, epochs: int, seed: int) -> tuple[PlainCNN, flo
     generator = torch.Generator().manual_seed(seed)
     train = load_split(cache, "train")
     normalise = Normalise(cache.mean, cache.std)
-    model = PlainCNN(cache.channels, cache.num_classes)
+    model = plain_network(net, cfg or load_config("cpu"), cache)
+    dtype = None if net == "reference" else amp_dtype(torch.device("cpu"), "auto")
+    autocast = {"dtype": dtype, "enabled": dtype is not None}
+    rotate = net == "wbc4" and cache.channels == 3
     optimizer = torch.optim.AdamW(model.parameters(), lr=PLAIN_MAX_LR)
     steps = (len(train.labels) + PLAIN_BATCH - 1) // PLAIN_BATCH
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -368,9 +447,12 @@ def train_plain(cache: CacheInfo, epochs: int, seed: int) -> tuple[PlainCNN, flo
         for i in range(0, len(order), PLAIN_BATCH):
             idx = order[i : i + PLAIN_BATCH]
             x = random_flips(normalise(train.images[idx]), vertical, generator)  # (B, C, H, W)
+            if rotate:
+                x = random_rot90(x, generator)
             y = train.labels[idx]  # (B,)
-            logits = model(x)
-            loss = criterion(logits, y)
+            with torch.autocast("cpu", **autocast):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -387,25 +469,39 @@ def train_plain(cache: CacheInfo, epochs: int, seed: int) -> tuple[PlainCNN, flo
 
 
 def run_plain(
-    cache: CacheInfo, epochs: int, seed: int, tta: str = "none"
+    cache: CacheInfo,
+    epochs: int,
+    seed: int,
+    tta: str = "none",
+    net: str = "reference",
+    cfg: TrainConfig | None = None,
 ) -> tuple[Scores, Scores | None, dict[str, Any]]:
     """Train and score the plain arm.
 
     Returns:
         Its scores from one pass, its scores with the logits averaged over the ``tta`` views
-        (``None`` when ``tta`` is "none"), and a description for the JSON.
+        (``None`` when ``tta`` is "none"), and a description for the JSON: its network, the
+        training images per second, and ``scaled``, the scores with a temperature fitted on
+        the validation split as the regimen fits its own (``temperature``, or why none).
     """
-    model, wall_s = train_plain(cache, epochs, seed)
+    model, wall_s = train_plain(cache, epochs, seed, net, cfg)
     test = load_split(cache, "test")
     normalise = Normalise(cache.mean, cache.std)
     logits = plain_logits(model, test, normalise)
+    val = load_split(cache, "val")
+    fit = choose_temperature(plain_logits(model, val, normalise), val.labels)
     with_tta = None
     if tta != "none":
         with_tta = score(plain_logits(model, test, normalise, tta), test.labels, wall_s)
     info = {
+        "net": net,
         "epochs": epochs,
         "seed": seed,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "images_per_s": epochs * len(load_split(cache, "train").labels) / wall_s,
+        "temperature": fit.temperature if fit.reason is None else None,
+        "temperature_reason": fit.reason,
+        "scaled": None if fit.reason else score(logits, test.labels, wall_s, fit.temperature),
         "test_labels_sha": _labels_digest(test.labels),
     }
     return score(logits, test.labels, wall_s), with_tta, info
@@ -456,6 +552,16 @@ def regimen_loop_s(run_dir: Path) -> float | None:
         return None
     seconds = [float(m["epoch_s"]) for m in history if "epoch_s" in m]
     return sum(seconds) if seconds else None
+
+
+def regimen_images_per_s(run_dir: Path) -> float | None:
+    """The run's median training images per second over its epochs (``metrics.jsonl``)."""
+    try:
+        history = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("history") or []
+    except CheckpointError:
+        return None
+    rates = [float(m["images_per_s"]) for m in history if m.get("images_per_s")]
+    return statistics.median(rates) if rates else None
 
 
 def _temperature(ckpt: dict) -> float | None:
@@ -884,8 +990,9 @@ def run_once(
     tta = resolve_tta(cfg.run.tta, cache.channels)
     payload["tta"] = tta
     if not args.skip_plain:
-        print(f"\n== plain loop: {args.plain_epochs} epochs, seed {seed}", flush=True)
-        plain, plain_tta, info = run_plain(cache, args.plain_epochs, seed, tta)
+        net = args.plain_net
+        print(f"\n== plain loop ({net}): {args.plain_epochs} epochs, seed {seed}", flush=True)
+        plain, plain_tta, info = run_plain(cache, args.plain_epochs, seed, tta, args.plain_net, cfg)
         payload["plain"] = {**info, "scores": plain, "scores_tta": plain_tta}
     code = 0
     if not args.skip_regimen:
@@ -912,6 +1019,9 @@ def run_once(
         payload["same_test_split"] = payload["plain"]["test_labels_sha"] == digest
     status = "skipped" if args.skip_regimen else "failed"
     rows = table_rows(plain, regimen, status, tta, plain_tta)
+    if plain:
+        scaled = payload["plain"]["scaled"]
+        rows = {"plain": rows.pop("plain"), "plain+T": scaled or "no temperature", **rows}
     v = verdicts(plain, regimen, reference)
     payload["rows"] = rows
     payload["targets"] = v
@@ -922,6 +1032,14 @@ def run_once(
             f"{payload['regimen']['train_loop_s']:.1f} s)"
         )
     print("\n".join(verdict_lines(v)))
+    speeds = []
+    if plain:
+        speeds.append(f"plain {payload['plain']['images_per_s']:.0f}")
+    if regimen and (rate := regimen_images_per_s(run_dir)) is not None:
+        payload["regimen"]["images_per_s"] = rate
+        speeds.append(f"regimen {rate:.0f}")
+    if speeds:
+        print(f"training images/s (training loops alone): {', '.join(speeds)}")
     json_path = run_dir / RESULT_JSON
     write_json(payload, json_path)
     print(f"\nfigures written to {json_path}")

@@ -15,6 +15,7 @@ Public API:
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -65,10 +66,21 @@ def check_arch(arch: object) -> str:
 
 def check_options(arch: str, options: Mapping[str, Any]) -> None:
     """Raise ValueError when ``options`` cannot build ``arch`` (the model's own message, which
-    names the option, its value and what is allowed). basic_cnn checks its config alone; a zoo
-    model is checked when it is built."""
+    names the option, its value and what is allowed). basic_cnn checks its config alone; a timm
+    name must be one timm has; the rest of a zoo model is checked when it is built."""
     if arch == DEFAULT_ARCH:
         ModelConfig(**{**dict(options), "input_size": 10**4})
+    elif arch.startswith(TIMM_PREFIX):
+        import timm  # only runs that name a timm model pay for importing it
+
+        name = arch[len(TIMM_PREFIX) :]
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=5)
+            hint = f" (names like it: {', '.join(close)})" if close else ""
+            raise ValueError(
+                f"model.arch={arch!r} is not a timm model; allowed: timm/<name> with a name from"
+                f" timm.list_models(){hint}"
+            )
 
 
 def build_model(

@@ -6,10 +6,12 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from training.config.schema import load_config
 from training.evaluation.calibration import expected_calibration_error, nll
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +149,11 @@ def test_both_arms_score_and_write_json(npz_factory, tmp_path, capsys, keep_thre
     plain = report["plain"]["scores"]
     assert 0.0 <= plain["accuracy"] <= 1.0 and plain["nll"] > 0 and 0.0 <= plain["ece"] <= 1.0
     assert plain["wall_s"] > 0 and report["plain"]["epochs"] == 1
+    assert report["plain"]["images_per_s"] > 0 and report["plain"]["net"] == "reference"
+    # The plain arm is calibrated on validation as the regimen is, or says why it is not.
+    assert (report["plain"]["scaled"] is None) == (
+        report["plain"]["temperature_reason"] is not None
+    )
 
     regimen = report["regimen"]
     assert regimen["returncode"] == 0 and 0 < regimen["train_loop_s"] < regimen["wall_s"]
@@ -164,6 +171,7 @@ def test_both_arms_score_and_write_json(npz_factory, tmp_path, capsys, keep_thre
     assert best["single_view"]["nll"] != best["raw"]["nll"]
     assert list(report["rows"]) == [
         "plain",
+        "plain+T",
         "plain tta=d4",
         "regimen-best",
         "regimen-best+T",
@@ -344,3 +352,27 @@ def test_seed_folders_with_checkpoints_are_refused(npz_factory, tmp_path, capsys
     (tmp_path / "run" / "seed-2" / "checkpoints" / "best.pt").write_bytes(b"old")
     assert bench.main(_argv(npz_factory(), tmp_path, "--seeds", "1", "2")) == 2
     assert "seed-2 already holds checkpoints" in capsys.readouterr().err
+
+
+def test_the_wbc4_network_and_the_same_network_of_the_plain_arm(tmp_path):
+    x = torch.randn(2, 3, 28, 28)
+    wbc4 = bench.Wbc4CNN(3, 8)
+    assert wbc4(x).shape == (2, 8)
+    widths = [m.out_channels for m in wbc4.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [32, 32, 64, 64, 128, 128, 256]
+    cfg = load_config("cpu", overrides=["model.arch=timm/test_resnet"])
+    cache = SimpleNamespace(channels=3, num_classes=8, meta={"image_shape": [28, 28, 3]})
+    cache.class_names = [str(i) for i in range(8)]
+    cfg.data.source = "tiny"
+    same = bench.plain_network("same", cfg, cache)
+    assert same.arch == "timm/test_resnet" and all(p.requires_grad for p in same.parameters())
+
+
+def test_random_rot90_turns_each_image_by_a_right_angle():
+    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).view(2, 1, 3, 3)
+    out = bench.random_rot90(x.repeat(8, 1, 1, 1), torch.Generator().manual_seed(0))
+    turns = set()
+    for i in range(out.shape[0]):
+        k = next(k for k in range(4) if torch.equal(out[i], torch.rot90(x[i % 2], k, dims=(1, 2))))
+        turns.add(k)
+    assert len(turns) > 1  # drawn, not one fixed turn

@@ -275,3 +275,10 @@ def test_a_zoo_schedule_is_derived_from_the_presets_when_not_given(tiny_npz, tmp
     assert cfg.unfreeze.activate_at == [2, 3, 4, 5]
     assert cfg.unfreeze.lr_mult == [1.0, 1.0, 1.0, 1.0]
     assert cfg.safety.swa_start_epoch >= 6
+
+
+def test_an_unknown_timm_name_is_refused_at_load_naming_close_ones(tiny_npz, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        zoo_config(tiny_npz, tmp_path, "x", "timm/resnet10")
+    message = str(error.value)
+    assert "\n" not in message and "is not a timm model" in message and "resnet10t" in message
