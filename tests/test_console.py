@@ -52,6 +52,7 @@ def make_trainer(model, **changes) -> SimpleNamespace:
         history=[],
         is_main=True,
         start_epoch=1,
+        direction="grow",
     )
     for key, value in changes.items():
         setattr(trainer, key, value)
@@ -149,6 +150,7 @@ def test_header_shows_classes_counts_and_block_parameters(model):
     assert f"{rows['block1']['trainable']:,}" in out
     assert "16 x 2" in out and "runs/test-run" in out and "tinyderm" in out
     assert "cpu" in out and "AMP off" in out
+    assert "basic_cnn, 3 stages, grows from stage 1" in out
     assert "resuming" not in out
 
 

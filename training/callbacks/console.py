@@ -184,6 +184,24 @@ def model_table(model: torch.nn.Module) -> Table:
     return table
 
 
+#: How each direction of unfreezing reads in the header (see models.staged).
+_DIRECTION_TEXT: dict[str, str] = {
+    "grow": "grows from stage 1",
+    "thaw": "thaws from the head down",
+    "all": "every stage trains",
+}
+
+
+def _model_text(trainer: Any) -> str:
+    """``resnet18, 4 stages, thaws from the head down``: the arch and how its stages join."""
+    model = trainer.model
+    arch = getattr(model, "arch", "") or type(model).__name__
+    how = _DIRECTION_TEXT.get(getattr(trainer, "direction", ""), "")
+    stages = getattr(model, "num_stages", None)
+    parts = [arch, f"{stages} stages" if stages else "", how]
+    return ", ".join(p for p in parts if p)
+
+
 def _data_name(cache_name: str, source: str) -> str:
     """The cache's name, and the source it came from when that says more (a path, a URL)."""
     return cache_name if source == cache_name else f"{cache_name} ({source})"
@@ -200,6 +218,7 @@ def settings_grid(trainer: Any) -> Table:
     rows = [
         ("device", _device_text(trainer.device, trainer.amp_dtype)),
         ("data", f"{_data_name(cache.name, cfg.data.source)}, images {size}"),
+        ("model", _model_text(trainer)),
         ("batch", f"{batch} x {accumulation} accumulation = {batch * accumulation} per step"),
         ("epochs", f"{cfg.run.epochs}, {trainer.batches_per_epoch:,} batches each"),
         ("monitor", cfg.run.monitor),
