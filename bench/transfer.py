@@ -414,7 +414,7 @@ def plot(runs: list[dict], table: dict, fractions, methods, path: Path, model: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator, NullLocator
+    from matplotlib.ticker import NullLocator
 
     panels = len(fractions) + 1
     cols = 2 if panels > 1 else 1
@@ -430,7 +430,9 @@ def plot(runs: list[dict], table: dict, fractions, methods, path: Path, model: s
                 ax.plot(xs, ys, marker="o", ms=3, color=colours[m], label=m)
         ax.set_title(f"{frac_label(f)} of the target training images")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        longest = max((len(r["val_acc"]) for r in runs if r["fraction"] == f), default=1)
+        ax.set_xticks(range(1, longest + 1, max(1, math.ceil(longest / 12))))  # whole epochs
+        ax.set_xlim(0.5, longest + 0.5)
         ax.set_ylabel("validation accuracy (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
@@ -448,6 +450,7 @@ def plot(runs: list[dict], table: dict, fractions, methods, path: Path, model: s
     ax.set_xscale("log")
     ax.set_xticks([f * 100 for f in fractions])
     ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(min(fractions) * 100 / 1.5, max(fractions) * 100 * 1.5)
     ax.set_xticklabels([frac_label(f) for f in fractions])
     ax.set_title("final test accuracy (seed min-max)")
     ax.set_xlabel("share of the target training images")
