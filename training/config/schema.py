@@ -260,26 +260,26 @@ class ModelSection:
             weights file (``.pth``/``.pt`` state dict or ``.safetensors``).
         init: start from another run's weights: ``RUN_DIR`` or ``RUN_DIR:best|swa|last``
             (best by default); the classifier is replaced when the classes differ.
-
-    The fields below shape ``basic_cnn`` only:
-
-        width: channel multiplier > 0.
-        norm: normalisation inside the conv blocks, "group" or "batch".
-        activation: "silu", "gelu" or "mish".
-        gn_groups: GroupNorm groups (``norm="group"`` only).
-        noise_std: std of the Gaussian input noise in training mode.
-        dropout: Dropout2d rates of blocks 1, 2 and 3, each in [0, 1).
-        active_blocks: blocks active at the start of training; the unfreezing schedule
-            (section ``unfreeze``) activates the others during the run.
-        downsample: "maxpool" or "stride", how each block halves the resolution.
-        block_channels: output channels of blocks 1, 2 and 3 (``width`` is then not used: a
-            ``width`` set under a preset's channels is refused); ``[]`` scales the base widths
-            (64, 512, 256) by ``width``.
-        linear_init: "kaiming" (like the convolutions) or "torch" (PyTorch's ``nn.Linear``
-            default) for the heads' adapters and the classifier.
-        conv_block: "single" (one conv per residual block) or "basic" (two, ResNet-style).
-        block_depths: how many residual blocks each of blocks 1, 2 and 3 stacks, each >= 1.
-        block_strides: 1 (keep) or 2 (halve the feature map) at the end of blocks 1, 2 and 3.
+        width: basic_cnn: channel multiplier > 0.
+        norm: basic_cnn: normalisation inside the conv blocks, "group" or "batch".
+        activation: basic_cnn: "silu", "gelu" or "mish".
+        gn_groups: basic_cnn: GroupNorm groups (``norm="group"`` only).
+        noise_std: basic_cnn: std of the Gaussian input noise in training mode.
+        dropout: basic_cnn: Dropout2d rates of blocks 1, 2 and 3, each in [0, 1).
+        active_blocks: basic_cnn: blocks active at the start of training; the unfreezing
+            schedule (section ``unfreeze``) activates the others during the run.
+        downsample: basic_cnn: "maxpool" or "stride", how each block halves the resolution.
+        block_channels: basic_cnn: output channels of blocks 1, 2 and 3 (``width`` is then not
+            used: a ``width`` set under a preset's channels is refused); ``[]`` scales the base
+            widths (64, 512, 256) by ``width``.
+        linear_init: basic_cnn: "kaiming" (like the convolutions) or "torch" (PyTorch's
+            ``nn.Linear`` default) for the heads' adapters and the classifier.
+        conv_block: basic_cnn: "single" (one conv per residual block) or "basic" (two,
+            ResNet-style).
+        block_depths: basic_cnn: how many residual blocks each of blocks 1, 2 and 3 stacks,
+            each >= 1.
+        block_strides: basic_cnn: 1 (keep) or 2 (halve the feature map) at the end of blocks 1,
+            2 and 3.
     """
 
     arch: str = _field(DEFAULT_ARCH, Rule(", ".join(ARCH_NAMES), is_registered))
