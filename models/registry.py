@@ -10,7 +10,8 @@ Every model implements :class:`~models.staged.StagedModel`, so the engine needs 
 
 Public API:
     DEFAULT_ARCH, TORCHVISION_ARCHS, ARCH_NAMES, build_model, build_from_record,
-    record_of_checkpoint, stage_names, is_registered, check_arch, check_options, describe_arch.
+    record_of_checkpoint, stage_names, capabilities, is_registered, check_arch, check_options,
+    describe_arch.
 """
 
 from __future__ import annotations
@@ -147,11 +148,20 @@ def stage_names(arch: str, options: Mapping[str, Any] | None = None) -> tuple[st
 @functools.lru_cache(maxsize=32)
 def _stage_names(arch: str, options: tuple[tuple[str, Any], ...]) -> tuple[str, ...]:
     values = dict(options)
-    # A size every arch takes (the split is the same at any size), on the meta device: no
-    # memory and no compute for a network that is only asked its stage names.
+    # ImageNet's size, which every arch takes (fixed-size ViTs take only their own, 224 for
+    # most; the split is the same at any size), on the meta device: no memory and no compute
+    # for a network that is only asked its stage names.
     with torch.device("meta"):
-        model = build_model(arch, in_channels=3, num_classes=2, input_size=256, options=values)
+        model = build_model(arch, in_channels=3, num_classes=2, input_size=224, options=values)
     return tuple(model.stage_names)
+
+
+def capabilities(arch: str) -> frozenset[str]:
+    """The optional capabilities ``arch``'s models declare (:data:`models.staged.CAPABILITIES`),
+    without building one."""
+    if arch == DEFAULT_ARCH:
+        return BasicCNNModel.capabilities
+    return _zoo().ZooModel.capabilities
 
 
 def describe_arch(arch: str) -> str:

@@ -19,7 +19,8 @@ from dataset.errors import DataError
 from dataset.sources import embedded_sample
 from training.build import build_trainer, default_run_dir, load_resume
 from training.callbacks.console import warn
-from training.config.schema import ConfigError, build_parser, config_from_args, format_changes
+from training.config.cli import build_parser, config_from_args
+from training.config.schema import ConfigError, format_changes
 from training.engine.checkpoint import CheckpointError
 from training.engine.run_dir import prepare_run_dir
 

@@ -109,7 +109,7 @@ class WeightReport:
             notes.append(f"adapted to 1 input channel (RGB summed){_listed(self.adapted)}")
         if self.classifier_replaced:
             replaced = self.classifier_replaced
-            notes.append(f"classifier replaced (another class count){_listed(replaced)}")
+            notes.append(f"classifier replaced (other classes){_listed(replaced)}")
         if notes:
             lines.append("; ".join(notes))
         lines.append(f"missing: {len(self.missing)}{_listed(self.missing)}")
@@ -221,7 +221,11 @@ def _model_key(key: str, model_keys: Mapping[str, Any], prefix: str) -> str | No
 
 
 def load_weights(
-    model: nn.Module, source: str | os.PathLike | Mapping[str, Any], *, report: bool = True
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    report: bool = True,
+    new_head: bool = False,
 ) -> WeightReport:
     """Load the tensors of ``source`` that fit ``model``; return (and print) what happened.
 
@@ -229,6 +233,8 @@ def load_weights(
         model: any module; a :class:`~models.staged.StagedModel` also gets its head recognised.
         source: a weights file (see :func:`read_state_dict`) or a state dict.
         report: print :meth:`WeightReport.lines`.
+        new_head: keep the model's own classifier even where the saved one has its shape: the
+            saved weights were trained on other classes (the same count in another meaning).
 
     Raises:
         WeightsError: in one line, when the file cannot be read or not a single tensor fits
@@ -250,7 +256,9 @@ def load_weights(
             result.unexpected.append(key)
             continue
         want = tuple(own[target].shape)
-        if tuple(value.shape) == want:
+        if new_head and target in head:
+            result.classifier_replaced.append(target)
+        elif tuple(value.shape) == want:
             to_load[target] = value
             result.matched.append(target)
         elif (

@@ -12,12 +12,11 @@ import torch
 import yaml
 
 from models.basic_cnn_model import ModelConfig
+from training.config.cli import build_parser, config_from_args
 from training.config.schema import (
     PRESETS,
     ConfigError,
     TrainConfig,
-    build_parser,
-    config_from_args,
     config_from_dict,
     config_to_dict,
     earliest_swa_epoch,

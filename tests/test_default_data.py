@@ -21,7 +21,8 @@ from dataset.leakage import find_duplicates
 from dataset.sources import EMBEDDED, SPLITS, embedded_sample, read_npz
 from models.train import data_note, eval_command
 from tests.conftest import shared_file
-from training.config.schema import DataConfig, build_parser, config_from_args
+from training.config.cli import build_parser, config_from_args
+from training.config.schema import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = EMBEDDED["bloodcells_mini"]

@@ -8,10 +8,9 @@ import pytest
 import torch
 import yaml
 
+from training.config.cli import build_parser, config_from_args
 from training.config.schema import (
     ConfigError,
-    build_parser,
-    config_from_args,
     config_from_dict,
     config_to_dict,
     load_config,

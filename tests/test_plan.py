@@ -12,12 +12,11 @@ from rich.console import Console
 
 from tests.test_trainer import tiny_config
 from training.build import build_trainer
+from training.config.cli import build_parser, config_from_args
 from training.config.plan import EPOCH_FIELDS, Rescale, plan_lines, plan_markers, scale_plan
 from training.config.schema import (
     PRESETS,
     ConfigError,
-    build_parser,
-    config_from_args,
     config_from_dict,
     config_to_dict,
     earliest_swa_epoch,

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from dataset.cli import build_parser as dataset_parser
-from training.config.schema import TrainConfig, build_parser, config_from_args, save_config
+from training.config.cli import build_parser, config_from_args
+from training.config.schema import TrainConfig, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

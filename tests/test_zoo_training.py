@@ -55,6 +55,16 @@ THAW = (
 )
 
 
+GROW = (
+    "unfreeze.direction=grow",
+    "unfreeze.activate_at=[1, 2, 3]",
+    "unfreeze.lr_mult=[1, 1, 1]",
+    "unfreeze.min_gap=1",
+    "run.epochs=5",
+    "safety.swa_start_epoch=5",
+)
+
+
 def fit(cfg, resume=None, callbacks=None, console=None):
     trainer = build_trainer(
         cfg,
@@ -150,8 +160,8 @@ def test_a_frozen_stage_keeps_its_batchnorm_statistics_in_the_swa_model(
 
 @pytest.mark.parametrize(
     ("arch", "extra"),
-    [("resnet18", THAW), (TIMM, ())],
-    ids=["resnet18-thaw", "timm-all"],
+    [("resnet18", THAW), (TIMM, ()), (TIMM, GROW)],
+    ids=["resnet18-thaw", "timm-all", "timm-grow"],
 )
 def test_a_zoo_run_resumes_to_the_same_weights(tiny_npz, tmp_path, imagenet_like, arch, extra):
     weights = (f"model.pretrained={imagenet_like}",) if arch == "resnet18" else ()
@@ -282,3 +292,64 @@ def test_an_unknown_timm_name_is_refused_at_load_naming_close_ones(tiny_npz, tmp
         zoo_config(tiny_npz, tmp_path, "x", "timm/resnet10")
     message = str(error.value)
     assert "\n" not in message and "is not a timm model" in message and "resnet10t" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "activate_at", "min_gap"),
+    [
+        (("unfreeze.min_gap=3",), [3, 6, 9, 12], 3),  # the user's gap is kept, not refused
+        (("run.epochs=6",), [1, 2, 3, 4], 1),  # a short run: every stage joins before its end
+        ((), [2, 3, 4, 5], 1),  # the cpu preset's 30 epochs
+    ],
+)
+def test_a_derived_thaw_schedule_fits_the_run_and_the_users_gap(extra, activate_at, min_gap):
+    cfg = load_config("cpu", overrides=["model.arch=resnet18", "model.pretrained=w.pth", *extra])
+    assert cfg.unfreeze.activate_at == activate_at and cfg.unfreeze.min_gap == min_gap
+    assert cfg.unfreeze.activate_at[-1] < cfg.run.epochs
+
+
+def test_thawing_gets_discriminative_rates_unless_set(tiny_npz, tmp_path):
+    thaw = zoo_config(tiny_npz, tmp_path, "x", "resnet18", "model.pretrained=w.pth")
+    assert thaw.unfreeze.old_group_decay == 0.5
+    own = zoo_config(
+        tiny_npz, tmp_path, "x", "resnet18", "model.pretrained=w.pth", "unfreeze.old_group_decay=1"
+    )
+    assert own.unfreeze.old_group_decay == 1.0
+    scratch = zoo_config(tiny_npz, tmp_path, "x", "resnet18")
+    assert scratch.unfreeze.old_group_decay == 1.0  # every stage at once: nothing to thaw
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("model.pretrained=w.pth", "model.stem=cifar"), "model.stem='cifar' is invalid"),
+        (("model.stem=cifar", "unfreeze.direction=thaw"), "is not available for vgg16_bn"),
+    ],
+)
+def test_model_options_that_cannot_work_are_refused_at_load(tiny_npz, tmp_path, extra, expected):
+    arch = "resnet18" if "model.pretrained=w.pth" in extra else "vgg16_bn"
+    with pytest.raises(ConfigError) as error:
+        zoo_config(tiny_npz, tmp_path, "x", arch, *extra)
+    assert "\n" not in str(error.value) and expected in str(error.value)
+
+
+def renamed_npz(source: Path, path: Path, names: list[str]) -> Path:
+    """``source`` with other class names: the same count and images, another meaning."""
+    arrays = dict(np.load(source))
+    arrays["class_names"] = np.array(names)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(("names", "replaced"), [(["0", "1", "2"], False), (["a", "b", "c"], True)])
+def test_init_keeps_the_classifier_only_for_the_same_classes(tiny_npz, tmp_path, names, replaced):
+    fit(zoo_config(tiny_npz, tmp_path, "source", TIMM, "run.epochs=1"))
+    target = renamed_npz(tiny_npz, tmp_path / "renamed.npz", names)
+    out = StringIO()
+    cfg = zoo_config(target, tmp_path, "t", TIMM, f"model.init={tmp_path / 'source'}:last")
+    trainer = build_trainer(cfg, tmp_path / "t", console=Console(file=out, width=200))
+    source = load_checkpoint(tmp_path / "source" / "checkpoints" / "last.pt")["model"]
+    head = [k for k in source if k.startswith("net.fc.")]
+    own = trainer.model.state_dict()
+    assert head and all(torch.equal(own[k], source[k]) != replaced for k in head)
+    assert ("classifier replaced (other classes)" in out.getvalue()) == replaced

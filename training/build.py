@@ -84,20 +84,56 @@ def build_model(cfg: TrainConfig, cache) -> StagedModel:
             in_channels=cache.channels,
             num_classes=cache.num_classes,
             input_size=min(height, width),
-            options=cfg.model.arch_options(),
+            options=model_options(cfg),
         )
     except InputTooSmall as error:
         fixes = "data.image_size, for an image folder"
-        fixes += "; or model.resize" if cfg.model.arch != "basic_cnn" else ""
+        fixes += "; or model.resize" if "resize" in cfg.model.arch_options() else ""
         least = error.minimum
         raise DataError(
             cfg.data.source,
             f"{height}x{width} px images are smaller than {cfg.model.arch} takes as configured:"
             f" at least {least}x{least} px; resize them ({fixes}) or change {error.remedy}",
         ) from None
+    except ValueError as error:  # an option the model refuses once it sees the images
+        raise ConfigError(f"model: {error}") from None
     plan = stage_plan(cfg)
     model.set_trainable(trainable_at(plan.direction, plan.start, model.num_stages))
     return model
+
+
+def model_options(cfg: TrainConfig) -> dict:
+    """The arch's options for this run. A zoo model's ``stem: auto`` follows loaded weights: the
+    ImageNet stem for ``model.pretrained`` (whose first conv is the 7x7 one), and the init run's
+    own stem and resize for ``model.init``, so its weights fit."""
+    options = cfg.model.arch_options()
+    if options.get("stem") != "auto":  # a network without the stem option, or one chosen
+        return options
+    if cfg.model.init:
+        saved = model_record(load_checkpoint(init_checkpoint(cfg.model.init)))["options"]
+        options["stem"] = saved.get("stem", "auto")
+        options["resize"] = options["resize"] or saved.get("resize", 0)
+    elif cfg.model.pretrained:
+        options["stem"] = "imagenet"
+    return options
+
+
+#: Below this side the ImageNet stem of a pretrained network leaves its last stage a map of
+#: about 2 px or less (strides of 32).
+SMALL_FOR_IMAGENET = 64
+
+
+def small_image_note(cfg: TrainConfig, image_size: int) -> str | None:
+    """A hint for ImageNet weights on small images with no resize, or None."""
+    m = cfg.model
+    options = m.arch_options()
+    if not m.pretrained or "resize" not in options or m.resize or image_size >= SMALL_FOR_IMAGENET:
+        return None
+    return (
+        f"{image_size} px images pass the pretrained ImageNet stem to a last feature map of about"
+        f" {max(1, image_size // 32)} px; --set model.resize={SMALL_FOR_IMAGENET * 2} (or more)"
+        " gives the pretrained features room"
+    )
 
 
 INIT_WEIGHTS: tuple[str, ...] = ("best", "swa", "last")
@@ -119,9 +155,13 @@ def init_checkpoint(spec: str) -> Path:
     return path
 
 
-def load_start_weights(cfg: TrainConfig, model: StagedModel, console: Console) -> None:
+def load_start_weights(
+    cfg: TrainConfig, model: StagedModel, console: Console, class_names: list[str]
+) -> None:
     """Load ``model.pretrained`` and then ``model.init`` into a new model, and print what
-    matched (see :class:`models.weights.WeightReport`).
+    matched (see :class:`models.weights.WeightReport`). The classifier is kept new for ImageNet
+    weights, and for an init run whose class names differ from ``class_names`` (a head of the
+    same shape would otherwise map old class i to new class i).
 
     Raises:
         ConfigError: in one line, for weights that cannot be fetched, read or used, or an init
@@ -131,7 +171,8 @@ def load_start_weights(cfg: TrainConfig, model: StagedModel, console: Console) -
     if m.pretrained:
         try:
             source = pretrained_imagenet(m.arch) if m.pretrained == "imagenet" else m.pretrained
-            reports.append(load_weights(model, source, report=False))
+            imagenet = m.pretrained == "imagenet"
+            reports.append(load_weights(model, source, report=False, new_head=imagenet))
         except WeightsError as error:
             raise ConfigError(f"model.pretrained={m.pretrained!r}: {error}") from None
     if m.init:
@@ -144,7 +185,8 @@ def load_start_weights(cfg: TrainConfig, model: StagedModel, console: Console) -
                 f" {m.arch}; allowed: a run of the same arch (--model {trained_as})"
             )
         try:
-            reports.append(load_weights(model, ckpt["model"], report=False))
+            other = list(ckpt.get("class_names") or []) != list(class_names)
+            reports.append(load_weights(model, ckpt["model"], report=False, new_head=other))
         except WeightsError as error:
             raise ConfigError(f"model.init={m.init!r}: {error}") from None
     for report in reports:
@@ -181,7 +223,9 @@ def build_trainer(
         raise ConfigError(f"run.{error}") from None
     model = build_model(cfg, cache)
     if resume is None:  # a resumed run's weights come from its checkpoint
-        load_start_weights(cfg, model, console)
+        load_start_weights(cfg, model, console, cache.class_names)
+        if is_main and (note := small_image_note(cfg, cache.image_size)):
+            console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     model = model.to(device)
     loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed))
     criterion = build_criterion(cfg, cache).to(device)

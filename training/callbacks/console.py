@@ -37,6 +37,7 @@ from rich.text import Text
 
 from models.staged import stage_summary
 from training.engine.events import Callback
+from training.engine.monitor import monitor_mode
 
 MODES: tuple[str, ...] = ("auto", "bar", "plain", "off")
 
@@ -107,13 +108,9 @@ def _metric(name: str, value: Any) -> str:
     return f"{value:.4f}" if name.endswith("loss") else f"{100 * value:.2f}%"
 
 
-def _lower_is_better(monitor: str) -> bool:
-    return monitor.endswith("loss")
-
-
 def _lr_text(lr: Any) -> str:
-    """The first group's rate (block 1 and the classifier); every group's is in metrics.jsonl
-    and TensorBoard, and the stage banner lists them when a group joins."""
+    """The first group's rate (the head's, with stage 1 when the network grows); every group's
+    is in metrics.jsonl and TensorBoard, and the stage banner lists them when a group joins."""
     rates = list(lr) if isinstance(lr, (list, tuple)) else [lr]
     if not rates or rates[0] is None:
         return "-"
@@ -143,7 +140,7 @@ def _monitor_style(value: Any, previous: Any, is_best: bool, monitor: str) -> st
     if is_best:
         return "bold green"
     if isinstance(value, (int, float)) and isinstance(previous, (int, float)):
-        worse = value > previous if _lower_is_better(monitor) else value < previous
+        worse = value > previous if monitor_mode(monitor) == "min" else value < previous
         if worse:
             return "red"
     return ""

@@ -24,7 +24,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from models.registry import DEFAULT_ARCH, stage_names
+from models.registry import capabilities, stage_names
 from models.staged import start_depth
 from training.engine.schedule import WARMUP_START_DIV, Marker
 
@@ -325,13 +325,13 @@ def _count(n: float) -> str:
 
 def unfreeze_direction(cfg: TrainConfig) -> str:
     """The direction stages join in (see :mod:`models.staged`): ``unfreeze.direction``, or for
-    ``auto``: ``grow`` for ``basic_cnn`` (its forward runs only the active blocks), ``thaw`` for
-    a zoo model whose weights are loaded (``model.pretrained`` or ``model.init``), and ``all``
-    for a zoo model trained from scratch."""
+    ``auto``: ``grow`` for a model with ``partial_depth`` (basic_cnn: its forward runs only the
+    active blocks), ``thaw`` for any other whose weights are loaded (``model.pretrained`` or
+    ``model.init``), and ``all`` for one trained from scratch."""
     direction = cfg.unfreeze.direction
     if direction != "auto":
         return direction
-    if cfg.model.arch == DEFAULT_ARCH:
+    if "partial_depth" in capabilities(cfg.model.arch):
         return "grow"
     return "thaw" if cfg.model.pretrained or cfg.model.init else "all"
 
@@ -359,11 +359,13 @@ class StagePlan:
 
 def stage_plan(cfg: TrainConfig) -> StagePlan:
     """The :class:`StagePlan` of ``cfg``'s model and unfreezing settings."""
-    names = stage_names(cfg.model.arch, cfg.model.arch_options())
+    options = cfg.model.arch_options()
+    names = stage_names(cfg.model.arch, options)
     direction = unfreeze_direction(cfg)
-    if cfg.model.arch == DEFAULT_ARCH:
-        # activate_at lists blocks 2 and 3; a run that starts deeper skips the entries it passed.
-        return StagePlan(names, direction, cfg.model.active_blocks, 2)
+    if "partial_depth" in capabilities(cfg.model.arch):
+        # activate_at lists the depths after the first (basic_cnn: blocks 2 and 3); a run that
+        # starts deeper (model.active_blocks) skips the entries it passed.
+        return StagePlan(names, direction, options.get("active_blocks", 1), 2)
     start = start_depth(direction, len(names))
     return StagePlan(names, direction, start, start + 1)
 
@@ -398,8 +400,8 @@ def _block_lines(cfg: TrainConfig) -> list[_Row]:
 
 
 def _blends(cfg: TrainConfig) -> bool:
-    """Whether the model fades its classifier's input to a new depth (basic_cnn's heads do)."""
-    return cfg.model.arch == DEFAULT_ARCH
+    """Whether the model fades its classifier's input to a new depth (``head_blend``)."""
+    return "head_blend" in capabilities(cfg.model.arch)
 
 
 def _regularise_lines(cfg: TrainConfig) -> list[_Row]:

@@ -35,13 +35,12 @@ Public API:
     DataConfig, ModelSection, OptimConfig, ScheduleConfig, UnfreezeConfig, RegularizeConfig,
     BalanceConfig, SafetyConfig, RunConfig, TrainConfig, SECTIONS, PRESETS, ConfigError,
     load_config, validate_config, config_to_dict, config_from_dict, save_config, LEGACY_DEFAULTS,
-    format_config, config_changes, format_changes, build_parser, config_from_args, unused_note,
+    format_config, config_changes, format_changes, unused_note,
     earliest_swa_epoch.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -63,18 +62,24 @@ from models.basic_cnn_model import (
     LINEAR_INITS,
     NORMS,
 )
-from models.registry import ARCH_NAMES, DEFAULT_ARCH, check_options, is_registered
+from models.registry import (
+    ARCH_NAMES,
+    DEFAULT_ARCH,
+    capabilities,
+    check_options,
+    is_registered,
+)
 from models.staged import DIRECTIONS
 from training.config.plan import (
     EPOCH_FIELDS,
     Rescale,
+    StagePlan,
     first_swa_epoch,
     scale_plan,
     stage_plan,
     unfreeze_direction,
 )
 from training.engine.atomic import create_temp_beside
-from training.engine.device import choose_preset
 from training.evaluation.tta import TTA_MODES
 
 
@@ -598,63 +603,22 @@ SECTIONS: dict[str, type] = {
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"model": LEGACY_FIELDS}
 
 
-# Nested overrides on the defaults. "full" is the defaults themselves (full width, 60 epochs,
-# group norm, batch 128); "cpu" is narrow and short so a laptop finishes in minutes.
-PRESETS: dict[str, dict] = {
-    "full": {},
-    # The designed 60-epoch regimen fitted into 30 epochs, narrow, with BatchNorm (GroupNorm is
-    # several times slower on a CPU), a lower peak lr and lighter regularisation: a model this
-    # small underfits 28x28 images under the full-strength set. The measurements behind each
-    # value are in docs/regimen-measurements.md ("Why each value of the cpu preset").
-    "cpu": {
-        "model": {
-            "block_channels": [32, 64, 128],
-            "linear_init": "torch",
-            "norm": "batch",
-            "dropout": [0.0, 0.05, 0.1],
-            "noise_std": 0.02,
-        },
-        "optim": {"batch_size": 128, "lr": 3e-3, "weight_decay": 0.01},
-        # The one-cycle phase ends at 0.6 x the peak (not 0.2) and the cosine runs late: the
-        # deeper blocks need a high rate after they join.
-        "schedule": {
-            "warmup_epochs": 1,
-            "onecycle_end_epoch": 12,
-            "onecycle_end_ratio": 0.6,
-            "cosine_end_epoch": 26,
-            "cosine_end_ratio": 0.05,
-            "plateau_patience": 1,
-            "floor_epochs": [26],
-            "floor_lrs": [3e-5],
-        },
-        # Blocks join much earlier than in the design (epochs 15 and 30 of 60), with larger lr
-        # multipliers, while the staged lr is near its peak; the head blend hides the switch.
-        "unfreeze": {
-            "activate_at": [2, 4],
-            "plateau_patience": 2,
-            "min_gap": 2,
-            "lr_mult": [2.0, 3.0],
-            "warmup_epochs": 0.25,
-        },
-        "regularize": {"mixup_alpha": 0.2, "mixup_end_epoch": 6.0, "dropout_max": 0.3},
-        # Validation accuracy swings by several points between epochs while the rate is high
-        # (BatchNorm statistics at lr ~3e-3): a smaller threshold rolls healthy runs back and
-        # halves their rate for good.
-        "safety": {"patience": 8, "swa_start_epoch": 24, "rollback_threshold": 0.1},
-        # "auto": bfloat16 autocast where the CPU has native bf16, full precision elsewhere
-        # (without native bf16 it is slower than fp32).
-        "run": {"epochs": 30, "amp": "auto"},
-        # Flips and right-angle rotations (p = 0.5 at any strength above 0) and almost nothing
-        # else: the affine and intensity transforms at p <= 0.007; the small model fits the
-        # small images better without them.
-        "data": {
-            "workers": 0,
-            "aug_strength": 0.01,
-            "aug_start_strength": 0.01,
-            "aug_ramp_epochs": 6,
-        },
-    },
-}
+#: The presets, in the order they are offered: nested overrides on the defaults, one YAML file
+#: each in ``training/config/presets/`` ("full" is the defaults themselves; "cpu" is narrow and
+#: short so a laptop finishes in minutes). The files say why each value is what it is.
+PRESET_NAMES: tuple[str, ...] = ("full", "cpu")
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def _read_presets() -> dict[str, dict]:
+    presets = {}
+    for name in PRESET_NAMES:
+        tree = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+        presets[name] = tree or {}
+    return presets
+
+
+PRESETS: dict[str, dict] = _read_presets()
 
 
 class _BadType(Exception):
@@ -853,13 +817,20 @@ def _check_model(cfg: TrainConfig) -> None:
         check_options(m.arch, m.arch_options())
     except ValueError as error:
         raise ConfigError(_as_config_message(str(error), m)) from None
+    if m.pretrained and m.stem == "cifar":
+        allowed = (
+            "auto or imagenet with pretrained weights (the cifar stem replaces the pretrained"
+            " first conv with an untrained one); for small images set model.resize instead"
+        )
+        raise _invalid("model.stem", m.stem, allowed)
     direction = unfreeze_direction(cfg)
-    if m.arch == DEFAULT_ARCH and direction != "grow":
-        allowed = "auto or grow (basic_cnn runs only its active blocks, so it grows from block 1)"
+    grows = "partial_depth" in capabilities(m.arch)
+    if grows and direction != "grow":
+        allowed = f"auto or grow ({m.arch} runs only its active stages, so it grows from stage 1)"
         raise _invalid("unfreeze.direction", cfg.unfreeze.direction, allowed)
-    if m.arch == DEFAULT_ARCH or direction == "all" or not cfg.unfreeze.enabled:
-        return
-    joins = stage_plan(cfg).joins
+    if grows or direction == "all" or not cfg.unfreeze.enabled:
+        return  # a growing model's schedule may stop short: later stages never join
+    joins = _stages(cfg).joins
     for name in ("activate_at", "lr_mult"):
         value = getattr(cfg.unfreeze, name)
         if len(value) != joins:
@@ -877,24 +848,54 @@ def _as_config_message(message: str, section: ModelSection) -> str:
     return f"model.{name}={getattr(section, name)!r} is invalid; allowed: {allowed}"
 
 
+def _stages(cfg: TrainConfig) -> StagePlan:
+    """:func:`stage_plan`, with a model that cannot be built for its options refused in one
+    line (the model's own message)."""
+    try:
+        return stage_plan(cfg)
+    except ValueError as error:
+        raise ConfigError(f"model: {_as_config_message(str(error), cfg.model)}") from None
+
+
+#: thawing's discriminative rate when none is set: each stage at half the rate of the stage
+#: above it (a convention of fine-tuning, as ULMFiT's 1/2.6 per layer; not tuned here).
+THAW_DECAY = 0.5
+
+
 def fit_stages(cfg: TrainConfig, given: Collection[str]) -> None:
-    """Give a zoo model's run one ``activate_at`` and ``lr_mult`` entry per joining stage where
-    the user set neither and the preset's count differs: the joins are spread from the preset's
-    first activation, one per ``(last - first) // (joins - 1)`` epochs (at least 1), each at
-    rate multiplier 1; ``min_gap`` shrinks to that spacing where not set, and a derived SWA start
-    moves after the last join."""
+    """Fit a zoo model's unfreezing to its stages where the user left it to the preset.
+
+    - ``activate_at``: one entry per joining stage when the preset's count differs, spread from
+      the preset's first activation, one per ``(last - first) // (joins - 1)`` epochs (at least
+      1, at least a ``min_gap`` the user set); in a run too short for that, squeezed so that the
+      last stage joins before the last epoch where one join per epoch allows (the plan says
+      which stages join after the run otherwise).
+    - ``min_gap`` shrinks to that spacing where not set; ``lr_mult`` gets 1 per joining stage.
+    - thawing: ``old_group_decay`` is :data:`THAW_DECAY` where not set, so each lower stage
+      trains slower (discriminative rates).
+    - a derived SWA start moves after the last join.
+    """
     u = cfg.unfreeze
-    if cfg.model.arch == DEFAULT_ARCH or unfreeze_direction(cfg) == "all" or not u.enabled:
-        return
-    joins = stage_plan(cfg).joins
+    direction = unfreeze_direction(cfg)
+    if "partial_depth" in capabilities(cfg.model.arch) or direction == "all" or not u.enabled:
+        return  # a growing model's presets are written for it
+    joins = _stages(cfg).joins
     if "unfreeze.activate_at" not in given and len(u.activate_at) != joins and joins:
-        first, last = int(u.activate_at[0]), int(u.activate_at[-1])
-        step = max(1, (last - first) // (joins - 1)) if joins > 1 else 1
+        gap_given = "unfreeze.min_gap" in given
+        floor = u.min_gap if gap_given else 1
+        first, last = max(int(u.activate_at[0]), floor), int(u.activate_at[-1])
+        step = max(floor, (last - first) // (joins - 1)) if joins > 1 else floor
+        room = cfg.run.epochs - 1  # the last stage to join trains for at least one epoch
+        if first + step * (joins - 1) > room:
+            step = max(floor, (room - first) // max(1, joins - 1))
+            first = max(floor, min(first, room - step * (joins - 1)))
         u.activate_at = [float(first + i * step) for i in range(joins)]
-        if "unfreeze.min_gap" not in given:
+        if not gap_given:
             u.min_gap = min(u.min_gap, step, first)
     if "unfreeze.lr_mult" not in given and len(u.lr_mult) != joins:
         u.lr_mult = [1.0] * joins
+    if direction == "thaw" and "unfreeze.old_group_decay" not in given:
+        u.old_group_decay = THAW_DECAY
     swa = "safety.swa_start_epoch"
     if swa not in given and u.activate_at and cfg.safety.swa_start_epoch < earliest_swa_epoch(u):
         cfg.safety.swa_start_epoch = earliest_swa_epoch(u)
@@ -1026,8 +1027,9 @@ def _resolve(
         given.add(path)
     cfg = TrainConfig(**{name: cls(**tree[name]) for name, cls in SECTIONS.items()}, preset=preset)
     _check_fields(cfg)  # typed values first: the scaling does arithmetic on them
-    if cfg.model.arch != DEFAULT_ARCH and "unfreeze.head_blend_epochs" not in given:
-        cfg.unfreeze.head_blend_epochs = 0.0  # only basic_cnn blends heads: no blend to wait for
+    blends = "head_blend" in capabilities(cfg.model.arch)
+    if not blends and "unfreeze.head_blend_epochs" not in given:
+        cfg.unfreeze.head_blend_epochs = 0.0  # no head to blend: no blend to wait for
     _fit_to_length(cfg, base_epochs, given)
     fit_stages(cfg, given)
     _check_given(cfg, given)
@@ -1355,153 +1357,3 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-# Shortcut flag (argparse dest) -> field path; applied after every --set.
-SHORTCUTS: dict[str, str] = {
-    "data": "data.source",
-    "epochs": "run.epochs",
-    "batch_size": "optim.batch_size",
-    "lr": "optim.lr",
-    "seed": "run.seed",
-    "device": "run.device",
-    "run_dir": "run.run_dir",
-    "workers": "data.workers",
-    "image_size": "data.image_size",
-    "deterministic": "run.deterministic",
-    "model": "model.arch",
-    "pretrained": "model.pretrained",
-    "init": "model.init",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The training command line; returned so other scripts can reuse or extend it."""
-    parser = argparse.ArgumentParser(
-        prog="python models/train.py",
-        description="Train a network with progressive unfreezing. Settings resolve as: defaults -> "
-        "--preset -> --config file -> --set overrides -> the shortcut flags below.",
-        epilog="example: python models/train.py --preset cpu --data bloodmnist "
-        "--set model.dropout=[0.1,0.2,0.3] --epochs 3",
-    )
-    add = parser.add_argument
-    add("--config", metavar="FILE.yaml", help="YAML file with data/model/optim/schedule/run")
-    add(
-        "--preset",
-        metavar="NAME",
-        choices=list(PRESETS),
-        help=f"one of {', '.join(PRESETS)}; default (unless the --config file names one): "
-        "full on a CUDA GPU, cpu otherwise",
-    )
-    add(
-        "--data",
-        metavar="SOURCE",
-        help="bloodcells_mini (the embedded sample, default), a MedMNIST name such as "
-        "bloodmnist, an .npz file or an image folder (data.source)",
-    )
-    add(
-        "--model",
-        metavar="NAME",
-        help="basic_cnn (default), resnet18, resnet50, densenet121, efficientnet_b0, vgg16_bn, "
-        "mobilenet_v2, inception_v3 or timm/<name> (model.arch)",
-    )
-    add(
-        "--pretrained",
-        metavar="WEIGHTS",
-        help="imagenet (the library's weights) or a .pth/.pt/.safetensors file (model.pretrained)",
-    )
-    add(
-        "--init",
-        metavar="RUN_DIR[:best|swa|last]",
-        help="start from another run's weights; a new classifier when the classes differ "
-        "(model.init)",
-    )
-    add("--epochs", type=int, metavar="N", help="epochs to train (run.epochs)")
-    add("--batch-size", type=int, metavar="N", help="images per step (optim.batch_size)")
-    add("--lr", type=float, metavar="LR", help="peak learning rate (optim.lr)")
-    add("--seed", type=int, metavar="N", help="random seed (run.seed)")
-    add("--device", metavar="DEVICE", help=f"{DEVICES_TEXT} (run.device)")
-    add("--run-dir", metavar="DIR", help="output folder (run.run_dir)")
-    add("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
-    add(
-        "--overwrite",
-        action="store_true",
-        help="delete what an earlier run left in --run-dir first (a new run needs an empty one)",
-    )
-    add("--deterministic", action="store_true", default=None, help="slower, repeatable kernels")
-    add("--no-amp", action="store_true", help="no mixed precision (run.amp=off)")
-    add("--workers", type=int, metavar="N", help="DataLoader workers, -1 = auto (data.workers)")
-    add(
-        "--image-size",
-        type=int,
-        metavar="PX",
-        help="image folders: resize to PX x PX (data.image_size; default: the common size)",
-    )
-    add(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any field, e.g. --set run.epochs=3 (repeatable)",
-    )
-    return parser
-
-
-def _requested_device(
-    layer: Mapping[str, Any], overrides: Sequence[str], values: Mapping[str, Any]
-) -> str:
-    """The ``run.device`` the file, ``--set`` and ``--device`` ask for, the last one winning."""
-    device: Any = "auto"
-    run = layer.get("run")
-    if isinstance(run, Mapping) and "device" in run:
-        device = run["device"]
-    for item in overrides:
-        if item.partition("=")[0].strip() == "run.device":
-            device = _parse_override(item)[2]
-    device = values.get("run.device", device)
-    return str(device) if device else "auto"
-
-
-def config_from_args(
-    args: argparse.Namespace,
-    *,
-    cuda_available: Callable[[], bool] | None = None,
-    announce: Callable[[str], None] | None = None,
-) -> TrainConfig:
-    """Resolve the configuration from parsed :func:`build_parser` arguments.
-
-    ``--set`` overrides come first, then the shortcut flags, so ``--epochs`` beats
-    ``--set run.epochs=...``. ``args.resume`` is left for the caller.
-
-    When neither ``--preset`` nor the ``--config`` file's ``preset:`` key names a preset, the
-    run's device picks one (:func:`training.device.choose_preset`: "full" on CUDA, "cpu"
-    elsewhere), so a first run on a laptop takes minutes; the config records the choice.
-    :func:`load_config` keeps the plain defaults.
-
-    Args:
-        args: the parsed command line.
-        cuda_available: the CUDA probe of that choice (default ``torch.cuda.is_available``).
-        announce: receives the one-line message of a choice made here; ``None`` stays silent.
-    """
-    values = {
-        path: getattr(args, dest)
-        for dest, path in SHORTCUTS.items()
-        if getattr(args, dest, None) is not None
-    }
-    if getattr(args, "no_amp", False):
-        values["run.amp"] = "off"
-    yaml_path = getattr(args, "config", None)
-    overrides = getattr(args, "overrides", None) or []
-    preset, choice = getattr(args, "preset", None) or "", None
-    if not preset:
-        layer = _read_yaml(Path(yaml_path)) if yaml_path is not None else {}
-        if not layer.get("preset"):
-            choice = choose_preset(_requested_device(layer, overrides, values), cuda_available)
-            preset = choice.preset
-    cfg = _resolve(preset, yaml_path, overrides, values)
-    if choice is not None and announce is not None:
-        announce(choice.message())
-    if announce is not None and (note := unused_note(cfg)):
-        announce(note)
-    return cfg

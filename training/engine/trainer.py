@@ -299,11 +299,11 @@ class Trainer:
         return added
 
     def _advance_head_mix(self) -> None:
-        """After an optimizer step: move the head mix along the deepest group's blend."""
+        """After an optimizer step: move the head mix along the blend of the group that joined
+        last (a blend starts only when one stage joins, and the new group is the last)."""
         if self.model.head_mix >= 1.0:
             return
-        name = self.model.stage_names[self.depth - 1]
-        group = next(g for g in self.optimizer.param_groups if g.get("name") == name)
+        group = self.optimizer.param_groups[-1]
         done = (self.step - group["joined_step"]) / max(1, group.get("blend_steps", 0))
         self.model.set_head_mix(min(1.0, done))
 
