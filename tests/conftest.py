@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -97,3 +100,21 @@ def brightness_npz(path: Path, counts=(48, 12, 12), noise: int = 25) -> Path:
 def tiny_npz(tmp_path):
     """The small brightness-classes dataset of :func:`brightness_npz`."""
     return brightness_npz(tmp_path / "tiny.npz")
+
+
+def load_bench(name: str):
+    """The script ``bench/<name>.py`` imported as a module (``bench`` is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def keep_threads():
+    """A benchmark sets torch's thread count; put it back for the tests that follow."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from tests.conftest import load_bench
 from training.config.schema import load_config
 from training.evaluation.calibration import expected_calibration_error, nll
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_regimen", ROOT / "bench" / "regimen.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
-
-
-@pytest.fixture
-def keep_threads():
-    """The benchmark sets torch's thread count; put it back for the tests that follow."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+bench = load_bench("regimen")
 
 
 def _argv(source: Path, tmp_path: Path, *extra: str) -> list[str]:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from tests.conftest import load_bench
 from training.callbacks.metrics_log import read_metrics
 from training.engine.checkpoint import load_checkpoint
 
@@ -27,23 +25,7 @@ CLASSES = (
 )
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_transfer", ROOT / "bench" / "transfer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
-
-
-@pytest.fixture
-def keep_threads():
-    """The benchmark sets torch's thread count; put it back for the tests that follow."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+bench = load_bench("transfer")
 
 
 def eight_class_npz(path: Path, counts=(16, 3, 3)) -> Path:
