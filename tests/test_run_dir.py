@@ -266,3 +266,18 @@ def test_temp_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
 
 def test_removing_leftovers_of_a_run_not_started_yet_is_a_no_op(tmp_path):
     assert remove_temp_leftovers(tmp_path / "not-yet") == []
+
+
+def test_resuming_a_run_stopped_before_its_first_epoch_names_overwrite(tmp_path):
+    from training.build import load_resume
+    from training.engine.checkpoint import CheckpointError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(CheckpointError) as error:
+        load_resume(tmp_path / "run")
+    message = str(error.value)
+    assert "\n" not in message and "stopped before its first epoch" in message
+    assert "--overwrite" in message
+    with pytest.raises(CheckpointError, match="no run was saved there"):
+        load_resume(tmp_path / "empty")

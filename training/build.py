@@ -57,7 +57,14 @@ def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict]:
     """The config and checkpoint of an earlier run, to continue it."""
     path = Path(run_dir) / "checkpoints" / "last.pt"
     if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint to resume from")
+        started = (Path(run_dir) / "config.yaml").is_file()
+        why = (
+            "its run stopped before its first epoch was saved; start again there with"
+            " --overwrite (it deletes what the folder holds) or pick another --run-dir"
+            if started
+            else "no run was saved there; give the folder of a run (it holds checkpoints/last.pt)"
+        )
+        raise CheckpointError(f"{path}: no checkpoint to resume from: {why}")
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, path)
     return config_from_dict(ckpt["config"]), ckpt
