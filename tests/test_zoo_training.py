@@ -353,3 +353,20 @@ def test_init_keeps_the_classifier_only_for_the_same_classes(tiny_npz, tmp_path,
     own = trainer.model.state_dict()
     assert head and all(torch.equal(own[k], source[k]) != replaced for k in head)
     assert ("classifier replaced (other classes)" in out.getvalue()) == replaced
+
+
+def test_a_run_started_from_another_resumes_without_it(tiny_npz, tmp_path):
+    """The init run is read once, at the start: a resume builds the model from its own
+    checkpoint, even after the init run's folder is gone."""
+    import shutil
+
+    fit(zoo_config(tiny_npz, tmp_path, "source", TIMM, "run.epochs=1"))
+    init = f"model.init={tmp_path / 'source'}:last"
+    _, summary = fit(
+        zoo_config(tiny_npz, tmp_path, "t", TIMM, init, "run.epochs=2"), callbacks=[StopAfter(1)]
+    )
+    assert summary["stopped"] == "interrupted"
+    shutil.rmtree(tmp_path / "source")
+    cfg, ckpt = load_resume(tmp_path / "t")
+    resumed, summary = fit(cfg, resume=ckpt)
+    assert resumed.start_epoch == 2 and summary["stopped"] is None

@@ -70,8 +70,11 @@ def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict]:
     return config_from_dict(ckpt["config"]), ckpt
 
 
-def build_model(cfg: TrainConfig, cache) -> StagedModel:
+def build_model(cfg: TrainConfig, cache, weights_from: dict | None = None) -> StagedModel:
     """The configured model, shaped for the cache's channels, classes and image size.
+
+    ``weights_from`` is the checkpoint whose weights the model will hold (the run resumed, or
+    the ``model.init`` run): its stem and resize are kept (see :func:`model_options`).
 
     Raises:
         DataError: fewer than two classes, or images smaller than the model takes (each model
@@ -91,7 +94,7 @@ def build_model(cfg: TrainConfig, cache) -> StagedModel:
             in_channels=cache.channels,
             num_classes=cache.num_classes,
             input_size=min(height, width),
-            options=model_options(cfg),
+            options=model_options(cfg, weights_from),
         )
     except InputTooSmall as error:
         fixes = "data.image_size, for an image folder"
@@ -109,15 +112,16 @@ def build_model(cfg: TrainConfig, cache) -> StagedModel:
     return model
 
 
-def model_options(cfg: TrainConfig) -> dict:
+def model_options(cfg: TrainConfig, weights_from: dict | None = None) -> dict:
     """The arch's options for this run. A zoo model's ``stem: auto`` follows loaded weights: the
-    ImageNet stem for ``model.pretrained`` (whose first conv is the 7x7 one), and the init run's
-    own stem and resize for ``model.init``, so its weights fit."""
+    stem and resize of ``weights_from`` (the checkpoint resumed, or the ``model.init`` run's), so
+    its weights fit, else the ImageNet stem for ``model.pretrained`` (whose first conv is the 7x7
+    one)."""
     options = cfg.model.arch_options()
     if options.get("stem") != "auto":  # a network without the stem option, or one chosen
         return options
-    if cfg.model.init:
-        saved = model_record(load_checkpoint(init_checkpoint(cfg.model.init)))["options"]
+    if weights_from is not None:
+        saved = model_record(weights_from)["options"]
         options["stem"] = saved.get("stem", "auto")
         options["resize"] = options["resize"] or saved.get("resize", 0)
     elif cfg.model.pretrained:
@@ -162,17 +166,41 @@ def init_checkpoint(spec: str) -> Path:
     return path
 
 
-def load_start_weights(
-    cfg: TrainConfig, model: StagedModel, console: Console, class_names: list[str]
-) -> None:
-    """Load ``model.pretrained`` and then ``model.init`` into a new model, and print what
-    matched (see :class:`models.weights.WeightReport`). The classifier is kept new for ImageNet
-    weights, and for an init run whose class names differ from ``class_names`` (a head of the
-    same shape would otherwise map old class i to new class i).
+def load_init(cfg: TrainConfig) -> dict | None:
+    """The checkpoint ``model.init`` names (None without one), read once for the model's options
+    and its weights.
 
     Raises:
-        ConfigError: in one line, for weights that cannot be fetched, read or used, or an init
-            run of another arch.
+        ConfigError: when it holds a model of another arch.
+    """
+    if not cfg.model.init:
+        return None
+    path = init_checkpoint(cfg.model.init)
+    ckpt = load_checkpoint(path)
+    trained_as = model_record(ckpt)["arch"]
+    if trained_as != cfg.model.arch:
+        raise ConfigError(
+            f"model.init={cfg.model.init!r}: {path} holds a {trained_as} model and this run"
+            f" trains {cfg.model.arch}; allowed: a run of the same arch (--model {trained_as})"
+        )
+    return ckpt
+
+
+def load_start_weights(
+    cfg: TrainConfig,
+    model: StagedModel,
+    console: Console,
+    class_names: list[str],
+    init: dict | None = None,
+) -> None:
+    """Load ``model.pretrained`` and then ``init`` (the ``model.init`` checkpoint, see
+    :func:`load_init`) into a new model, and print what matched (see
+    :class:`models.weights.WeightReport`). The classifier is kept new for ImageNet weights, and
+    for an init run whose class names differ from ``class_names`` (a head of the same shape
+    would otherwise map old class i to new class i).
+
+    Raises:
+        ConfigError: in one line, for weights that cannot be fetched, read or used.
     """
     m, reports = cfg.model, []
     if m.pretrained:
@@ -182,18 +210,10 @@ def load_start_weights(
             reports.append(load_weights(model, source, report=False, new_head=imagenet))
         except WeightsError as error:
             raise ConfigError(f"model.pretrained={m.pretrained!r}: {error}") from None
-    if m.init:
-        path = init_checkpoint(m.init)
-        ckpt = load_checkpoint(path)
-        trained_as = model_record(ckpt)["arch"]
-        if trained_as != m.arch:
-            raise ConfigError(
-                f"model.init={m.init!r}: {path} holds a {trained_as} model and this run trains"
-                f" {m.arch}; allowed: a run of the same arch (--model {trained_as})"
-            )
+    if init is not None:
         try:
-            other = list(ckpt.get("class_names") or []) != list(class_names)
-            reports.append(load_weights(model, ckpt["model"], report=False, new_head=other))
+            other = list(init.get("class_names") or []) != list(class_names)
+            reports.append(load_weights(model, init["model"], report=False, new_head=other))
         except WeightsError as error:
             raise ConfigError(f"model.init={m.init!r}: {error}") from None
     for report in reports:
@@ -228,9 +248,11 @@ def build_trainer(
         resolve_tta_for_images(cfg.run.tta, tuple(cache.meta["image_shape"]))
     except ValueError as error:
         raise ConfigError(f"run.{error}") from None
-    model = build_model(cfg, cache)
+    # The weights the model will hold decide its stem: a resumed run's, else model.init's.
+    init = load_init(cfg) if resume is None else None
+    model = build_model(cfg, cache, resume if resume is not None else init)
     if resume is None:  # a resumed run's weights come from its checkpoint
-        load_start_weights(cfg, model, console, cache.class_names)
+        load_start_weights(cfg, model, console, cache.class_names, init)
         if is_main and (note := small_image_note(cfg, cache.image_size)):
             console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     model = model.to(device)
