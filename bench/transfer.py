@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -84,7 +83,7 @@ from models.registry import DEFAULT_ARCH, TIMM_PREFIX, check_arch, stage_names
 from training.build import build_trainer
 from training.callbacks.metrics_log import read_metrics
 from training.config.schema import ConfigError, TrainConfig, load_config
-from training.engine.atomic import create_temp_beside
+from training.engine.atomic import write_atomically
 from training.engine.checkpoint import CheckpointError
 from training.engine.run_dir import prepare_run_dir
 from training.evaluation.report import evaluate_run
@@ -385,15 +384,8 @@ def table_lines(table: dict, seeds: Sequence[int]) -> list[str]:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` atomically: a temporary file beside it, then a rename."""
-    fd, tmp = create_temp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _mean_curve(series: list[list]) -> tuple[list[int], list[float]]:
@@ -461,14 +453,10 @@ def plot(runs: list[dict], table: dict, fractions, methods, path: Path, model: s
         extra.axis("off")
     fig.suptitle(f"Transfer within blood cells ({model}): 4 source -> 4 target classes")
     fig.tight_layout()
-    fd, tmp = create_temp_beside(path)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- main

@@ -81,3 +81,20 @@ def test_run_files_are_readable_like_files_from_a_plain_open(tmp_path, umask, wr
     path = write(tmp_path)
     assert mode(path) == plain_open_mode(tmp_path) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_write_atomically_renames_into_place_and_leaves_nothing_on_failure(tmp_path):
+    from training.engine.atomic import write_atomically
+
+    target = tmp_path / "report.json"
+    write_atomically(target, lambda tmp: tmp.write_text("{}"))
+    assert target.read_text() == "{}"
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(target, fail)
+    assert target.read_text() == "{}"  # the old file stands
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

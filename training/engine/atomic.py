@@ -7,13 +7,14 @@ file here is created with 0666 and the umask applied, exactly as ``open(path, "w
 (0644 under the usual umask 022).
 
 Public API:
-    TEMP_SUFFIX, create_temp_beside.
+    TEMP_SUFFIX, create_temp_beside, write_atomically.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 #: every temp file made here ends so; a run removes its leftovers by this suffix.
@@ -43,3 +44,18 @@ def create_temp_beside(path: str | Path) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a new temp file beside ``path``, then rename it onto ``path``.
+
+    For writers that take a file name (``savefig``, ``json.dump`` into an ``open``); the file
+    gets the umask's mode, and the temp file never outlives a failure.
+    """
+    fd, tmp = create_temp_beside(path)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from dataset.subset import subset_cache
 from dataset.transforms import eval_transform
 from models.registry import build_from_record
 from models.staged import StagedModel
+from training.engine.atomic import write_atomically
 from training.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -484,18 +484,6 @@ def print_report(report: dict, console: Console) -> None:
     console.print(Columns([_confusion_table(report, name) for name in _main_sets(report)]))
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
-    # A plain open (not mkstemp, which makes 0600 files) so the report gets the umask's mode;
-    # the pid keeps two evaluations of one run from writing the same temp file.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _plot_confusion(report: dict, path: Path) -> None:
     # Figure without pyplot: the Agg canvas renders it, and no global backend state is touched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -536,8 +524,8 @@ def save_report(report: dict, run_dir: Path) -> tuple[Path, ...]:
     run_dir = Path(run_dir)
     json_path, png_path = run_dir / REPORT_JSON, run_dir / REPORT_PNG
     text = json.dumps(report, indent=2) + "\n"
-    _write_atomically(json_path, lambda tmp: tmp.write_text(text))
-    _write_atomically(png_path, lambda tmp: _plot_confusion(report, tmp))
+    write_atomically(json_path, lambda tmp: tmp.write_text(text))
+    write_atomically(png_path, lambda tmp: _plot_confusion(report, tmp))
     curves = {
         _curve_label(name, m): m["reliability"]
         for name, m in report["weights"].items()
@@ -545,7 +533,7 @@ def save_report(report: dict, run_dir: Path) -> tuple[Path, ...]:
     }
     if not curves:
         return json_path, png_path
-    # reliability_diagram writes through a temp file and os.replace, like _write_atomically.
+    # reliability_diagram writes through a temp file and os.replace, like write_atomically.
     return json_path, png_path, reliability_diagram(curves, run_dir / RELIABILITY_PNG, ECE_BINS)
 
 
