@@ -217,8 +217,9 @@ def load_start_weights(
         except WeightsError as error:
             raise ConfigError(f"model.init={m.init!r}: {error}") from None
     for report in reports:
-        for line in report.lines():
-            console.print(f"weights: {line}", markup=False, highlight=False, soft_wrap=True)
+        first, *rest = report.lines()  # "weights FILE: loaded n of m", then its details
+        for line in [first, *(f"  {line}" for line in rest)]:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def build_trainer(
