@@ -197,11 +197,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_data(path: str) -> Path | None:
-    """The source file as an absolute path, tried as given and then relative to the repository."""
+    """The source (an ``.npz`` file or an image folder) as an absolute path, tried as given and
+    then relative to the repository."""
     candidates = [Path(path)]
     if not Path(path).is_absolute():
         candidates.append(REPO_ROOT / path)
-    found = next((c for c in candidates if c.is_file()), None)
+    found = next((c for c in candidates if c.exists()), None)
     return found.resolve() if found else None
 
 
@@ -1051,7 +1052,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     data = resolve_data(args.data)
     if data is None:
-        return _error(f"data file {args.data} not found; pass an .npz source with --data")
+        return _error(f"data {args.data} not found; give --data an .npz file or an image folder")
     run_dir = Path(args.run_dir).resolve() if args.run_dir else default_run_dir()
     # One seed runs in run_dir itself; several run in run_dir/seed-N, summarised in run_dir.
     runs = {None: run_dir} if args.seeds is None else {s: seed_dir(run_dir, s) for s in args.seeds}

@@ -1,15 +1,17 @@
 """A small three-block residual CNN built for progressive unfreezing.
 
 The network is ``TrainOnlyNoise -> block1 -> block2 -> block3``, where each block is a stack of
-:class:`ConvBlock` layers. Every block has its own head (global pooling, ``BatchNorm1d`` and an
-adapter to the width of block 2), and one classifier is shared by all heads. Training starts with
+:class:`ConvBlock` layers; for large images block 1 opens with a downsampling :class:`Stem`.
+Every block has its own head (global pooling, ``BatchNorm1d`` and an adapter to the width of
+block 2), and one classifier is shared by all heads. Training starts with
 only block 1 active; :meth:`BasicCNNModel.freeze_blocks_until` switches deeper blocks on, and
 :meth:`BasicCNNModel.new_parameters` hands the parameters each step brings to an optimizer.
 
 Public API:
-    ModelConfig, BasicCNNModel, ConvBlock, StageHead, TrainOnlyNoise,
-    scaled_channels, min_input_size, init_weights, model_summary, format_summary,
-    MIN_FEATURE_SIZE, MIN_CLASSES.
+    ModelConfig, BasicCNNModel, ConvBlock, Stem, StageHead, TrainOnlyNoise,
+    scaled_channels, min_input_size, auto_stem_stride, init_weights, model_summary,
+    format_summary, config_record, complete_record, MIN_FEATURE_SIZE, BLOCKS_INPUT_SIZE,
+    MIN_CLASSES.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ LINEAR_INITS: tuple[str, ...] = ("kaiming", "torch")
 #: Side in pixels of the smallest map the last block hands to the heads: the layout's design point
 #: (28 px images end at 4 px through the default strides), kept as the floor for any strides.
 MIN_FEATURE_SIZE = 4
+#: The input side the three blocks are laid out for: 28 px ends at 4 px through the default
+#: strides. ``stem_stride: 0`` (auto) shrinks larger images towards it before block 1 (see
+#: :func:`auto_stem_stride`).
+BLOCKS_INPUT_SIZE = 28
+#: Stem strides: 1 is no stem; 0 in a config asks for :func:`auto_stem_stride`.
+STEM_STRIDES: tuple[int, ...] = (1, 2, 4, 8, 16)
 #: ModelConfig fields that change how a run trains or starts, not what the weights compute: a
 #: resumed or rebuilt model may differ in them (other rates, another depth, other initial
 #: weights). Every other field is architecture, which a checkpoint must match.
@@ -44,6 +52,7 @@ LEGACY_FIELDS: dict[str, Any] = {
     "downsample": "stride",
     "block_channels": [],
     "linear_init": "kaiming",
+    "stem_stride": 1,
 }
 
 # Number of ConvBlocks per block by default, the stride of each block's last one by default,
@@ -95,17 +104,32 @@ def _check_block_index(where: str, value: object) -> int:
 # --------------------------------------------------------------------------- configuration
 
 
-def min_input_size(block_strides: Sequence[int]) -> int:
+def min_input_size(block_strides: Sequence[int], stem_stride: int = 1) -> int:
     """The smallest square input side whose last feature map is ``MIN_FEATURE_SIZE`` px or more.
 
-    Each block's downsampling (ceil-mode max-pool or strided conv) takes a side ``h`` to
-    ``ceil(h / s)``, and the least ``h`` with ``ceil(h / s) >= m`` is ``(m - 1) * s + 1``;
-    applied from the last block back: 25 px for strides (2, 2, 2), 13 for (1, 2, 2).
+    Each downsampling (ceil-mode max-pool or strided conv) takes a side ``h`` to ``ceil(h / s)``,
+    and the least ``h`` with ``ceil(h / s) >= m`` is ``(m - 1) * s + 1``; applied from the last
+    block back to the stem: 25 px for strides (2, 2, 2), 13 for (1, 2, 2), 49 for (2, 2, 2)
+    behind a stem of stride 2.
     """
     side = MIN_FEATURE_SIZE
-    for stride in reversed(tuple(block_strides)):
+    for stride in (*reversed(tuple(block_strides)), stem_stride):
         side = (side - 1) * stride + 1
     return side
+
+
+def auto_stem_stride(input_size: int) -> int:
+    """The stem stride ``stem_stride: 0`` picks: the largest of :data:`STEM_STRIDES` that leaves
+    block 1 an input of at least :data:`BLOCKS_INPUT_SIZE` px.
+
+    The blocks then see 28-55 px whatever the image size (1 below 56 px, 2 for 56-111 px, 4 for
+    112-223 px, 8 for 224-447 px), so their receptive field covers as much of the image as it
+    does at 28 px, and a 64 px image costs about what a 32 px one does.
+    """
+    stride = 1
+    while stride * 2 in STEM_STRIDES and input_size >= stride * 2 * BLOCKS_INPUT_SIZE:
+        stride *= 2
+    return stride
 
 
 @dataclass
@@ -142,6 +166,10 @@ class ModelConfig:
             (1, 2, 2) the network keeps the input's full resolution through block 1 and ends at
             7 px, as CIFAR-style ResNets do, for 2-3.5x the compute (blocks 2 and 3 then run
             at four times the pixels).
+        stem_stride: how much a :class:`Stem` at the start of block 1 shrinks the input: 1 (no
+            stem), 2, 4, 8 or 16; 0 picks :func:`auto_stem_stride` of ``input_size`` (see
+            :attr:`stem`), and the model's record keeps the stride it picked. Checkpoints saved
+            before this option existed were 1.
     """
 
     in_channels: int = 3
@@ -160,6 +188,7 @@ class ModelConfig:
     conv_block: str = "single"
     block_depths: tuple[int, int, int] = DEFAULT_DEPTHS
     block_strides: tuple[int, int, int] = DEFAULT_STRIDES
+    stem_stride: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.dropout, list):
@@ -203,21 +232,36 @@ class ModelConfig:
             and all(_is_int(s) and s in BLOCK_STRIDES for s in strides)
         ):
             raise _invalid("block_strides", strides, f"a tuple of {NUM_BLOCKS} ints, each 1 or 2")
+        if not _is_int(self.stem_stride) or self.stem_stride not in (0, *STEM_STRIDES):
+            allowed = "0 (auto) or " + ", ".join(map(str, STEM_STRIDES))
+            raise _invalid("stem_stride", self.stem_stride, allowed)
         # After the strides: the least input size follows from them.
         if not _is_int(self.input_size):
             raise _invalid("input_size", self.input_size, f"an int >= {self.min_input_size}")
         if self.input_size < self.min_input_size:
             allowed = (
-                f"an int >= {self.min_input_size} (block_strides={strides} must leave the last"
-                f" block a map of >= {MIN_FEATURE_SIZE} px)"
+                f"an int >= {self.min_input_size} (stem_stride={self.stem} and"
+                f" block_strides={strides} must leave the last block a map of >="
+                f" {MIN_FEATURE_SIZE} px)"
             )
             message = str(_invalid("input_size", self.input_size, allowed))
-            raise InputTooSmall(message, self.min_input_size, "model.block_strides")
+            remedy = "model.block_strides"
+            if self.stem > 1:
+                remedy = "model.stem_stride or model.block_strides"
+            raise InputTooSmall(message, self.min_input_size, remedy)
 
     @property
     def min_input_size(self) -> int:
         """The smallest input side this layout takes (:func:`min_input_size` of its strides)."""
-        return min_input_size(self.block_strides)
+        return min_input_size(self.block_strides, self.stem)
+
+    @property
+    def stem(self) -> int:
+        """The stem stride the model is built with: ``stem_stride``, or for 0 (auto) the one
+        :func:`auto_stem_stride` picks for ``input_size``."""
+        if self.stem_stride == 0 and _is_int(self.input_size):
+            return auto_stem_stride(self.input_size)
+        return self.stem_stride
 
     def _validate_dropout(self) -> None:
         if not isinstance(self.dropout, tuple) or len(self.dropout) != NUM_BLOCKS:
@@ -381,6 +425,44 @@ class ConvBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"style={self.style!r}"
+
+
+class Stem(nn.Module):
+    """Shrink the input by ``stride`` before block 1: a 3x3 stride-2 conv -> norm -> activation
+    to block 1's width, then a ceil-mode max-pool by ``stride / 2`` when the stride is larger
+    (a ResNet's stem at 3x3).
+
+    Args:
+        in_channels: image channels.
+        out_channels: block 1's channels.
+        stride: 2, 4, 8 or 16.
+        activation: "silu", "gelu" or "mish".
+        norm: "group" or "batch".
+        gn_groups: GroupNorm groups (fitted to the channel count).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        activation: str = "silu",
+        norm: str = "group",
+        gn_groups: int = 8,
+    ) -> None:
+        super().__init__()
+        if stride not in STEM_STRIDES[1:]:
+            allowed = ", ".join(map(str, STEM_STRIDES[1:]))
+            raise ValueError(f"Stem stride={stride!r} is invalid; allowed: {allowed}")
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
+        self.norm = make_norm(norm, out_channels, gn_groups)
+        self.act = make_activation(activation)
+        rest = stride // 2
+        self.pool: nn.Module = nn.MaxPool2d(rest, ceil_mode=True) if rest > 1 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride))
+        return self.pool(self.act(self.norm(self.conv(x))))
 
 
 class StageHead(nn.Module):
@@ -604,16 +686,26 @@ class BasicCNNModel(StagedModel):
 def config_record(values: Mapping[str, Any]) -> dict[str, Any]:
     """The model record (see :meth:`~models.staged.StagedModel.record`) of ModelConfig fields.
 
-    Fields an older checkpoint lacks take their :data:`LEGACY_FIELDS` value; the image shape goes
-    to the top level, :data:`RUNTIME_FIELDS` to ``settings`` and the rest, the architecture, to
-    ``options``.
+    Fields an older checkpoint lacks take their :data:`LEGACY_FIELDS` value and a ``stem_stride``
+    of 0 (auto) the stride it picks; the image shape goes to the top level,
+    :data:`RUNTIME_FIELDS` to ``settings`` and the rest, the architecture, to ``options``.
     """
     values = {**LEGACY_FIELDS, **values}
+    if values["stem_stride"] == 0 and "input_size" in values:
+        # The stride auto picked, so a later change of the rule cannot change a stored model.
+        values["stem_stride"] = auto_stem_stride(values["input_size"])
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     shape = {k: values.pop(k) for k in ("in_channels", "num_classes", "input_size") if k in values}
     settings = {k: values.pop(k) for k in RUNTIME_FIELDS if k in values}
     stages = [f"block{k}" for k in range(1, NUM_BLOCKS + 1)]
     return {"arch": "basic_cnn", **shape, "options": values, "settings": settings, "stages": stages}
+
+
+def complete_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored basic_cnn record with the architecture options it predates filled in from
+    :data:`LEGACY_FIELDS`, so it rebuilds and compares as the model it was trained as."""
+    legacy = {k: v for k, v in LEGACY_FIELDS.items() if k not in RUNTIME_FIELDS}
+    return {**record, "options": {**legacy, **record.get("options", {})}}
 
 
 def _resolve_config(config: ModelConfig | None, overrides: Mapping[str, Any]) -> ModelConfig:
@@ -632,10 +724,23 @@ def _resolve_config(config: ModelConfig | None, overrides: Mapping[str, Any]) ->
 def _make_blocks(cfg: ModelConfig, channels: Sequence[int]) -> list[nn.Sequential]:
     blocks = []
     in_channels = cfg.in_channels
-    for depth, stride, dilation, out_channels, p in zip(
-        cfg.block_depths, cfg.block_strides, _LAST_DILATION, channels, cfg.dropout, strict=True
+    for index, (depth, stride, dilation, out_channels, p) in enumerate(
+        zip(cfg.block_depths, cfg.block_strides, _LAST_DILATION, channels, cfg.dropout, strict=True)
     ):
-        layers = []
+        layers: list[nn.Module] = []
+        if index == 0 and cfg.stem > 1:
+            # Part of block 1, so it trains from the first epoch and adds no stage.
+            layers.append(
+                Stem(
+                    in_channels,
+                    out_channels,
+                    cfg.stem,
+                    cfg.activation,
+                    cfg.norm,
+                    cfg.gn_groups,
+                )
+            )
+            in_channels = out_channels
         for i in range(depth):
             last = i == depth - 1
             layers.append(

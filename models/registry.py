@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from models.basic_cnn_model import BasicCNNModel, ModelConfig, config_record
+from models.basic_cnn_model import BasicCNNModel, ModelConfig, complete_record, config_record
 from models.staged import StagedModel
 
 DEFAULT_ARCH = "basic_cnn"
@@ -130,9 +130,12 @@ def build_from_record(record: Mapping[str, Any]) -> StagedModel:
 
 def record_of_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
     """The checkpoint's model record; checkpoints written before the registry stored the
-    BasicCNNModel's config alone (``model_config``), which maps to a ``basic_cnn`` record."""
+    BasicCNNModel's config alone (``model_config``), which maps to a ``basic_cnn`` record. A
+    basic_cnn record gets the options added after it was written, at the values it trained with
+    (:func:`~models.basic_cnn_model.complete_record`)."""
     if isinstance(ckpt.get("model_record"), Mapping):
-        return dict(ckpt["model_record"])
+        record = dict(ckpt["model_record"])
+        return complete_record(record) if record.get("arch") == DEFAULT_ARCH else record
     if isinstance(ckpt.get("model_config"), Mapping):
         return config_record(ckpt["model_config"])
     return None

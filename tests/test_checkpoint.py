@@ -330,7 +330,8 @@ def test_a_checkpoint_from_before_the_downsample_option_is_rebuilt_strided():
 
 def test_runtime_fields_may_differ():
     ckpt = payload()
-    model = tiny_model(dropout=(0.0, 0.0, 0.0), active_blocks=2, noise_std=0.0, input_size=64)
+    # 48 px: larger than the checkpoint's 28 px, and still without a stem (auto adds one at 56).
+    model = tiny_model(dropout=(0.0, 0.0, 0.0), active_blocks=2, noise_std=0.0, input_size=48)
     check_compatible(ckpt, model.record(), CLASSES)
 
 
@@ -410,3 +411,18 @@ def test_copy_checkpoint_is_atomic_and_readable(tmp_path, monkeypatch):
         copy_checkpoint(src, dst)
     assert torch.equal(load_checkpoint(dst)["model"]["w"], torch.ones(3))  # previous copy intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_record_from_before_the_stem_option_is_rebuilt_without_a_stem():
+    # Written at 64 px, where today's default (stem_stride 0, auto) would add a stride-2 stem.
+    trained = tiny_model(input_size=64, stem_stride=1)
+    ckpt = payload(trained)
+    del ckpt["model_record"]["options"]["stem_stride"]
+    assert model_record(ckpt)["options"]["stem_stride"] == 1
+    check_compatible(ckpt, trained.record(), CLASSES)
+    with pytest.raises(CheckpointError, match="stem_stride: checkpoint 1 vs current 2"):
+        check_compatible(ckpt, tiny_model(input_size=64).record(), CLASSES)
+    rebuilt = build_model(ckpt).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), trained.eval()(x))

@@ -9,11 +9,14 @@ import torch
 from torch import nn
 
 from models.basic_cnn_model import (
+    BLOCKS_INPUT_SIZE,
     MIN_FEATURE_SIZE,
     BasicCNNModel,
     ConvBlock,
     ModelConfig,
+    Stem,
     TrainOnlyNoise,
+    auto_stem_stride,
     format_summary,
     init_weights,
     model_summary,
@@ -574,3 +577,68 @@ def test_set_head_mix_needs_a_previous_head() -> None:
     with pytest.raises(ValueError, match="needs 2 or more active blocks"):
         model.set_head_mix(0.0)
     model.set_head_mix(1.0)  # the plain single-head case stays allowed
+
+
+# --------------------------------------------------------------------------- stem
+
+
+@pytest.mark.parametrize(
+    ("size", "stride"), [(25, 1), (28, 1), (55, 1), (56, 2), (64, 2), (111, 2), (128, 4), (224, 8)]
+)
+def test_auto_stem_stride_leaves_block_one_28_to_55_px(size: int, stride: int) -> None:
+    assert auto_stem_stride(size) == stride
+    model = tiny_model(input_size=size, active_blocks=3)  # stem_stride 0: auto
+    assert model.config.stem == stride  # the resolved stride is what the record keeps
+    assert model.record()["options"]["stem_stride"] == stride
+    rows = {r["name"]: r["output_shape"] for r in model_summary(model)}
+    assert stride == 1 or size // stride >= BLOCKS_INPUT_SIZE
+    assert MIN_FEATURE_SIZE <= rows["block3"][-1] <= 7  # 28-55 px end at 4-7 px
+
+
+def test_a_stem_is_part_of_block_one_and_shrinks_the_input_by_its_stride() -> None:
+    plain = tiny_model(input_size=64, stem_stride=1, active_blocks=3)
+    stemmed = tiny_model(input_size=64, stem_stride=4, block_strides=(1, 1, 2), active_blocks=3)
+    assert not any(isinstance(m, Stem) for m in plain.modules())
+    assert isinstance(stemmed.blocks[0][0], Stem)
+    shapes = {r["name"]: r["output_shape"] for r in model_summary(stemmed)}
+    assert shapes["block1"][-1] == 16 and shapes["block3"][-1] == 8  # 64 / 4, then / 2
+    # Block 1's parameters (the stem's with them) join with stage 1; no stage is added.
+    assert ids(stemmed.blocks[0][0].parameters()) <= ids(stemmed.stage_parameters(1))
+    assert stemmed.num_stages == plain.num_stages == 3
+    stemmed(batch(stemmed, 64)).sum().backward()
+    assert stemmed.blocks[0][0].conv.weight.grad is not None
+
+
+def test_a_stem_costs_less_than_the_blocks_at_full_resolution() -> None:
+    def macs(model: BasicCNNModel) -> int:
+        total = 0
+
+        def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+            nonlocal total
+            k = module.weight[0].numel()  # in/groups x kh x kw
+            total += output.numel() * k
+
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        hooks = [m.register_forward_hook(count) for m in convs]
+        model.eval()(batch(model, 64, n=1))
+        for h in hooks:
+            h.remove()
+        return total
+
+    full = macs(tiny_model(input_size=64, stem_stride=1, active_blocks=3))
+    auto = macs(tiny_model(input_size=64, active_blocks=3))
+    assert auto < full / 2
+
+
+@pytest.mark.parametrize("bad", [3, -1, 32, 2.0, "2", True])
+def test_a_stem_stride_outside_the_allowed_set_is_refused(bad) -> None:
+    with pytest.raises(ValueError, match=r"stem_stride=.* is invalid; allowed: 0 \(auto\) or 1, 2"):
+        ModelConfig(input_size=64, stem_stride=bad)
+
+
+def test_an_explicit_stem_raises_the_least_input_size_and_says_what_to_change() -> None:
+    config = ModelConfig(input_size=64, stem_stride=2)
+    assert config.min_input_size == 49  # (25 - 1) x 2 + 1
+    with pytest.raises(ValueError, match=r"input_size=48 is invalid; allowed: an int >= 49") as e:
+        ModelConfig(input_size=48, stem_stride=2)
+    assert (e.value.minimum, e.value.remedy) == (49, "model.stem_stride or model.block_strides")

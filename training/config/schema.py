@@ -61,6 +61,7 @@ from models.basic_cnn_model import (
     LEGACY_FIELDS,
     LINEAR_INITS,
     NORMS,
+    STEM_STRIDES,
 )
 from models.registry import (
     ARCH_NAMES,
@@ -177,6 +178,10 @@ _BLOCK_DEPTHS = Rule("a list of ints >= 1, one per block", lambda v: all(d >= 1 
 _BLOCK_STRIDES = Rule(
     "a list of ints, each 1 or 2, one per block", lambda v: all(s in (1, 2) for s in v)
 )
+_STEM_STRIDE = Rule(
+    "0 (auto: from the image size) or " + ", ".join(map(str, STEM_STRIDES)),
+    lambda v: v == 0 or v in STEM_STRIDES,
+)
 _BLOCK_RATES = Rule(
     "a list of numbers in [0, 1), one per block", lambda v: all(0 <= p < 1 for p in v)
 )
@@ -285,6 +290,10 @@ class ModelSection:
             each >= 1.
         block_strides: basic_cnn: 1 (keep) or 2 (halve the feature map) at the end of blocks 1,
             2 and 3.
+        stem_stride: basic_cnn: how much a strided conv (and a max-pool beyond 2) shrinks the
+            images before block 1: 1 (no stem), 2, 4, 8 or 16; 0 (auto) picks the largest that
+            leaves block 1 at least 28 px, so the blocks see 28-55 px whatever the image size
+            (none below 56 px, 2 for 64 px, 4 for 128 px).
     """
 
     arch: str = _field(DEFAULT_ARCH, Rule(", ".join(ARCH_NAMES), is_registered))
@@ -305,6 +314,7 @@ class ModelSection:
     conv_block: str = _field("single", _choice(*CONV_BLOCKS))
     block_depths: list[int] = _field(list(DEFAULT_DEPTHS), _BLOCK_DEPTHS)
     block_strides: list[int] = _field(list(DEFAULT_STRIDES), _BLOCK_STRIDES)
+    stem_stride: int = _field(0, _STEM_STRIDE)
 
     def arch_options(self) -> dict[str, Any]:
         """The options of this section that shape ``arch`` (:func:`models.registry.build_model`)."""
@@ -328,6 +338,7 @@ BASIC_CNN_FIELDS: tuple[str, ...] = (
     "conv_block",
     "block_depths",
     "block_strides",
+    "stem_stride",
 )
 #: Fields of the model section that shape zoo models only.
 ZOO_FIELDS: tuple[str, ...] = ("stem", "resize")
