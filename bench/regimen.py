@@ -86,7 +86,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -100,7 +99,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from sklearn.metrics import f1_score
 from torch import nn
 
@@ -114,6 +112,7 @@ from training.engine.device import amp_dtype
 from training.engine.inference import predict
 from training.evaluation.calibration import choose_temperature, expected_calibration_error, nll
 from training.evaluation.report import TEMPERATURE_TTA_KEY, build_model, find_weights, test_loader
+from training.evaluation.stats import mean_sd, paired_difference
 from training.evaluation.tta import resolve_tta, tta_logits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -799,38 +798,6 @@ def write_json(payload: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- several seeds
 
 
-def _mean_sd(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-    }
-
-
-def paired_difference(regimen: Sequence[float], plain: Sequence[float]) -> dict[str, Any] | None:
-    """How far the regimen's accuracy lies from the plain loop's, seed by seed.
-
-    Both arms of a seed share its test split, and a seed's split of hard and easy images moves
-    both alike, so the per-seed difference is a sharper measure than two separate means.
-
-    Args:
-        regimen, plain: accuracies, one per seed, in the same order.
-
-    Returns:
-        ``n``, the ``mean`` and ``sd`` of ``regimen - plain``, the paired ``t`` statistic
-        (``None`` when every difference is the same) and the two-sided 95% interval of the
-        mean difference (``low``, ``high``; Student's t with n - 1 degrees of freedom); ``None``
-        for fewer than two seeds, which give no spread to judge by.
-    """
-    diffs = [r - p for r, p in zip(regimen, plain, strict=True)]
-    n = len(diffs)
-    if n < 2:
-        return None
-    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    t = mean / (sd / math.sqrt(n)) if sd > 0 else None
-    return {"n": n, "mean": mean, "sd": sd, "t": t, "low": mean - half, "high": mean + half}
-
-
 def summarize(payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Mean and sd over seeds of every row's figures, and the two targets judged on the means.
 
@@ -841,7 +808,8 @@ def summarize(payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ``rows``: row name -> ``{"n": runs with scores, and per figure (accuracy, macro_f1, nll,
         ece, wall_s) {"mean", "sd"}}``; ``targets``: the means the verdicts compare, the verdicts,
         ``wins``, the seeds whose own regimen beat their own plain figure, and ``paired``
-        (:func:`paired_difference` over the seeds, when every seed measured both arms).
+        (:func:`~training.evaluation.stats.paired_difference` of the regimen's and the plain
+        loop's accuracies over the seeds, when every seed measured both arms).
     """
     rows: dict[str, dict[str, Any]] = {}
     for name in payloads[0]["rows"]:
@@ -849,7 +817,7 @@ def summarize(payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
         rows[name] = {"n": len(scores)}
         if scores:
             for field in ("accuracy", "macro_f1", "nll", "ece", "wall_s"):
-                rows[name][field] = _mean_sd([getattr(s, field) for s in scores])
+                rows[name][field] = mean_sd([getattr(s, field) for s in scores])
     targets = [p["targets"] for p in payloads]
 
     def mean_of(key: str) -> float | None:

@@ -246,23 +246,6 @@ def test_summary_judges_the_means_not_the_seeds():
     assert "0.9850 (0.0014)" in bench.render_summary(summary)
 
 
-def test_paired_difference_gives_the_interval_of_the_per_seed_gap():
-    d = bench.paired_difference([0.986, 0.984, 0.990], [0.984, 0.983, 0.985])
-    assert d["n"] == 3 and d["mean"] == pytest.approx(0.0026667, abs=1e-7)
-    assert d["sd"] == pytest.approx(0.0020817, abs=1e-7)
-    assert d["t"] == pytest.approx(d["mean"] / (d["sd"] / 3**0.5))
-    # Student's t with 2 degrees of freedom: 4.303 standard errors each side.
-    half = 4.302653 * d["sd"] / 3**0.5
-    assert (d["low"], d["high"]) == (
-        pytest.approx(d["mean"] - half, abs=1e-7),
-        pytest.approx(d["mean"] + half, abs=1e-7),
-    )
-    assert d["low"] < 0 < d["high"]  # three seeds this noisy cannot call it
-    assert bench.paired_difference([0.9], [0.8]) is None  # one seed has no spread
-    same = bench.paired_difference([0.99, 0.98], [0.98, 0.97])
-    assert same["t"] is None and same["low"] == pytest.approx(same["high"])
-
-
 @pytest.mark.parametrize(
     ("regimen", "plain", "reading"),
     [
