@@ -3,7 +3,8 @@
 Scores the run's best (or last) and SWA weights side by side, each also divided by its fitted
 temperature where its checkpoint has one, prints the report, and writes ``test_report.json``,
 ``confusion_matrix.png`` and ``reliability.png`` into the run folder. ``--tta`` averages the
-logits over flipped and rotated views (default: the run's own ``run.tta``).
+logits over flipped and rotated views (default: the run's own ``run.tta``). ``--report`` then
+writes the run's report page (``python -m report RUN_DIR``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from dataset.errors import DataError
+from report.run import ReportError
 from training.engine.checkpoint import CheckpointError
 from training.evaluation.report import evaluate_run, latest_run, print_report, save_report
 from training.evaluation.tta import TTA_MODES
@@ -36,6 +38,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=TTA_MODES,
         help="test-time augmentation: average the logits over flips/rotations; "
         "default: the run's run.tta",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="then write the run's report page, RUN_DIR/report/index.html (python -m report)",
     )
     return parser
 
@@ -59,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_report(report, console)
         written = save_report(report, run_dir)
-    except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
+        if args.report:
+            from report.build import build_report  # grad-cam and the plots: only when asked
+
+            written = (*written, build_report(run_dir, device=args.device))
+    except (CheckpointError, DataError, ReportError, ValueError, FileNotFoundError) as exc:
         message = " ".join(f"error: {exc}".split())
         # soft_wrap keeps the message on one line whatever the terminal width.
         Console(stderr=True).print(Text(message, style="red"), soft_wrap=True)

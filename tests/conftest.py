@@ -118,3 +118,43 @@ def keep_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def train_tiny_run(base: Path, *, channels: int = 3, size: int = 28, epochs: int = 4) -> Path:
+    """A real run folder: ``models/train.py`` on a tiny learnable dataset for a few epochs (SWA
+    from epoch 3, so ``swa.pt`` and temperatures exist), then ``test.py``'s evaluation; for the
+    tests of what reads run folders (the report)."""
+    import models.train as train_script
+    from training.evaluation.report import evaluate_run, save_report
+
+    npz = brightness_npz(base / "tiny.npz", counts=(96, 24, 24))
+    if channels == 1 or size != 28:
+        data = dict(np.load(npz))
+        for key in [k for k in data if k.endswith("_images")]:
+            images = torch.from_numpy(data[key]).permute(0, 3, 1, 2).float()
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="nearest")
+            images = images.mean(dim=1, keepdim=True) if channels == 1 else images
+            data[key] = images.permute(0, 2, 3, 1).round().clamp(0, 255).byte().numpy()
+        np.savez(npz, **data)
+    run = base / "run"
+    code = train_script.main(
+        [
+            "--preset", "cpu", "--data", str(npz), "--run-dir", str(run),
+            "--epochs", str(epochs),
+            "--set", f"data.root={base / 'cache'}",
+            "--set", "model.width=0.125", "--set", "model.block_channels=[]",
+            "--set", "optim.batch_size=16", "--set", "run.progress=plain",
+            "--set", "run.tensorboard=false", "--set", "safety.swa_start_epoch=3",
+            "--set", "unfreeze.activate_at=[1, 2]",
+        ]
+    )  # fmt: skip
+    assert code == 0, "the tiny run did not train"
+    save_report(evaluate_run(run, batch_size=32), run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny trained and tested run (3-channel, 28 px), shared by every test that reads it:
+    copy it before changing it."""
+    return train_tiny_run(tmp_path_factory.mktemp("trained"))

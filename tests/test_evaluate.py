@@ -597,8 +597,8 @@ def test_script_end_to_end_writes_report_and_figure(script_run):
 
 
 def test_a_deleted_cache_is_rebuilt_with_the_runs_own_size_and_split_options():
-    from training.evaluation.report import _prepare_kwargs
+    from training.evaluation.report import prepare_kwargs
 
     stored = {"config": {"data": {"image_size": 0, "split_seed": 3, "val_fraction": 0.2}}}
-    assert _prepare_kwargs(stored) == {"image_size": None, "seed": 3, "val_fraction": 0.2}
-    assert _prepare_kwargs({"config": {"data": {"image_size": 64}}}) == {"image_size": 64}
+    assert prepare_kwargs(stored) == {"image_size": None, "seed": 3, "val_fraction": 0.2}
+    assert prepare_kwargs({"config": {"data": {"image_size": 64}}}) == {"image_size": 64}

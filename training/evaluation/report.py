@@ -18,7 +18,8 @@ of that same mode.
 
 Public API:
     checkpoint_temperature, checkpoint_temperature_reason, build_model, test_loader,
-    find_weights, latest_run, evaluate_run, run_tta, print_report, save_report, WEIGHT_FILES.
+    find_weights, latest_run, evaluate_run, run_tta, print_report, save_report, prepare_kwargs,
+    temperature_notes, WEIGHT_FILES.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def build_model(ckpt: dict) -> StagedModel:
     return model
 
 
-def _prepare_kwargs(ckpt: dict) -> dict[str, Any]:
+def prepare_kwargs(ckpt: dict) -> dict[str, Any]:
     """The cache-building options the run trained with, so a rebuild gives the same splits."""
     data_cfg = (ckpt.get("config") or {}).get("data") or {}
     kwargs = {arg: data_cfg[key] for key, arg in _PREPARE_ARGS.items() if key in data_cfg}
@@ -128,7 +129,7 @@ def _checkpoint_cache(ckpt: dict) -> CacheInfo:
     except DataError:
         # The cache was deleted or damaged since training: rebuild it where it was.
         cache, _ = prepare(
-            data["source"], cache_dir.parent, name=cache_dir.name, **_prepare_kwargs(ckpt)
+            data["source"], cache_dir.parent, name=cache_dir.name, **prepare_kwargs(ckpt)
         )
         return cache
 
@@ -404,7 +405,7 @@ def _summary_table(report: dict) -> Table:
     return table
 
 
-def _temperature_notes(report: dict) -> list[str]:
+def temperature_notes(report: dict) -> list[str]:
     """One line per weight set that has no temperature-scaled row, saying why."""
     notes = []
     mode = report.get("tta", "none")
@@ -477,7 +478,7 @@ def print_report(report: dict, console: Console) -> None:
         highlight=False,
     )
     console.print(_summary_table(report))
-    for note in _temperature_notes(report):
+    for note in temperature_notes(report):
         console.print(note, highlight=False, soft_wrap=True)
     console.print(_per_class_table(report))
     console.print("confusion matrices: rows are the true class, column j the predicted class j")
