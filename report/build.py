@@ -1,11 +1,12 @@
 """Assemble a run's report page from its sections.
 
 Public API:
-    build_report, headline.
+    build_report, headline, run_title.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from report import DEFAULT_ERRORS, DEFAULT_PER_CLASS
@@ -15,6 +16,14 @@ from report.page import Page
 from report.run import RunFolder, load_run
 from report.saliency import add_errors_and_saliency
 from report.test_section import add_test_section
+
+
+def run_title(run: RunFolder) -> str:
+    """The run's folder name, with its parent's when the name alone says little (``seed-0``
+    of a seeds study, ``run``)."""
+    if re.fullmatch(r"seed-\d+|run", run.name):
+        return f"{run.path.resolve().parent.name}/{run.name}"
+    return run.name
 
 
 def headline(run: RunFolder) -> list[tuple[str, str]]:
@@ -30,8 +39,8 @@ def headline(run: RunFolder) -> list[tuple[str, str]]:
         items.append(("test ECE after T", f"{scores['ece_scaled']:.2%}"))
     elif "ece" in scores:
         items.append(("test ECE", f"{scores['ece']:.2%}"))
-    if run.metrics:
-        items.append(("epochs", str(run.metrics[-1].get("epoch", len(run.metrics)))))
+    if run.epochs:
+        items.append(("epochs", str(run.epochs)))
         items.append(("training time", f"{run.training_seconds / 60:.1f} min"))
     items.append(("model", str(run.setting("model.arch", "basic_cnn"))))
     return items
@@ -58,7 +67,7 @@ def build_report(
         report.run.ReportError: the run folder cannot be read.
     """
     run = load_run(run_dir)
-    page = Page(Path(out) if out else run.path / "report", f"Run report: {run.name}")
+    page = Page(Path(out) if out else run.path / "report", f"Run report: {run_title(run)}")
     page.subtitle = f"{run.path} · data {run.setting('data.source', '?')}"
     page.headline = headline(run)
     add_data_section(page, run)

@@ -78,7 +78,7 @@ def _runs_table(runs: Sequence[RunFolder], differing: Sequence[str]) -> tuple[li
     rows = []
     for run in runs:
         scores = run.test_scores()
-        epochs = run.metrics[-1].get("epoch", len(run.metrics)) if run.metrics else "-"
+        epochs = run.epochs or "-"
         rows.append(
             [
                 run.name,

@@ -7,7 +7,7 @@ An event is drawn at the epoch whose log line records it: decisions are taken af
 validation, so the line sits at the end of that epoch.
 
 Public API:
-    add_training_section, epoch_rows, event_epochs, event_rows, group_names, MARKERS.
+    add_training_section, event_epochs, event_rows, group_names, MARKERS.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from report.data_section import class_names_of
 from report.page import Figure, Page
-from report.run import RunFolder
+from report.run import RunFolder, epoch_rows
 
 #: Marker kind -> (legend label, colour, line style) of its vertical lines.
 MARKERS: dict[str, tuple[str, str, str]] = {
@@ -34,11 +34,6 @@ _TRAIN, _VAL = "#1f77b4", "#ff7f0e"
 _WIDTH = 11.5  # inches at Page.save's 100 dpi
 # "learning rates now: block1 3.00e-03, block2 6.00e-03" in a stage event's lines.
 _RATES_LINE = re.compile(r"learning rates now:\s*(.*)")
-
-
-def epoch_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-epoch lines of a metrics log, without run-level lines such as ``fit_end``."""
-    return [m for m in metrics if "epoch" in m and "event" not in m]
 
 
 def _run_end(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """What a run folder holds, read once for every section of the report.
 
 Public API:
-    RunFolder, ReportError, load_run.
+    RunFolder, ReportError, load_run, epoch_rows.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ class RunFolder:
         return scores
 
     @property
+    def epochs(self) -> int:
+        """The last epoch the metrics log records (0 for an empty log)."""
+        rows = epoch_rows(self.metrics)
+        return int(rows[-1]["epoch"]) if rows else 0
+
+    @property
     def training_seconds(self) -> float:
         """The seconds the run spent in its training loops (the sum of the epochs' ``epoch_s``)."""
         return sum(float(m.get("epoch_s", 0.0)) for m in self.metrics)
@@ -75,6 +81,11 @@ class RunFolder:
                 return default
             value = value[part]
         return value
+
+
+def epoch_rows(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-epoch lines of a metrics log, without run-level lines such as ``fit_end``."""
+    return [m for m in metrics if "epoch" in m and "event" not in m]
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -12,13 +12,12 @@ from report.curves import (
     MARKERS,
     _curves_figure,
     add_training_section,
-    epoch_rows,
     event_epochs,
     event_rows,
     group_names,
 )
 from report.page import Page
-from report.run import RunFolder, load_run
+from report.run import RunFolder, epoch_rows, load_run
 
 
 def _event(kind: str, title: str, *lines: str) -> dict:

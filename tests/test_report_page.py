@@ -50,7 +50,16 @@ def test_the_page_has_every_section_and_every_image_it_links(page):
 def test_the_headline_figures_are_the_test_reports(page, trained_run):
     report = json.loads((trained_run / "test_report.json").read_text())
     accuracy = report["weights"]["swa"]["accuracy"]
-    assert f"<b>{accuracy:.2%}</b><span>test accuracy (swa)</span>" in page.read_text()
+    html = page.read_text()
+    assert f"<b>{accuracy:.2%}</b><span>test accuracy (swa)</span>" in html
+    # The log's last line is the run's summary (fit_end), not an epoch: 4 epochs ran.
+    assert "<b>4</b><span>epochs</span>" in html
+
+
+def test_a_seed_folder_is_titled_with_its_study(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "study" / "seed-3")
+    title = build_report(run, errors=2, per_class=1).read_text().split("<title>")[1]
+    assert title.startswith("Run report: study/seed-3</title>")
 
 
 def test_a_run_not_yet_tested_gets_data_and_training_and_says_how_to_add_the_rest(
