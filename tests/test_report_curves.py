@@ -175,3 +175,11 @@ def test_section_on_a_trained_run(trained_run, tmp_path):
     assert "STAGE 2" in html
     for png in page.folder.glob("*.png"):
         assert f'src="{png.name}"' in html
+
+
+def test_a_real_run_logs_and_draws_train_macro_f1(trained_run):
+    run = load_run(trained_run)
+    rows = epoch_rows(run.metrics)
+    assert all(0.0 <= row["train_macro_f1"] <= 1.0 for row in rows)
+    _, missing = _curves_figure(rows, event_epochs(run.metrics), run.metrics[-1])
+    assert missing == []

@@ -28,6 +28,7 @@ TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_TAGS: dict[str, str] = {
     "train_loss": "train/loss",
     "train_acc": "train/acc",
+    "train_macro_f1": "train/macro_f1",
     "val_loss": "val/loss",
     "val_acc": "val/acc",
     "val_macro_f1": "val/macro_f1",

@@ -40,7 +40,7 @@ from training.engine.monitor import is_better, monitor_mode
 from training.engine.schedule import LRSchedule, PlateauState, warmup_cosine
 from training.engine.seeding import rng_state, set_rng_state
 from training.engine.stepper import GradStepper, group_size, steps_per_epoch
-from training.evaluation.metrics import classification_metrics
+from training.evaluation.metrics import classification_metrics, macro_f1_from_counts
 
 CHECKPOINT_FORMAT = 1
 
@@ -64,6 +64,7 @@ class EpochProgress:
     seconds: float = 0.0
     class_correct: list[int] | None = None
     class_seen: list[int] | None = None
+    class_predicted: list[int] | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -479,7 +480,8 @@ class Trainer:
         zeros = [0] * self.num_classes
         class_correct = torch.tensor(progress.class_correct or zeros, device=self.device)
         class_seen = torch.tensor(progress.class_seen or zeros, device=self.device)
-        sums = (loss_sum, correct, class_correct, class_seen)
+        class_predicted = torch.tensor(progress.class_predicted or zeros, device=self.device)
+        sums = (loss_sum, correct, class_correct, class_seen, class_predicted)
         loss_value = float("nan")
         t0 = time.perf_counter() - progress.seconds
         for b, (x, y) in enumerate(self.loaders["train"]):
@@ -499,10 +501,12 @@ class Trainer:
             loss_sum += loss.detach().float() * len(y)
             # Under Mixup an image is counted as its dominant component's class (lam >= 0.5).
             label = target.argmax(1) if target.ndim == 2 else y
-            hit = logits.detach().argmax(1) == label
+            guess = logits.detach().argmax(1)
+            hit = guess == label
             correct += hit.sum()
             class_correct += torch.bincount(label[hit], minlength=self.num_classes)
             class_seen += torch.bincount(label, minlength=self.num_classes)
+            class_predicted += torch.bincount(guess, minlength=self.num_classes)
             progress.batches_done = b + 1
             progress.seen += len(y)
             if b % sync_every == 0 or b == n - 1:
@@ -519,6 +523,9 @@ class Trainer:
             "train_loss": progress.loss_sum / max(1, progress.seen),
             "train_acc": progress.correct / max(1, progress.seen),
             "train_acc_per_class": per_class,
+            "train_macro_f1": macro_f1_from_counts(
+                progress.class_correct, progress.class_seen, progress.class_predicted
+            ),
             "epoch_s": progress.seconds,
             "images_per_s": progress.seen / max(progress.seconds, 1e-9),
         }
@@ -533,11 +540,12 @@ class Trainer:
         return value
 
     def _keep_progress(self, progress, sums, t0: float) -> None:
-        loss_sum, correct, class_correct, class_seen = sums
+        loss_sum, correct, class_correct, class_seen, class_predicted = sums
         progress.loss_sum = float(loss_sum)
         progress.correct = int(correct)
         progress.class_correct = class_correct.tolist()
         progress.class_seen = class_seen.tolist()
+        progress.class_predicted = class_predicted.tolist()
         progress.seconds = time.perf_counter() - t0
         self._progress = progress
 

@@ -1,7 +1,7 @@
 """Classification metrics from logits and labels (scikit-learn for the scores).
 
 Public API:
-    classification_metrics, scored_metrics, ECE_BINS.
+    classification_metrics, scored_metrics, macro_f1_from_counts, ECE_BINS.
 """
 
 from __future__ import annotations
@@ -24,6 +24,24 @@ from training.evaluation.calibration import nll, reliability_bins
 
 #: equal-width confidence bins of the ECE and the reliability diagram (Guo et al. use 15).
 ECE_BINS = 15
+
+
+def macro_f1_from_counts(
+    correct: Sequence[int], seen: Sequence[int], predicted: Sequence[int]
+) -> float:
+    """Macro-F1 from per-class counts, for running sums that keep no predictions: F1 of class c
+    is ``2 * correct[c] / (seen[c] + predicted[c])`` (0 when the class was neither seen nor
+    predicted, as scikit-learn's ``f1_score(..., zero_division=0)`` over every class gives it).
+
+    Args:
+        correct: per class, the images of that class predicted as it.
+        seen: per class, the images whose true class it is.
+        predicted: per class, the images predicted as it.
+    """
+    scores = [
+        2 * c / (s + p) if s + p else 0.0 for c, s, p in zip(correct, seen, predicted, strict=True)
+    ]
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def classification_metrics(
