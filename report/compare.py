@@ -6,7 +6,7 @@ them, their learning curves overlaid, and, when the runs fall into groups that d
 seed, with its 95% interval: :mod:`training.evaluation.stats`).
 
 Public API:
-    differing_settings, seed_groups, compare_runs, main.
+    differing_settings, seed_groups, compare_runs, compare_parser, main.
 """
 
 from __future__ import annotations
@@ -217,8 +217,8 @@ def _seed_section(page: Page, runs: Sequence[RunFolder]) -> None:
         section.text("More than two groups: each group's mean and sd are shown, no paired test.")
 
 
-def main(argv: Sequence[str]) -> int:
-    """The ``compare`` command line; returns the exit code."""
+def compare_parser() -> argparse.ArgumentParser:
+    """The ``compare`` command line."""
     p = argparse.ArgumentParser(
         prog="python -m report compare",
         description="Compare runs: test figures with their differing settings, overlaid "
@@ -228,7 +228,12 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument(
         "--out", help="the page's folder (default: runs/compare-<timestamp>)", default=None
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    """The ``compare`` command line; returns the exit code."""
+    args = compare_parser().parse_args(argv)
     out = args.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     path = compare_runs(args.runs, out)
     print(f"comparison written to {path}")

@@ -84,8 +84,26 @@ def test_dataset_commands_parse(command):
     dataset_parser().parse_args(_args(command, "python -m dataset"))
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m report")])
+def test_report_commands_parse(command):
+    from report.__main__ import run_parser
+    from report.compare import compare_parser
+
+    args = _args(command, "python -m report")
+    if args[:1] == ["compare"]:
+        assert len(compare_parser().parse_args(args[1:]).runs) >= 2
+    else:
+        run_parser().parse_args(args)
+
+
 def test_every_command_is_checked_by_one_of_the_tests_above():
-    known = ("make ", "python models/train.py", "python test.py", "python -m dataset")
+    known = (
+        "make ",
+        "python models/train.py",
+        "python test.py",
+        "python -m dataset",
+        "python -m report",
+    )
     assert [c for c in COMMANDS if not c.startswith(known)] == []
 
 
