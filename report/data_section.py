@@ -30,6 +30,7 @@ from dataset.subset import subset_cache
 from report.page import Page, Section
 from report.run import RunFolder
 from training.engine.checkpoint import CheckpointError, load_checkpoint
+from training.engine.data import sized_cache_name
 from training.evaluation.report import prepare_kwargs
 
 #: Sample images per class in the grid, and the smallest side of a thumbnail in pixels.
@@ -130,7 +131,7 @@ def _guess_cache(source: Path, root: Path, data_cfg: dict) -> Path:
     when no checkpoint says so."""
     size = data_cfg.get("image_size") or 0
     if size:
-        return root / f"{source.resolve().name}_{size}px"
+        return root / sized_cache_name(source, size)
     return root / (source.stem if source.suffix else source.name)
 
 

@@ -7,6 +7,8 @@
   samples of Cui et al. 2019), so that classes are balanced in expectation.
 - :func:`double_correction_warning`: a class-weighted loss on top of balanced sampling corrects
   the imbalance twice and over-favours the rare classes; this says so.
+- :func:`prepare_cache` and :func:`sized_cache_name`: the run's cache, and the name of a resized
+  folder's cache (the report finds the cache of a run by it too).
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def resolve_workers(requested: int, device: torch.device) -> int:
     return 4 if device.type in ("cuda", "mps") else 0
 
 
+def sized_cache_name(folder: str | Path, size: int) -> str:
+    """The cache folder's name for an image folder resized to ``size`` px: its own name per
+    size, so a folder trained at two sizes keeps both caches."""
+    return f"{Path(folder).resolve().name}_{size}px"
+
+
 def prepare_cache(data_cfg, progress: bool = True) -> CacheInfo:
     """Build or reuse the cache that ``data_cfg`` (a ``DataConfig``) names.
 
@@ -59,8 +67,7 @@ def prepare_cache(data_cfg, progress: bool = True) -> CacheInfo:
                 "allowed: 0 (only image folders are resized; MedMNIST names choose a size "
                 "themselves, e.g. bloodmnist_64)"
             )
-        # Its own cache name, so a folder trained at two sizes keeps both caches.
-        name = f"{folder.resolve().name}_{size}px"
+        name = sized_cache_name(folder, size)
     cache, _ = prepare(
         data_cfg.source,
         data_cfg.root,
