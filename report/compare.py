@@ -115,13 +115,11 @@ def paired_groups(a: Sequence[RunFolder], b: Sequence[RunFolder], key: str) -> d
 
 
 def _curves_figure(page: Page, runs: Sequence[RunFolder]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
     panels = (("val_loss", "validation loss"), ("val_acc", "validation accuracy"))
     for ax, (key, title) in zip(axes[:2], panels, strict=True):
         for run in runs:
@@ -141,7 +139,6 @@ def _curves_figure(page: Page, runs: Sequence[RunFolder]):
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
     return page.save(fig, "compare_curves", "learning curves of every run, overlaid")
 
 

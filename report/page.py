@@ -122,15 +122,11 @@ class Page:
         return self.folder / f"{name}.png"
 
     def save(self, fig: Any, name: str, caption: str = "", width: int | None = None) -> Figure:
-        """Save a matplotlib figure as ``name.png`` beside the page (atomically), close it and
-        return it as a :class:`Figure` to place in a section."""
-        import matplotlib.pyplot as plt
-
+        """Save a ``matplotlib.figure.Figure`` as ``name.png`` beside the page (atomically) and
+        return it as a :class:`Figure` to place in a section. The report builds its figures
+        without pyplot, so no global backend state is touched and none is left open."""
         path = self.figure_path(name)
-        try:
-            write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        finally:
-            plt.close(fig)
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         return Figure(path, caption, width)
 
     def render(self) -> str:

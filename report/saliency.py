@@ -176,17 +176,14 @@ def _short(name: str, limit: int = 16) -> str:
 
 
 def _errors_figure(page: Page, final: FinalModel, indices: list[int], cams: np.ndarray) -> Figure:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure as MplFigure
 
     pairs_per_row = 4
     rows = math.ceil(len(indices) / pairs_per_row)
-    fig, axes = plt.subplots(
-        rows,
-        2 * pairs_per_row,
-        figsize=(2 * pairs_per_row * PANEL_IN, rows * (PANEL_IN + 0.45)),
-        squeeze=False,
-        layout="constrained",
+    fig = MplFigure(
+        figsize=(2 * pairs_per_row * PANEL_IN, rows * (PANEL_IN + 0.45)), layout="constrained"
     )
+    axes = fig.subplots(rows, 2 * pairs_per_row, squeeze=False)
     shown = denormalise(final.images(indices), final.mean, final.std)
     probs = final.probabilities
     for ax in axes.flat:
@@ -222,20 +219,17 @@ def _saliency_figure(
     cams: dict[str, dict[int, np.ndarray]],
     per_row: int,
 ) -> Figure:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure as MplFigure
 
     methods = list(CAM_METHODS)
     per_image = 1 + len(methods)
     lines = {c: max(1, math.ceil(len(ix) / per_row)) for c, ix in chosen.items()}
     rows = sum(lines.values())
     cols = per_row * per_image
-    fig, axes = plt.subplots(
-        rows,
-        cols,
-        figsize=(cols * PANEL_IN * 0.9, rows * (PANEL_IN * 0.9 + 0.25) + 0.3),
-        squeeze=False,
-        layout="constrained",
+    fig = MplFigure(
+        figsize=(cols * PANEL_IN * 0.9, rows * (PANEL_IN * 0.9 + 0.25) + 0.3), layout="constrained"
     )
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
     row = 0
@@ -269,16 +263,11 @@ def _saliency_figure(
 def _features_figure(
     page: Page, final: FinalModel, index: int, features: list[tuple[str, torch.Tensor]]
 ) -> Figure:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure as MplFigure
 
     cols = 2 + CHANNELS_SHOWN
-    fig, axes = plt.subplots(
-        len(features),
-        cols,
-        figsize=(cols * 1.05, len(features) * 1.3 + 0.3),
-        squeeze=False,
-        layout="constrained",
-    )
+    fig = MplFigure(figsize=(cols * 1.05, len(features) * 1.3 + 0.3), layout="constrained")
+    axes = fig.subplots(len(features), cols, squeeze=False)
     shown = denormalise(final.images([index]), final.mean, final.std)[0]
     for ax in axes.flat:
         _bare(ax)

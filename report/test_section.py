@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from report.page import Figure, Page
-from report.predictions import final_set
-from report.run import RunFolder
+from report.run import RunFolder, final_set
 from training.evaluation.calibration import reliability_diagram
 from training.evaluation.metrics import ECE_BINS
 from training.evaluation.report import SCALED_SUFFIX, temperature_notes
@@ -114,14 +113,15 @@ def _percent(share: float) -> str:
 def _confusion_figure(
     page: Page, matrix: np.ndarray, class_names: Sequence[str], normalised: bool, title: str
 ) -> Figure:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure as MplFigure
 
     n = len(class_names)
     totals = matrix.sum(axis=1, keepdims=True)
     shares = matrix / np.maximum(totals, 1)
     values = shares if normalised else matrix
     side = min(9.0, max(3.8, 0.5 * n + 2.2))
-    fig, ax = plt.subplots(figsize=(side + 0.6, side - 0.4), layout="constrained")
+    fig = MplFigure(figsize=(side + 0.6, side - 0.4), layout="constrained")
+    ax = fig.subplots()
     image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalised else max(1, matrix.max()))
     if n <= ANNOTATE_UP_TO:
         for (i, j), value in np.ndenumerate(values):
