@@ -166,14 +166,22 @@ def _fill(sizes: list[int], target: int) -> np.ndarray:
     return take
 
 
-def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 ``(N, H, W, C)`` images on the 0..1 scale."""
+def channel_stats(
+    images: np.ndarray, chunk: int = 8192, rows: np.ndarray | None = None
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 ``(N, H, W, C)`` images on the 0..1 scale.
+
+    ``rows`` restricts it to those images (read ``chunk`` at a time, so a memory map is never
+    read whole); ``None`` takes every image.
+    """
     c = images.shape[-1]
     total = np.zeros(c)
     total_sq = np.zeros(c)
     count = 0
-    for start in range(0, len(images), chunk):
-        block = np.asarray(images[start : start + chunk], dtype=np.float64) / 255.0
+    n = len(images) if rows is None else len(rows)
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        block = np.asarray(images[part if rows is None else rows[part]], dtype=np.float64) / 255.0
         total += block.sum(axis=(0, 1, 2))
         total_sq += (block**2).sum(axis=(0, 1, 2))
         count += block.shape[0] * block.shape[1] * block.shape[2]

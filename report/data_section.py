@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dataset import medmnist
-from dataset.cache import CacheInfo, load_cache, prepare
+from dataset.cache import CacheInfo, channel_stats, load_cache, prepare
 from dataset.errors import DataError
 from dataset.sources import SPLITS
 from dataset.subset import subset_cache
@@ -304,7 +304,7 @@ def thumbnail_grid(
 def _split_rows(cache: CacheInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The full split's memory map and the rows of it the (sub)set uses; no copy of the pixels
     (a subset's ``images()`` copies the whole split)."""
-    images = np.load(cache.path / f"{split}_images.npy", mmap_mode="r")
+    images = CacheInfo.images(cache, split)
     rows = cache.rows(split)
     return images, np.arange(len(images)) if rows is None else np.asarray(rows)
 
@@ -312,7 +312,8 @@ def _split_rows(cache: CacheInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
 def split_channel_stats(
     cache: CacheInfo, split: str, limit: int = STATS_LIMIT
 ) -> tuple[list[float], list[float], int, int]:
-    """Per-channel mean and std (0..1 scale) of a split's images.
+    """Per-channel mean and std (0..1 scale) of a split's images
+    (:func:`dataset.cache.channel_stats`, as the cache computes the normalisation).
 
     Returns ``(mean, std, images read, images in the split)``: a split over ``limit`` images is
     read at ``limit`` evenly spaced rows.
@@ -321,18 +322,11 @@ def split_channel_stats(
     total = len(rows)
     if total > limit:
         rows = rows[np.linspace(0, total - 1, limit).round().astype(np.int64)]
-    channels = images.shape[-1]
-    acc, acc_sq, count = np.zeros(channels), np.zeros(channels), 0
-    for start in range(0, len(rows), _STATS_CHUNK):
-        block = np.asarray(images[rows[start : start + _STATS_CHUNK]], dtype=np.float64) / 255.0
-        acc += block.sum(axis=(0, 1, 2))
-        acc_sq += (block**2).sum(axis=(0, 1, 2))
-        count += block.shape[0] * block.shape[1] * block.shape[2]
-    if count == 0:
+    if not len(rows):
+        channels = images.shape[-1]
         return [math.nan] * channels, [math.nan] * channels, 0, total
-    mean = acc / count
-    std = np.sqrt(np.maximum(acc_sq / count - mean**2, 0.0))
-    return mean.tolist(), std.tolist(), len(rows), total
+    mean, std = channel_stats(images, chunk=_STATS_CHUNK, rows=rows)
+    return mean, std, len(rows), total
 
 
 def leakage_rows(meta: dict) -> tuple[list[list[str]], list[str]]:
