@@ -6,7 +6,7 @@ when it was scored, else ``best``), and its temperature is the one ``test.py`` a
 ``<name>+T`` row of ``test_report.json``), so the losses here are those of the report's figures.
 
 Public API:
-    FinalModel, final_set, load_final, top_loss_indices, denormalise.
+    FinalModel, load_final, top_loss_indices, denormalise.
 """
 
 from __future__ import annotations
@@ -81,19 +81,6 @@ class FinalModel:
         return torch.stack([self.dataset[int(i)][0] for i in indices])
 
 
-def final_set(report: dict[str, Any]) -> str:
-    """The weight set the run ends with: ``swa`` when scored, else ``best``, else the first one
-    scored (``last`` in a run that never scored its validation set)."""
-    weights = report.get("weights", {})
-    for name in ("swa", "best"):
-        if name in weights:
-            return name
-    main = [n for n, m in weights.items() if "scaled_from" not in m]
-    if not main:
-        raise ReportError("test_report.json scores no weight set; run python test.py again")
-    return main[0]
-
-
 def _temperature(report: dict[str, Any], name: str) -> float:
     # The +T row exists only where test.py applied the temperature (fitted, same TTA mode).
     scaled = report.get("weights", {}).get(name + SCALED_SUFFIX)
@@ -109,7 +96,7 @@ def load_final(run: RunFolder, *, device: str = "cpu", batch_size: int = 256) ->
     """
     if run.test_report is None:
         raise ReportError(f"{run.path} has no test_report.json; run python test.py first")
-    name = final_set(run.test_report)
+    name = run.final_weights
     if name not in run.checkpoints:
         raise ReportError(
             f"{run.path / 'checkpoints'} has no file for the {name!r} weights that"

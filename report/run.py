@@ -1,7 +1,7 @@
 """What a run folder holds, read once for every section of the report.
 
 Public API:
-    RunFolder, ReportError, load_run, epoch_rows.
+    RunFolder, ReportError, load_run, epoch_rows, final_set.
 """
 
 from __future__ import annotations
@@ -44,11 +44,9 @@ class RunFolder:
 
     @property
     def final_weights(self) -> str | None:
-        """The weight set the run ends with, as scored by ``test.py``: ``swa`` when it was
-        scored, else ``best``; ``None`` before testing."""
-        if not self.test_report:
-            return None
-        return "swa" if "swa" in self.test_report.get("weights", {}) else "best"
+        """The weight set the run ends with (:func:`final_set` of its test report); ``None``
+        before testing."""
+        return final_set(self.test_report) if self.test_report else None
 
     def test_scores(self, weights: str | None = None) -> dict[str, Any]:
         """The test figures of ``weights`` (default: the final set), with ``ece_scaled`` from its
@@ -81,6 +79,23 @@ class RunFolder:
                 return default
             value = value[part]
         return value
+
+
+def final_set(report: dict[str, Any]) -> str:
+    """The weight set a test report's run ends with: ``swa`` when scored, else ``best``, else
+    the first one scored (``last`` in a run that never scored its validation set).
+
+    Raises:
+        ReportError: the report scores no weight set.
+    """
+    weights = report.get("weights", {})
+    for name in ("swa", "best"):
+        if name in weights:
+            return name
+    main = [n for n, m in weights.items() if "scaled_from" not in m]
+    if not main:
+        raise ReportError("test_report.json scores no weight set; run python test.py again")
+    return main[0]
 
 
 def epoch_rows(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:

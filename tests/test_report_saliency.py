@@ -15,8 +15,8 @@ from PIL import Image
 
 from models.registry import build_model
 from report.page import Page
-from report.predictions import denormalise, final_set, load_final, top_loss_indices
-from report.run import ReportError, load_run
+from report.predictions import denormalise, load_final, top_loss_indices
+from report.run import ReportError, final_set, load_run
 from report.saliency import (
     add_errors_and_saliency,
     cam_layer,
