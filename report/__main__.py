@@ -12,6 +12,17 @@ from report.run import ReportError
 from training.engine.checkpoint import CheckpointError
 
 
+def _count(text: str) -> int:
+    """An image count for the command line: an int >= 0, or argparse's one-line refusal."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: an int >= 0")
+    return value
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m report",
@@ -22,11 +33,11 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder written by models/train.py")
     p.add_argument("--out", help="the page's folder (default: RUN_DIR/report)")
     p.add_argument(
-        "--errors", type=int, default=DEFAULT_ERRORS, help="images in the errors gallery"
+        "--errors", type=_count, default=DEFAULT_ERRORS, help="images in the errors gallery"
     )
     p.add_argument(
         "--per-class",
-        type=int,
+        type=_count,
         default=DEFAULT_PER_CLASS,
         help="correct test images per class in the saliency section",
     )

@@ -141,3 +141,10 @@ def test_grey_and_large_images_get_the_whole_page(tmp_path, channels, size):
     html = page.read_text()
     assert section_ids(html) == SECTIONS
     assert all((page.parent / src).is_file() for src in image_sources(html))
+
+
+def test_a_negative_image_count_is_refused_by_the_command_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report_main(["runs/x", "--errors", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --errors: '-1' is invalid; allowed: an int >= 0" in capsys.readouterr().err
