@@ -19,17 +19,14 @@ from report.page import Figure, Page
 from report.run import RunFolder, final_set
 from training.evaluation.calibration import reliability_diagram
 from training.evaluation.metrics import ECE_BINS
-from training.evaluation.report import SCALED_SUFFIX, temperature_notes
-
-#: (column header, metric key) of the summary table, in order.
-SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("accuracy", "accuracy"),
-    ("macro-F1", "macro_f1"),
-    ("balanced accuracy", "balanced_accuracy"),
-    ("NLL", "nll"),
-    ("ECE", "ece"),
+from training.evaluation.report import (
+    SCALED_SUFFIX,
+    SUMMARY_METRICS,
+    temperature_notes,
+    weight_label,
 )
 
+#: (column header, metric key) of the summary table, in order.
 #: most-confused pairs listed.
 TOP_PAIRS = 5
 
@@ -38,20 +35,17 @@ ANNOTATE_UP_TO = 20
 
 
 def _weight_label(report: dict[str, Any], name: str) -> str:
-    metrics = report["weights"][name]
-    if "scaled_from" in metrics:
-        return f"{name} (T={metrics['temperature']:.3f})"
-    epoch = report.get("checkpoints", {}).get(name, {}).get("epoch")
-    return name if epoch is None else f"{name} (epoch {epoch})"
+    return weight_label(report, name, console=False)
 
 
 def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Headers and one row per weight set of the report (in its order): the set's label, then
-    each metric of :data:`SUMMARY_COLUMNS` to 4 decimals ("-" where a report lacks it)."""
-    headers = ["weights", *(label for label, _ in SUMMARY_COLUMNS)]
+    each metric of :data:`~training.evaluation.report.SUMMARY_METRICS` to 4 decimals ("-" where
+    a report lacks it)."""
+    headers = ["weights", *(label for label, _ in SUMMARY_METRICS)]
     rows = []
     for name, metrics in report.get("weights", {}).items():
-        cells = [f"{metrics[key]:.4f}" if key in metrics else "-" for _, key in SUMMARY_COLUMNS]
+        cells = [f"{metrics[key]:.4f}" if key in metrics else "-" for _, key in SUMMARY_METRICS]
         rows.append([_weight_label(report, name), *cells])
     return headers, rows
 

@@ -13,12 +13,12 @@ from PIL import Image
 from report.page import Page
 from report.run import load_run
 from report.test_section import (
-    SUMMARY_COLUMNS,
     add_test_section,
     confused_pairs,
     per_class_rows,
     summary_rows,
 )
+from training.evaluation.report import SUMMARY_METRICS
 
 
 def _cells(html: str) -> list[list[str]]:
@@ -56,11 +56,11 @@ def test_confused_pairs_refuses_a_matrix_that_does_not_fit():
 def test_summary_rows_equal_the_report(trained_run):
     report = json.loads((trained_run / "test_report.json").read_text())
     headers, rows = summary_rows(report)
-    assert headers[1:] == [label for label, _ in SUMMARY_COLUMNS]
+    assert headers[1:] == [label for label, _ in SUMMARY_METRICS]
     assert len(rows) == len(report["weights"])
     for row, (name, metrics) in zip(rows, report["weights"].items(), strict=True):
         assert row[0].startswith(name)
-        for cell, (_, key) in zip(row[1:], SUMMARY_COLUMNS, strict=True):
+        for cell, (_, key) in zip(row[1:], SUMMARY_METRICS, strict=True):
             assert float(cell) == pytest.approx(metrics[key], abs=5e-5)
 
 

@@ -19,7 +19,7 @@ of that same mode.
 Public API:
     checkpoint_temperature, checkpoint_temperature_reason, build_model, test_loader,
     find_weights, latest_run, evaluate_run, run_tta, print_report, save_report, prepare_kwargs,
-    temperature_notes, WEIGHT_FILES.
+    temperature_notes, weight_label, SUMMARY_METRICS, WEIGHT_FILES.
 """
 
 from __future__ import annotations
@@ -371,7 +371,8 @@ def _weight_rows(
     return rows
 
 
-_SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
+#: (label, key) of the figures each weight set's summary shows, in order.
+SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy", "accuracy"),
     ("macro-F1", "macro_f1"),
     ("balanced accuracy", "balanced_accuracy"),
@@ -385,10 +386,15 @@ def _main_sets(report: dict) -> list[str]:
     return [name for name, m in report["weights"].items() if "scaled_from" not in m]
 
 
-def _weight_label(report: dict, name: str) -> str:
+def weight_label(report: dict, name: str, *, console: bool = True) -> str:
+    """A weight set's label: ``best (epoch 12)``, or for a temperature-scaled row ``best+T`` and
+    its T, on a second line for the console (so four columns fit in 80 characters), in brackets
+    on the report page."""
     metrics = report["weights"].get(name, {})
-    if "scaled_from" in metrics:  # on two lines, so four columns fit in 80 characters
-        return f"{name}\nT={metrics['temperature']:.2f}"
+    if "scaled_from" in metrics:
+        if console:
+            return f"{name}\nT={metrics['temperature']:.2f}"
+        return f"{name} (T={metrics['temperature']:.3f})"
     epoch = report.get("checkpoints", {}).get(name, {}).get("epoch")
     return name if epoch is None else f"{name} (epoch {epoch})"
 
@@ -397,9 +403,9 @@ def _summary_table(report: dict) -> Table:
     table = Table(title="summary", box=box.SIMPLE_HEAD)
     table.add_column("metric")
     for name in report["weights"]:
-        table.add_column(_weight_label(report, name), justify="right")
+        table.add_column(weight_label(report, name), justify="right")
     rows = report["weights"].values()
-    for label, key in _SUMMARY_ROWS:
+    for label, key in SUMMARY_METRICS:
         if any(key in m for m in rows):  # a report from before ECE has no ECE row
             table.add_row(label, *(f"{m[key]:.4f}" if key in m else "-" for m in rows))
     return table
@@ -507,9 +513,7 @@ def _plot_confusion(report: dict, path: Path) -> None:
         ax.set_yticks(ticks, report["class_names"], fontsize=8)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(
-            f"{_weight_label(report, name)}: acc {report['weights'][name]['accuracy']:.3f}"
-        )
+        ax.set_title(f"{weight_label(report, name)}: acc {report['weights'][name]['accuracy']:.3f}")
     fig.savefig(path, format="png", dpi=120, bbox_inches="tight", pad_inches=0.15)
 
 
