@@ -42,7 +42,6 @@ window.addEventListener('error', function (e) {
   var t = e.target || {};
   window.__errors.push(t.src ? 'failed to load ' + t.src : String(e.message));
 }, true);
-var __log = console.error;
 console.error = function () { window.__errors.push(Array.from(arguments).join(' ')); };
 window.addEventListener('load', function () {
   var imgs = Array.from(document.images);
