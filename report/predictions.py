@@ -21,15 +21,10 @@ from torch.utils.data import Dataset
 
 from models.staged import StagedModel
 from report.run import ReportError, RunFolder
-from training.engine.checkpoint import load_checkpoint
 from training.engine.data import resolve_workers
 from training.engine.device import resolve_device
 from training.engine.inference import predict
-from training.evaluation.report import SCALED_SUFFIX, build_model, test_loader
-
-#: checkpoint keys a weight set needs to be rebuilt and tested; an SWA checkpoint written
-#: without them borrows them from the run's other checkpoint, as evaluate_run does.
-_METADATA = ("model_record", "class_names", "mean", "std", "data", "config")
+from training.evaluation.report import SCALED_SUFFIX, build_model, load_weight_set, test_loader
 
 
 @dataclass
@@ -102,15 +97,7 @@ def load_final(run: RunFolder, *, device: str = "cpu", batch_size: int = 256) ->
             f"{run.path / 'checkpoints'} has no file for the {name!r} weights that"
             " test_report.json scored"
         )
-    ckpt = load_checkpoint(run.checkpoints[name])
-    if any(key not in ckpt for key in _METADATA):
-        others = [n for n in ("best", "last") if n in run.checkpoints and n != name]
-        if not others:
-            raise ReportError(
-                f"{run.checkpoints[name]} lacks {', '.join(k for k in _METADATA if k not in ckpt)}"
-                " and the run has no other checkpoint to take them from"
-            )
-        ckpt = {**load_checkpoint(run.checkpoints[others[0]]), **ckpt}
+    ckpt = load_weight_set(run.path, name)
     dev = resolve_device(device)
     model = build_model(ckpt).to(dev).eval()
     loader, _ = test_loader(ckpt, None, batch_size, resolve_workers(-1, dev))

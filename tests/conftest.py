@@ -158,3 +158,10 @@ def trained_run(tmp_path_factory) -> Path:
     """One tiny trained and tested run (3-channel, 28 px), shared by every test that reads it:
     copy it before changing it."""
     return train_tiny_run(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def trained_grey_run(tmp_path_factory) -> Path:
+    """One tiny trained and tested greyscale run (1 channel, 64 px), shared like
+    :func:`trained_run`: copy it before changing it."""
+    return train_tiny_run(tmp_path_factory.mktemp("trained_grey"), channels=1, size=64)

@@ -5,8 +5,9 @@ Layers, bottom up: ``models`` (networks, knowing nothing of training); the primi
 ``training.config``; the loop (``engine.trainer``, ``engine.data``, ``engine.run_dir``);
 ``training.callbacks`` (the features, handed the trainer, never importing it);
 ``training.evaluation.report``; ``training.build``, the one module that assembles every
-layer; and ``report``, the report pages, which read run folders and nothing imports. ``dataset``
-stands beside ``models`` at the bottom. The rules are read from the import statements
+layer; ``report``, the report pages, which read run folders; and ``inference``, which uses a
+trained model (predict, export, demo) and which nothing below imports. ``dataset`` stands beside
+``models`` at the bottom. The rules are read from the import statements
 themselves, so a new upward import fails.
 """
 
@@ -24,9 +25,10 @@ TOP = ("training.build", "training.evaluation.report")
 
 # module prefix -> prefixes it must not import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "models": ("training", "dataset", "report"),
-    "dataset": ("training", "models", "report"),
-    "training": ("report",),
+    "models": ("training", "dataset", "report", "inference"),
+    "dataset": ("training", "models", "report", "inference"),
+    "training": ("report", "inference"),
+    "report": ("inference",),
     "report.page": ("report.build", "report.compare", "report.run"),
     "report.run": ("report.build", "report.compare"),
     "training.engine": ("training.callbacks", *TOP),
@@ -60,7 +62,9 @@ def under(name: str, prefix: str) -> bool:
 
 
 SOURCES = sorted(
-    p for d in ("models", "training", "dataset", "report") for p in (ROOT / d).rglob("*.py")
+    p
+    for d in ("models", "training", "dataset", "report", "inference")
+    for p in (ROOT / d).rglob("*.py")
 )
 
 

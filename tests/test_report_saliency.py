@@ -24,7 +24,6 @@ from report.saliency import (
     class_activation_maps,
     stage_features,
 )
-from tests.conftest import train_tiny_run
 from training.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -202,8 +201,8 @@ def test_sections_on_a_trained_run(trained_run, tmp_path):
     assert all(r[1] == "2" and 0.0 <= float(r[2]) <= 1.0 for r in rows)
 
 
-def test_a_one_channel_64px_run_renders(tmp_path):
-    run = load_run(train_tiny_run(tmp_path, channels=1, size=64))
+def test_a_one_channel_64px_run_renders(trained_grey_run, tmp_path):
+    run = load_run(trained_grey_run)
     page = Page(tmp_path / "page", "t")
     add_errors_and_saliency(page, run, errors=4, per_class=1, device="cpu")
     final = load_final(run)

@@ -18,8 +18,9 @@ of that same mode.
 
 Public API:
     checkpoint_temperature, checkpoint_temperature_reason, build_model, test_loader,
-    find_weights, latest_run, evaluate_run, run_tta, print_report, save_report, prepare_kwargs,
-    temperature_notes, weight_label, SUMMARY_METRICS, WEIGHT_FILES.
+    find_weights, load_weight_set, latest_run, evaluate_run, run_tta, print_report, save_report,
+    prepare_kwargs, temperature_notes, weight_label, SUMMARY_METRICS, WEIGHT_FILES,
+    WEIGHT_METADATA.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ from training.evaluation.tta import resolve_tta
 
 #: weight-set name -> file under ``run_dir/checkpoints/``, in report order.
 WEIGHT_FILES: dict[str, str] = {"best": "best.pt", "last": "last.pt", "swa": "swa.pt"}
+
+
+#: checkpoint keys a weight set needs to be rebuilt and used; an SWA checkpoint written without
+#: them borrows them from the run's other checkpoint.
+WEIGHT_METADATA: tuple[str, ...] = ("model_record", "class_names", "mean", "std", "data", "config")
 
 
 REPORT_JSON = "test_report.json"
@@ -247,6 +253,36 @@ def find_weights(run_dir: Path) -> dict[str, Path]:
             f"no checkpoints in {folder}: train first with python models/train.py"
         )
     return present
+
+
+def load_weight_set(run_dir: Path, name: str) -> dict:
+    """The checkpoint of a run's weight set ``name`` (``best``, ``last`` or ``swa``), with the
+    metadata it lacks (:data:`WEIGHT_METADATA`) taken from the run's best or last checkpoint.
+
+    Raises:
+        FileNotFoundError: the run has no file for ``name``.
+        CheckpointError: a checkpoint cannot be read, or nothing holds the missing metadata.
+    """
+    if name not in WEIGHT_FILES:
+        raise ValueError(f"weights={name!r} is invalid; allowed: {' | '.join(WEIGHT_FILES)}")
+    folder = Path(run_dir) / "checkpoints"
+    path = folder / WEIGHT_FILES[name]
+    if not path.is_file():
+        present = [n for n, f in WEIGHT_FILES.items() if (folder / f).is_file()]
+        raise FileNotFoundError(
+            f"{path} does not exist; this run has: {', '.join(present) or 'no checkpoints'}"
+        )
+    ckpt = load_checkpoint(path)
+    missing = [key for key in WEIGHT_METADATA if key not in ckpt]
+    if not missing:
+        return ckpt
+    for other in ("best", "last"):
+        other_path = folder / WEIGHT_FILES[other]
+        if other != name and other_path.is_file():
+            return {**load_checkpoint(other_path), **ckpt}
+    raise CheckpointError(
+        f"{path} lacks {', '.join(missing)} and the run has no other checkpoint to take them from"
+    )
 
 
 def latest_run(root: Path = Path("runs")) -> Path:
