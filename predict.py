@@ -83,6 +83,7 @@ def _classify(args: argparse.Namespace, classifier: Classifier, err: Console) ->
         f" classes, {classifier.input_size}x{classifier.input_size}x{classifier.channels},"
         f" tta {tta}, T={classifier.temperature_for(tta):.3f}; {len(items)} image(s)",
         highlight=False,
+        soft_wrap=True,
     )
     for note in classifier.notes:
         err.print(note, highlight=False)

@@ -120,10 +120,13 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def train_tiny_run(base: Path, *, channels: int = 3, size: int = 28, epochs: int = 4) -> Path:
+def train_tiny_run(
+    base: Path, *, channels: int = 3, size: int = 28, epochs: int = 4, arch: str = "basic_cnn"
+) -> Path:
     """A real run folder: ``models/train.py`` on a tiny learnable dataset for a few epochs (SWA
     from epoch 3, so ``swa.pt`` and temperatures exist), then ``test.py``'s evaluation; for the
-    tests of what reads run folders (the report)."""
+    tests of what reads run folders (the report, predict). ``arch`` picks any registered model;
+    ``basic_cnn`` is made narrow and grows over two stages."""
     import models.train as train_script
     from training.evaluation.report import evaluate_run, save_report
 
@@ -137,15 +140,18 @@ def train_tiny_run(base: Path, *, channels: int = 3, size: int = 28, epochs: int
             data[key] = images.permute(0, 2, 3, 1).round().clamp(0, 255).byte().numpy()
         np.savez(npz, **data)
     run = base / "run"
+    if arch == "basic_cnn":
+        model = ["--set", "model.width=0.125", "--set", "model.block_channels=[]",
+                 "--set", "unfreeze.activate_at=[1, 2]"]  # fmt: skip
+    else:
+        model = ["--model", arch]
     code = train_script.main(
         [
             "--preset", "cpu", "--data", str(npz), "--run-dir", str(run),
-            "--epochs", str(epochs),
+            "--epochs", str(epochs), *model,
             "--set", f"data.root={base / 'cache'}",
-            "--set", "model.width=0.125", "--set", "model.block_channels=[]",
             "--set", "optim.batch_size=16", "--set", "run.progress=plain",
             "--set", "run.tensorboard=false", "--set", "safety.swa_start_epoch=3",
-            "--set", "unfreeze.activate_at=[1, 2]",
         ]
     )  # fmt: skip
     assert code == 0, "the tiny run did not train"

@@ -117,9 +117,19 @@ def _test_images(run):
     return np.load(run.parent / "tiny.npz")["test_images"]
 
 
-def test_probabilities_equal_the_test_reports_calibrated_ones(trained_run):
+@pytest.fixture(scope="module")
+def zoo_run(tmp_path_factory):
+    """A tiny trained and tested run of a timm model."""
+    from tests.conftest import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("zoo"), arch="timm/resnet10t")
+
+
+@pytest.mark.parametrize("run_fixture", ["trained_run", "zoo_run"])
+def test_probabilities_equal_the_test_reports_calibrated_ones(request, run_fixture):
     """The same images through predict's path and through test.py's give the same calibrated
-    probabilities, for the weight set the run ends with."""
+    probabilities, for the weight set the run ends with: basic_cnn and a timm model."""
+    trained_run = request.getfixturevalue(run_fixture)
     final = load_final(load_run(trained_run))
     classifier = Classifier.from_run(trained_run)
     assert classifier.weights == final.name == final_weight_set(trained_run) == "swa"
