@@ -196,7 +196,9 @@ def latency(args: argparse.Namespace, tmp: Path) -> int:
     models: list[tuple[str, Classifier]] = []
     try:
         for run in args.runs:
-            models.append((run.name, Classifier.load(run)))
+            classifier = Classifier.load(run)
+            arch = classifier.model.record()["arch"]
+            models.append((f"{arch} {classifier.input_size}px", classifier))
     except (FileNotFoundError, ValueError) as err:  # CheckpointError/ExportError are ValueErrors
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -2,14 +2,14 @@
 
 Runs, in one process, with the same weights, device, threads and batch size:
 
-* **test.py**: the forward pass ``test.py`` times per weight set: :func:`training.engine.inference.
-  predict` over :func:`training.evaluation.report.test_loader` (the source's ``.npy`` cache, each
-  image normalised by Albumentations, no TTA);
-* **predict.py**: :func:`inference.batch.classify` over the same images given as new inputs, as
-  ``predict.py RUN SOURCE.npz:test_images`` reads them: each image taken from the array, brought
-  to the model's size and channels, normalised, classified, and its calibrated probabilities kept.
-  With ``--folder``, the images are instead the JPEG or PNG files of a folder, so reading and
-  decoding the files counts too.
+* **test.py**: the forward pass ``test.py`` runs per weight set: :func:`training.engine.inference.
+  predict` over :func:`training.evaluation.report.test_loader` (the test split of the run's
+  ``.npy`` cache, or of ``--data``; each image normalised by Albumentations; no TTA);
+* **predict.py**: :func:`inference.batch.classify` over the same test images given as new
+  inputs (``--inputs``, as ``predict.py`` takes them): each image read, brought to the model's
+  size and channels, normalised, classified, and its calibrated probabilities kept. From an
+  ``.npz`` (the default, ``DATA.npz:test_images``) that is the work ``test.py`` does; from a
+  folder of JPEG or PNG files, reading, decoding and resizing the files count too.
 
 Each side runs ``--repeats`` times after one warm-up pass, alternating which goes first; the
 figure judged is the ratio of the median images/s (target: predict.py within 10% of test.py,
@@ -18,8 +18,7 @@ figure judged is the ratio of the median images/s (target: predict.py within 10%
 Run from the repository root with a trained run (about a minute for 3,418 28-px images)::
 
     .venv/bin/python bench/predict.py runs/NAME --data ../shared/data/bloodcells_pbc_28.npz
-    .venv/bin/python bench/predict.py runs/NAME --data ../shared/data/bloodcells_pbc_28.npz \\
-        --folder ../shared/data/bloodcells_pbc_128/test
+    .venv/bin/python bench/predict.py runs/NAME --inputs ../shared/data/bloodcells_pbc_128/test
 """
 
 from __future__ import annotations
@@ -40,15 +39,16 @@ from training.engine.device import resolve_device
 from training.engine.inference import predict
 from training.evaluation.report import build_model, load_weight_set, test_loader
 
-DEFAULT_DATA = "../shared/data/bloodcells_pbc_28.npz"
 TARGET_RATIO = 0.90
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a trained run folder")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="an .npz with test_images")
-    parser.add_argument("--folder", type=Path, help="classify these image files instead")
+    parser.add_argument("--data", help="test.py's source; default: the run's own cache")
+    parser.add_argument(
+        "--inputs", help="predict.py's inputs; default: DATA.npz:test_images (needs --data)"
+    )
     parser.add_argument("--weights", help="weight set; default: the run's final one")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     model = build_model(ckpt).to(device).eval()
     loader, _ = test_loader(ckpt, args.data, args.batch_size, 0)
-    source = args.folder if args.folder else f"{args.data}:test_images"
+    if args.inputs is None and args.data is None:
+        raise SystemExit("give --inputs, or --data with an .npz whose test_images are read")
+    source = args.inputs or f"{args.data}:test_images"
     items, skipped = collect_inputs([source])
     if skipped:
         print(f"skipped inputs: {skipped[:3]}", file=sys.stderr)
@@ -97,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds, outputs[name] = _timed(sides[name])
             rates[name].append(counts[name] / seconds)
             print(f"repeat {repeat + 1} {name:<10} {counts[name] / seconds:8.1f} images/s")
-    if not args.folder:
+    if len(items) == n_test:  # the same images in the same order (an .npz, a sorted folder)
         test_pred = outputs["test.py"].argmax(dim=1).tolist()
         ours = [row.top for row in outputs["predict.py"]]
         agree = sum(a == b for a, b in zip(test_pred, ours, strict=True))
-        print(f"predicted classes agree on {agree} of {n_test} images")
+        print(f"predicted classes agree on {agree} of {n_test} images (same order assumed)")
     medians = {name: statistics.median(r) for name, r in rates.items()}
     ratio = medians["predict.py"] / medians["test.py"]
     verdict = "met" if ratio >= TARGET_RATIO else "MISSED"
