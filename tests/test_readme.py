@@ -1,9 +1,10 @@
 """Every command in the README's shell blocks is one the project accepts.
 
 Each ``python models/train.py`` line is parsed and its configuration resolved (a renamed flag,
-field or preset fails here), each ``python test.py`` and ``python -m dataset`` line is parsed, and
-each ``make`` target exists. What the commands do is covered by the end-to-end tests
-(tests/test_entry_points.py and the others); this file keeps the guide from drifting.
+field or preset fails here); each ``python test.py``, ``predict.py``, ``demo.py``,
+``python -m dataset`` and ``python -m report`` line is parsed; and each ``make`` target exists.
+What the commands do is covered by the end-to-end tests (tests/test_entry_points.py and the
+others); this file keeps the guide from drifting.
 """
 
 from __future__ import annotations
@@ -96,6 +97,21 @@ def test_report_commands_parse(command):
         run_parser().parse_args(args)
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python predict.py")])
+def test_predict_commands_parse(command):
+    import predict
+
+    args = predict.get_args_parser().parse_args(_args(command, "python predict.py"))
+    assert args.inputs or args.export  # what main() requires before it loads anything
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python demo.py")])
+def test_demo_commands_parse(command):
+    import demo
+
+    demo.get_args_parser().parse_args(_args(command, "python demo.py"))
+
+
 def test_every_command_is_checked_by_one_of_the_tests_above():
     known = (
         "make ",
@@ -103,6 +119,8 @@ def test_every_command_is_checked_by_one_of_the_tests_above():
         "python test.py",
         "python -m dataset",
         "python -m report",
+        "python predict.py",
+        "python demo.py",
     )
     assert [c for c in COMMANDS if not c.startswith(known)] == []
 
