@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from inference.batch import OUTPUT_SUFFIXES, Row, classify, rows_csv, write_rows
+from inference.batch import OUTPUT_SUFFIXES, classify, rows_csv, write_rows
 from inference.classifier import Classifier, ExportError
 from inference.inputs import collect_inputs
 from training.engine.checkpoint import CheckpointError
@@ -76,12 +76,12 @@ def _positive(text: str) -> int:
 
 
 def _classify(args: argparse.Namespace, classifier: Classifier, err: Console) -> int:
-    items, skipped = collect_inputs(args.inputs)
+    items = collect_inputs(args.inputs)
     tta = args.tta or classifier.tta
     err.print(
         f"{classifier.source}: {classifier.weights} weights, {len(classifier.class_names)}"
         f" classes, {classifier.input_size}x{classifier.input_size}x{classifier.channels},"
-        f" tta {tta}, T={classifier.temperature_for(tta):.3f}; {len(items)} image(s)",
+        f" tta {tta}, T={classifier.temperature_for(tta):.3f}; {len(items)} input(s)",
         highlight=False,
         soft_wrap=True,
     )
@@ -101,7 +101,6 @@ def _classify(args: argparse.Namespace, classifier: Classifier, err: Console) ->
             workers=args.workers,
             on_batch=lambda n: progress.advance(task, n),
         )
-    rows = [Row(name, error=reason) for name, reason in skipped] + rows
     if args.out is None:
         sys.stdout.write(rows_csv(rows, classifier.class_names, args.min_confidence))
     else:

@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.inputs is None and args.data is None:
         raise SystemExit("give --inputs, or --data with an .npz whose test_images are read")
     source = args.inputs or f"{args.data}:test_images"
-    items, skipped = collect_inputs([source])
+    items = collect_inputs([source])
+    skipped = [item for item in items if item.problem]
     if skipped:
-        print(f"skipped inputs: {skipped[:3]}", file=sys.stderr)
+        print(f"listed, not images: {[i.name for i in skipped[:3]]}", file=sys.stderr)
     n_test, n_items = len(loader.dataset), len(items)
     print(
         f"{args.run_dir} ({classifier.weights}, {classifier.input_size} px, "

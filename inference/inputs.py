@@ -11,8 +11,9 @@ the ``(H, W, C)`` uint8 array the run's cache would hold:
 * the size is the model's input size, resized with PIL's bicubic filter, as the folder reader
   of :mod:`dataset.sources` resizes images of another size (with a note).
 
-A file that cannot be used raises :class:`InputError` with a one-line reason; the caller lists it
-and goes on with the rest.
+An input that gives no image (a missing path, an unsupported format) is kept in its place as an
+item with a ``problem``; a file that cannot be read raises :class:`InputError` with a one-line
+reason. Either way the caller lists it and goes on with the rest.
 
 Public API:
     IMAGE_SUFFIXES, InputItem, InputError, collect_inputs, read_item, conform.
@@ -57,12 +58,14 @@ class InputItem:
         key: for an ``.npz``, the array it is in; ``None`` for an image file.
         index: its row in that array (0 for an image file).
         array: that array, loaded once and shared by its rows.
+        problem: why this input gives no image (then it is only listed), ``None`` when it may.
     """
 
     path: Path
     key: str | None = None
     index: int = 0
     array: np.ndarray | None = field(default=None, repr=False, compare=False)
+    problem: str | None = None
 
     @property
     def name(self) -> str:
@@ -70,28 +73,27 @@ class InputItem:
         return str(self.path) if self.key is None else f"{self.path}:{self.key}[{self.index}]"
 
 
-def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[InputItem], list[tuple[str, str]]]:
-    """Expand files, folders and ``.npz`` archives into items, in a stable order.
+def collect_inputs(inputs: Iterable[str | Path]) -> list[InputItem]:
+    """Expand files, folders and ``.npz`` archives into items, in a stable order: the inputs in
+    the order given, a folder's files sorted by path, an archive's rows by array and index.
 
-    Returns:
-        ``(items, skipped)``: the images to read, and ``(name, reason)`` for every input that
-        gives none (a missing path, an unsupported format, an ``.npz`` without image arrays).
-        A folder's hidden files are passed over; its other non-image files are listed.
+    An input that gives no image (a missing path, an unsupported format, an ``.npz`` without
+    image arrays) is an item with its ``problem``, in its place. A folder's hidden files are
+    passed over; its other non-image files are listed that way.
     """
     items: list[InputItem] = []
-    skipped: list[tuple[str, str]] = []
     for given in inputs:
         text = str(given)
         path, key = _split_npz_key(text)
         if path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
                 if not any(part.startswith(".") for part in file.relative_to(path).parts):
-                    _add_file(file, None, items, skipped)
+                    items.extend(_file_items(file, None))
         elif path.is_file():
-            _add_file(path, key, items, skipped)
+            items.extend(_file_items(path, key))
         else:
-            skipped.append((text, "no such file or folder"))
-    return items, skipped
+            items.append(InputItem(Path(text), problem="no such file or folder"))
+    return items
 
 
 def _split_npz_key(text: str) -> tuple[Path, str | None]:
@@ -102,22 +104,18 @@ def _split_npz_key(text: str) -> tuple[Path, str | None]:
     return Path(text), None
 
 
-def _add_file(
-    path: Path, key: str | None, items: list[InputItem], skipped: list[tuple[str, str]]
-) -> None:
+def _file_items(path: Path, key: str | None) -> list[InputItem]:
     suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
-            items.extend(_npz_items(path, key))
+            return _npz_items(path, key)
         except InputError as error:
-            skipped.append((str(path), str(error)))
-    elif suffix in IMAGE_SUFFIXES:
-        items.append(InputItem(path))
-    else:
-        shown = suffix or "no suffix"
-        skipped.append(
-            (str(path), f"unsupported format ({shown}); allowed: {' '.join(IMAGE_SUFFIXES)} .npz")
-        )
+            return [InputItem(path, problem=str(error))]
+    if suffix in IMAGE_SUFFIXES:
+        return [InputItem(path)]
+    shown = suffix or "no suffix"
+    allowed = " ".join(IMAGE_SUFFIXES)
+    return [InputItem(path, problem=f"unsupported format ({shown}); allowed: {allowed} .npz")]
 
 
 def _npz_keys(archive: np.lib.npyio.NpzFile, key: str | None) -> list[str]:
@@ -162,8 +160,10 @@ def read_item(item: InputItem) -> Image.Image:
     """The item as a PIL image (an ``.npz`` row as it is stored).
 
     Raises:
-        InputError: the file cannot be read as an image.
+        InputError: the item has a ``problem``, or the file cannot be read as an image.
     """
+    if item.problem is not None:
+        raise InputError(item.problem)
     if item.array is not None:
         row = item.array[item.index]
         return Image.fromarray(row[..., 0] if row.ndim == 3 and row.shape[2] == 1 else row)

@@ -38,10 +38,14 @@ def test_a_folder_is_searched_recursively_and_odd_files_are_listed(tmp_path):
     _png(tmp_path / "sub" / "deeper" / "b.jpg", _rgb())
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".hidden.png").write_bytes(b"x")
-    items, skipped = collect_inputs([tmp_path, tmp_path / "missing.png"])
-    assert [i.path.name for i in items] == ["a.png", "b.jpg"]
-    assert skipped[0][0].endswith("notes.txt") and "unsupported format (.txt)" in skipped[0][1]
-    assert skipped[1] == (str(tmp_path / "missing.png"), "no such file or folder")
+    items = collect_inputs([tmp_path, tmp_path / "missing.png"])
+    # In place: the folder's files sorted by path, then the next input.
+    assert [i.path.name for i in items] == ["a.png", "notes.txt", "b.jpg", "missing.png"]
+    assert [i.problem is None for i in items] == [True, False, True, False]
+    assert "unsupported format (.txt)" in items[1].problem
+    assert items[3].problem == "no such file or folder"
+    with pytest.raises(InputError, match="no such file or folder"):
+        read_item(items[3])
 
 
 def test_an_npz_gives_one_item_per_row_of_its_image_arrays(tmp_path):
@@ -50,12 +54,12 @@ def test_an_npz_gives_one_item_per_row_of_its_image_arrays(tmp_path):
         path, train_images=np.zeros((3, 8, 8), np.uint8), test_images=_rgb()[None].repeat(2, 0)
     )
     np.savez(tmp_path / "labels.npz", labels=np.zeros(3))
-    items, skipped = collect_inputs([path, f"{path}:test_images", tmp_path / "labels.npz"])
+    items = collect_inputs([path, f"{path}:test_images", tmp_path / "labels.npz"])
     assert [i.name for i in items[:5]] == [f"{path}:train_images[{i}]" for i in range(3)] + [
         f"{path}:test_images[{i}]" for i in range(2)
     ]
-    assert len(items) == 7  # the two test rows again, picked by key
-    assert "holds no image array (keys labels)" in skipped[0][1]
+    assert len(items) == 8  # the two test rows again, picked by key, and the labels file
+    assert "holds no image array (keys labels)" in items[7].problem
     assert read_item(items[0]).size == (8, 8)
 
 
@@ -68,13 +72,13 @@ def test_an_npz_gives_one_item_per_row_of_its_image_arrays(tmp_path):
 )
 def test_an_npz_array_of_the_wrong_kind_is_listed(tmp_path, array, message):
     np.savez(tmp_path / "d.npz", images=array)
-    items, skipped = collect_inputs([tmp_path / "d.npz"])
-    assert items == [] and message in skipped[0][1]
+    (item,) = collect_inputs([tmp_path / "d.npz"])
+    assert message in item.problem
 
 
 def test_an_unreadable_image_fails_alone(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    items, _ = collect_inputs([tmp_path / "broken.png"])
+    items = collect_inputs([tmp_path / "broken.png"])
     with pytest.raises(InputError, match="unreadable image"):
         read_item(items[0])
 
@@ -154,7 +158,7 @@ def test_bad_files_do_not_stop_the_batch_and_order_is_kept(trained_run, tmp_path
     for i, image in enumerate(images):
         _png(tmp_path / f"{i}.png", image)
     (tmp_path / "2.png").write_bytes(b"broken")
-    items, _ = collect_inputs([tmp_path])
+    items = collect_inputs([tmp_path])
     classifier = Classifier.from_run(trained_run)
     small = classify(classifier, items, batch_size=2)
     whole = classify(classifier, items, batch_size=64)
@@ -171,7 +175,7 @@ def test_a_grey_model_converts_colour_with_a_note(trained_grey_run, tmp_path):
     _png(tmp_path / "colour.png", _rgb(90, size=32))
     classifier = Classifier.from_run(trained_grey_run)
     assert (classifier.channels, classifier.input_size) == (1, 64)
-    (row,) = classify(classifier, collect_inputs([tmp_path])[0])
+    (row,) = classify(classifier, collect_inputs([tmp_path]))
     assert row.error is None
     assert row.notes == ["converted RGB to greyscale", "resized 32x32 to 64x64"]
     assert sum(row.probabilities) == pytest.approx(1.0)
@@ -187,7 +191,7 @@ def test_the_command_writes_csv_and_lists_what_it_skipped(trained_run, tmp_path,
     (tmp_path / "bad.jpg").write_bytes(b"x")
     out = tmp_path / "preds.csv"
     code = predict_script.main(
-        [str(trained_run), str(npz), str(tmp_path / "bad.jpg"), "--out", str(out)]
+        [str(trained_run), str(tmp_path / "bad.jpg"), str(npz), "--out", str(out)]
     )
     assert code == 1  # some input was skipped
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
@@ -199,8 +203,8 @@ def test_the_command_writes_csv_and_lists_what_it_skipped(trained_run, tmp_path,
     assert [r["prediction"] for r in done] == [names[i] for i in expected.argmax(1)]
     got = np.array([[float(r[f"p_{n}"]) for n in names] for r in done])
     assert np.allclose(got, expected, atol=1e-6)
-    (bad,) = [r for r in rows if r["error"]]
-    assert bad["file"].endswith("bad.jpg") and bad["prediction"] == ""
+    assert rows[0]["file"].endswith("bad.jpg") and rows[0]["prediction"] == ""  # in input order
+    assert rows[0]["error"].startswith("unreadable image")
     err = capsys.readouterr().err
     assert "classified 6, skipped 1" in err and "bad.jpg: unreadable image" in err
 
