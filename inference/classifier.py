@@ -37,6 +37,7 @@ from training.evaluation.report import (
     build_model,
     checkpoint_temperature,
     checkpoint_temperature_reason,
+    final_of,
     load_weight_set,
     run_tta,
 )
@@ -46,9 +47,6 @@ from training.evaluation.tta import resolve_tta, tta_logits
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_JSON = "model.json"
 EXPORT_FORMAT = 1
-
-#: Order in which a run's weight sets stand for "its final weights".
-_FINAL_ORDER = ("swa", "best", "last")
 
 
 class ExportError(ValueError):
@@ -62,9 +60,9 @@ def final_weight_set(run_dir: Path) -> str:
         FileNotFoundError: the run has no checkpoint.
     """
     folder = Path(run_dir) / "checkpoints"
-    for name in _FINAL_ORDER:
-        if (folder / WEIGHT_FILES[name]).is_file():
-            return name
+    name = final_of(n for n, file in WEIGHT_FILES.items() if (folder / file).is_file())
+    if name is not None:
+        return name
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     raise FileNotFoundError(f"no checkpoints in {folder}: train first with python models/train.py")

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from training.evaluation.report import WEIGHT_FILES
+from training.evaluation.report import WEIGHT_FILES, final_of
 
 
 class ReportError(Exception):
@@ -88,14 +88,10 @@ def final_set(report: dict[str, Any]) -> str:
     Raises:
         ReportError: the report scores no weight set.
     """
-    weights = report.get("weights", {})
-    for name in ("swa", "best"):
-        if name in weights:
-            return name
-    main = [n for n, m in weights.items() if "scaled_from" not in m]
+    main = [n for n, m in report.get("weights", {}).items() if "scaled_from" not in m]
     if not main:
         raise ReportError("test_report.json scores no weight set; run python test.py again")
-    return main[0]
+    return final_of(main) or main[0]
 
 
 def epoch_rows(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:

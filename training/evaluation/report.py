@@ -19,15 +19,15 @@ of that same mode.
 Public API:
     checkpoint_temperature, checkpoint_temperature_reason, build_model, test_loader,
     find_weights, load_weight_set, latest_run, evaluate_run, run_tta, print_report, save_report,
-    prepare_kwargs, temperature_notes, weight_label, SUMMARY_METRICS, WEIGHT_FILES,
-    WEIGHT_METADATA.
+    prepare_kwargs, temperature_notes, weight_label, final_of, SUMMARY_METRICS, WEIGHT_FILES,
+    WEIGHT_METADATA, FINAL_ORDER.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,17 @@ from training.evaluation.tta import resolve_tta
 
 #: weight-set name -> file under ``run_dir/checkpoints/``, in report order.
 WEIGHT_FILES: dict[str, str] = {"best": "best.pt", "last": "last.pt", "swa": "swa.pt"}
+
+
+#: The weight set a run ends with is the first of these it has: the SWA average when SWA ran,
+#: else the best on validation, else the last (a run that never scored its validation set).
+FINAL_ORDER: tuple[str, ...] = ("swa", "best", "last")
+
+
+def final_of(names: Iterable[str]) -> str | None:
+    """The first of :data:`FINAL_ORDER` among ``names``; ``None`` when there is none."""
+    present = set(names)
+    return next((name for name in FINAL_ORDER if name in present), None)
 
 
 #: checkpoint keys a weight set needs to be rebuilt and used; an SWA checkpoint written without
