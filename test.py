@@ -4,7 +4,8 @@ Scores the run's best (or last) and SWA weights side by side, each also divided 
 temperature where its checkpoint has one, prints the report, and writes ``test_report.json``,
 ``confusion_matrix.png`` and ``reliability.png`` into the run folder. ``--tta`` averages the
 logits over flipped and rotated views (default: the run's own ``run.tta``). ``--report`` then
-writes the run's report page (``python -m report RUN_DIR``).
+writes the run's report page (``python -m report RUN_DIR``). ``--ensemble RUN RUN ...`` (or a
+study folder) scores the mean of several runs' logits instead (``training.evaluation.ensemble``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ from rich.text import Text
 from dataset.errors import DataError
 from report.run import ReportError
 from training.engine.checkpoint import CheckpointError
+from training.evaluation.ensemble import (
+    ENSEMBLE_JSON,
+    SCALINGS,
+    STUDY_JSON,
+    evaluate_ensemble,
+    expand_members,
+    print_ensemble_report,
+    save_json,
+)
 from training.evaluation.report import evaluate_run, latest_run, print_report, save_report
 from training.evaluation.tta import TTA_MODES
 
@@ -44,13 +54,63 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="then write the run's report page, RUN_DIR/report/index.html (python -m report)",
     )
+    parser.add_argument(
+        "--ensemble",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="score the mean logits of these runs' final weights (not with --run-dir/--report); "
+        "a study folder (with study.json) stands for its finished members",
+    )
+    parser.add_argument(
+        "--ensemble-scaling",
+        choices=SCALINGS,
+        help="member (default): divide each member's logits by its own fitted temperature "
+        "before averaging; none: average the raw logits",
+    )
+    parser.add_argument(
+        "--ensemble-out",
+        type=Path,
+        metavar="FILE.json",
+        help="write the ensemble report here; default: STUDY/ensemble_report.json when one "
+        "study folder is given, else the report is only printed",
+    )
     return parser
 
 
+def run_ensemble(args: argparse.Namespace, console: Console) -> Path | None:
+    """Score ``--ensemble``'s members, print the report and write its JSON where asked."""
+    report = evaluate_ensemble(
+        expand_members(args.ensemble),
+        data=args.data,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        amp=args.amp,
+        tta=args.tta,
+        scaling=args.ensemble_scaling or "member",
+    )
+    print_ensemble_report(report, console)
+    out = args.ensemble_out
+    if out is None and len(args.ensemble) == 1 and (args.ensemble[0] / STUDY_JSON).is_file():
+        out = args.ensemble[0] / ENSEMBLE_JSON
+    return None if out is None else save_json(report, out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.ensemble and (args.run_dir or args.report):
+        parser.error("--ensemble cannot be combined with --run-dir or --report")
+    if not args.ensemble and (args.ensemble_scaling or args.ensemble_out):
+        parser.error("--ensemble-scaling and --ensemble-out need --ensemble")
     console = Console()
     try:
+        if args.ensemble:
+            out = run_ensemble(args, console)
+            done = f"wrote {out}" if out else "ensemble report not written: no --ensemble-out"
+            console.print(done, highlight=False, soft_wrap=True)
+            return 0
         run_dir = args.run_dir
         if run_dir is None:
             run_dir = latest_run(Path("runs"))
