@@ -5,10 +5,10 @@ Layers, bottom up: ``models`` (networks, knowing nothing of training); the primi
 ``training.config``; the loop (``engine.trainer``, ``engine.data``, ``engine.run_dir``);
 ``training.callbacks`` (the features, handed the trainer, never importing it);
 ``training.evaluation.report``; ``training.build``, the one module that assembles every
-layer; ``report``, the report pages, which read run folders; and ``inference``, which uses a
-trained model (predict, export, demo) and which nothing below imports. ``dataset`` stands beside
-``models`` at the bottom. The rules are read from the import statements
-themselves, so a new upward import fails.
+layer; ``report``, the report pages, which read run folders; ``inference``, which uses a
+trained model (predict, export, demo); and ``experiments``, studies of many runs, which nothing
+below imports. ``dataset`` stands beside ``models`` at the bottom. The rules are read from the
+import statements themselves, so a new upward import fails.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ TOP = ("training.build", "training.evaluation.report")
 
 # module prefix -> prefixes it must not import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "models": ("training", "dataset", "report", "inference"),
-    "dataset": ("training", "models", "report", "inference"),
-    "training": ("report", "inference"),
-    "report": ("inference",),
+    "models": ("training", "dataset", "report", "inference", "experiments"),
+    "dataset": ("training", "models", "report", "inference", "experiments"),
+    "training": ("report", "inference", "experiments"),
+    "report": ("inference", "experiments"),
+    "inference": ("experiments",),
     "report.page": ("report.build", "report.compare", "report.run"),
     "report.run": ("report.build", "report.compare"),
     "training.engine": ("training.callbacks", *TOP),
@@ -63,7 +64,7 @@ def under(name: str, prefix: str) -> bool:
 
 SOURCES = sorted(
     p
-    for d in ("models", "training", "dataset", "report", "inference")
+    for d in ("models", "training", "dataset", "report", "inference", "experiments")
     for p in (ROOT / d).rglob("*.py")
 )
 

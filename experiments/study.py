@@ -1,0 +1,340 @@
+"""A study: several training runs made by one command, kept in one folder.
+
+Layout of a study folder::
+
+    DIR/study.json          the command that made it: kind, its options, the training options
+                            passed through to models/train.py, the member names, created date
+    DIR/members/<name>/     one normal run folder per member (test.py and the report read it)
+    DIR/summary.json        the kind's figures over the finished members, rewritten after each
+
+Re-running the same command continues the study: finished members (those with
+``test_report.json``) are skipped, a member with ``checkpoints/last.pt`` but no report is resumed
+with ``--resume``, a new one is trained with ``--run-dir``. A different command on an existing
+study is refused in one line. Nothing a member wrote is ever deleted by the study.
+
+Public API:
+    StudyError, Study, Member, open_study, member_dir, member_state, member_runs, is_study,
+    expand_runs, run_member,
+    run_members, write_summary, read_json, FORMAT, STUDY_JSON, SUMMARY_JSON, MEMBERS_DIR.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+import models.train as train_script
+from dataset.errors import DataError
+from training.engine.atomic import write_atomically
+from training.engine.checkpoint import CheckpointError
+from training.engine.run_dir import RESUME_FILE, RUN_MARKERS
+from training.evaluation.report import REPORT_JSON, evaluate_run, save_report
+
+#: version of ``study.json``'s layout; a study written by a newer layout is refused.
+FORMAT = 1
+
+STUDY_JSON = "study.json"
+SUMMARY_JSON = "summary.json"
+MEMBERS_DIR = "members"
+
+#: exit code of a run stopped by Ctrl-C (models/train.py returns it too).
+INTERRUPTED = 130
+
+
+class StudyError(Exception):
+    """A study cannot start or go on; the message is one line for the user."""
+
+
+@dataclass
+class Member:
+    """One run of a study: its name (a path under ``members/``) and its fresh-run training
+    options (without ``--run-dir``, which the study adds)."""
+
+    name: str
+    train_argv: list[str]
+
+
+@dataclass
+class Study:
+    """What ``study.json`` holds, plus the folder it lies in."""
+
+    path: Path
+    kind: str
+    options: dict[str, Any]
+    train_argv: list[str]
+    members: list[str]
+    command: list[str]
+    created: str
+    format: int = FORMAT
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "kind": self.kind,
+            "options": self.options,
+            "train_argv": self.train_argv,
+            "members": self.members,
+            "command": self.command,
+            "created": self.created,
+        }
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or a one-line :class:`StudyError` naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise StudyError(f"{path}: cannot be read as JSON ({error})") from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def _command_text(command: Sequence[str]) -> str:
+    return "python -m experiments " + shlex.join(command)
+
+
+def _differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What differs between two study records, as short phrases (kind, each option, the
+    training options); empty when the same command made both."""
+    diffs = []
+    if stored.get("kind") != wanted["kind"]:
+        diffs.append(f"kind {stored.get('kind')!r} vs {wanted['kind']!r}")
+    old, new = stored.get("options") or {}, wanted["options"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key} {old.get(key)!r} vs {new.get(key)!r}")
+    if stored.get("train_argv") != wanted["train_argv"]:
+        diffs.append(
+            f"training options {shlex.join(stored.get('train_argv') or [])!r} "
+            f"vs {shlex.join(wanted['train_argv'])!r}"
+        )
+    return diffs
+
+
+def open_study(
+    path: str | Path,
+    *,
+    kind: str,
+    options: dict[str, Any],
+    train_argv: Sequence[str],
+    members: Sequence[str],
+    command: Sequence[str],
+) -> Study:
+    """Create the study in ``path``, or reopen the one there when the same command made it.
+
+    ``options`` must be JSON-plain (it is compared with the stored copy after a round trip).
+
+    Raises:
+        StudyError: ``path`` is a file, a non-empty folder that holds no study, a study of a
+            newer format, or a study made by a different command (the line names what differs
+            and gives the stored command).
+    """
+    path = Path(path)
+    wanted = json.loads(
+        json.dumps({"kind": kind, "options": options, "train_argv": list(train_argv)})
+    )
+    record_path = path / STUDY_JSON
+    if path.exists() and not path.is_dir():
+        raise StudyError(f"--study-dir {path} is a file; give a folder")
+    if record_path.is_file():
+        stored = read_json(record_path)
+        if not isinstance(stored, dict) or int(stored.get("format", 0)) > FORMAT:
+            raise StudyError(
+                f"{record_path}: written by a newer version (format {stored.get('format')!r}, "
+                f"this one reads {FORMAT}); use that version or another --study-dir"
+            )
+        diffs = _differences(stored, wanted)
+        if diffs:
+            raise StudyError(
+                f"study {path} was made by a different command ({'; '.join(diffs)}); continue it "
+                f"with its own command: {_command_text(stored.get('command') or [])}, "
+                "or pick another --study-dir"
+            )
+        return Study(
+            path=path,
+            kind=stored["kind"],
+            options=stored["options"],
+            train_argv=list(stored["train_argv"]),
+            members=list(stored.get("members") or members),
+            command=list(stored.get("command") or command),
+            created=str(stored.get("created", "")),
+            format=int(stored.get("format", FORMAT)),
+        )
+    if path.is_dir() and any(path.iterdir()):
+        raise StudyError(
+            f"--study-dir {path} is not empty and holds no {STUDY_JSON}; "
+            "give a new or empty folder, or a study made by this command"
+        )
+    study = Study(
+        path=path,
+        kind=kind,
+        options=wanted["options"],
+        train_argv=wanted["train_argv"],
+        members=list(members),
+        command=list(command),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    _write_json(record_path, study.record())
+    return study
+
+
+def member_dir(study_dir: str | Path, name: str) -> Path:
+    """The run folder of member ``name``."""
+    return Path(study_dir) / MEMBERS_DIR / name
+
+
+def member_state(run_dir: Path) -> str:
+    """``"finished"`` (tested), ``"in progress"`` (has ``last.pt``: resume it), ``"stuck"`` (a
+    run started there but saved no epoch: nothing to resume, and starting again would delete
+    it) or ``"new"``."""
+    if (run_dir / REPORT_JSON).is_file():
+        return "finished"
+    if (run_dir / RESUME_FILE).is_file():
+        return "in progress"
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        return "stuck"
+    return "new"
+
+
+def member_runs(study_dir: str | Path) -> list[Path]:
+    """The run folders of the study's finished members (tested), in the study's order."""
+    study_dir = Path(study_dir)
+    names = read_json(study_dir / STUDY_JSON).get("members") or []
+    runs = (member_dir(study_dir, name) for name in names)
+    return [run for run in runs if member_state(run) == "finished"]
+
+
+def is_study(path: str | Path) -> bool:
+    """Whether ``path`` is a study folder (it holds ``study.json``)."""
+    return (Path(path) / STUDY_JSON).is_file()
+
+
+def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """The run folders ``paths`` stand for: a study folder becomes its finished members, in the
+    study's order (:func:`member_runs`); any other path is taken as a run folder.
+
+    Raises:
+        StudyError: a study folder without a finished member.
+    """
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if not is_study(path):
+            runs.append(path)
+            continue
+        finished = member_runs(path)
+        if not finished:
+            raise StudyError(
+                f"study {path} has no finished member yet (none has a {REPORT_JSON}); "
+                "run its command again to train them"
+            )
+        runs.extend(finished)
+    return runs
+
+
+def run_member(
+    study_dir: Path,
+    member: Member,
+    console: Console,
+    *,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> int:
+    """Train member ``member`` (fresh or resumed) and test it; its exit code (0 when done).
+
+    A member whose run already trained every epoch is resumed too: models/train.py then only
+    says there is nothing to do and returns 0, and the test step that was missing follows.
+    """
+    run_dir = member_dir(study_dir, member.name)
+    state = member_state(run_dir)
+    if state == "finished":
+        return 0
+    if state == "stuck":
+        markers = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+        console.print(
+            f"member {member.name}: {run_dir} holds a run that saved no epoch "
+            f"({', '.join(markers) or 'other files'}, no {RESUME_FILE}); nothing to resume: "
+            "delete that folder to train the member again",
+            markup=False,
+            soft_wrap=True,
+        )
+        return 2
+    if state == "in progress":
+        argv = ["--resume", str(run_dir)]
+        console.print(f"[bold]member {member.name}[/]: resuming {run_dir}", soft_wrap=True)
+    else:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        argv = [*member.train_argv, "--run-dir", str(run_dir)]
+        console.print(f"[bold]member {member.name}[/]: training {run_dir}", soft_wrap=True)
+    # Looked up at call time, so a test can count or interrupt the calls.
+    code = train_script.main(argv)
+    if code != 0:
+        return code
+    try:
+        report = evaluate_run(run_dir, batch_size=batch_size, device=device)
+        save_report(report, run_dir)
+    except (CheckpointError, DataError, ValueError, OSError) as error:
+        console.print(
+            f"member {member.name}: testing failed: {error}", markup=False, soft_wrap=True
+        )
+        return 1
+    console.print(f"member {member.name}: tested, {run_dir / REPORT_JSON}", soft_wrap=True)
+    return 0
+
+
+def run_members(
+    study: Study,
+    members: Sequence[Member],
+    console: Console,
+    *,
+    after_each: Callable[[], None] | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> int:
+    """Train and test every unfinished member in order; 0 when all are finished.
+
+    Stops at once with 130 when a member's training was interrupted (Ctrl-C), and at the first
+    other failure with that member's exit code and one line naming it. ``after_each`` runs
+    after every member that finished (to rewrite the summary).
+    """
+    for member in members:
+        if member_state(member_dir(study.path, member.name)) == "finished":
+            console.print(f"member {member.name}: finished already, skipped", soft_wrap=True)
+            continue
+        try:
+            code = run_member(study.path, member, console, batch_size=batch_size, device=device)
+        except KeyboardInterrupt:  # during the test step, outside the trainer's own handler
+            code = INTERRUPTED
+        if code == INTERRUPTED:
+            console.print(
+                f"[yellow]study stopped at member {member.name}; run the same command again to "
+                "continue it[/]",
+                soft_wrap=True,
+            )
+            return INTERRUPTED
+        if code != 0:
+            console.print(
+                f"[bold red]error:[/] study stopped: member {member.name} exited with code {code}",
+                soft_wrap=True,
+            )
+            return code
+        if after_each is not None:
+            after_each()
+    return 0
+
+
+def write_summary(study_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Write ``summary.json`` atomically; its path."""
+    path = Path(study_dir) / SUMMARY_JSON
+    _write_json(path, summary)
+    return path
