@@ -18,14 +18,13 @@ from rich.console import Console
 from rich.text import Text
 
 from dataset.errors import DataError
+from experiments.study import StudyError, expand_runs, is_study
 from report.run import ReportError
 from training.engine.checkpoint import CheckpointError
 from training.evaluation.ensemble import (
     ENSEMBLE_JSON,
     SCALINGS,
-    STUDY_JSON,
     evaluate_ensemble,
-    expand_members,
     print_ensemble_report,
     save_json,
 )
@@ -81,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def run_ensemble(args: argparse.Namespace, console: Console) -> Path | None:
     """Score ``--ensemble``'s members, print the report and write its JSON where asked."""
     report = evaluate_ensemble(
-        expand_members(args.ensemble),
+        expand_runs(args.ensemble),
         data=args.data,
         device=args.device,
         batch_size=args.batch_size,
@@ -92,7 +91,7 @@ def run_ensemble(args: argparse.Namespace, console: Console) -> Path | None:
     )
     print_ensemble_report(report, console)
     out = args.ensemble_out
-    if out is None and len(args.ensemble) == 1 and (args.ensemble[0] / STUDY_JSON).is_file():
+    if out is None and len(args.ensemble) == 1 and is_study(args.ensemble[0]):
         out = args.ensemble[0] / ENSEMBLE_JSON
     return None if out is None else save_json(report, out)
 
@@ -130,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             from report.build import build_report  # grad-cam and the plots: only when asked
 
             written = (*written, build_report(run_dir, device=args.device))
-    except (CheckpointError, DataError, ReportError, ValueError, FileNotFoundError) as exc:
+    except (
+        CheckpointError,
+        DataError,
+        ReportError,
+        StudyError,
+        ValueError,
+        FileNotFoundError,
+    ) as exc:
         message = " ".join(f"error: {exc}".split())
         # soft_wrap keeps the message on one line whatever the terminal width.
         Console(stderr=True).print(Text(message, style="red"), soft_wrap=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from experiments.study import expand_runs
 from training.engine.checkpoint import load_checkpoint, save_checkpoint
 from training.engine.inference import predict
 from training.evaluation.ensemble import (
@@ -20,7 +21,6 @@ from training.evaluation.ensemble import (
     ENSEMBLE_ROW,
     EnsembleError,
     evaluate_ensemble,
-    expand_members,
     member_names,
 )
 from training.evaluation.metrics import scored_metrics
@@ -242,13 +242,14 @@ def test_ensemble_excludes_run_dir_and_report(runs, capsys):
 def test_a_study_folder_expands_to_its_finished_members(runs, tmp_path, capsys):
     study = tmp_path / "study"
     (study / "members").mkdir(parents=True)
-    (study / "study.json").write_text("{}")
+    # The study's own record names its members, in its order; only finished ones count.
+    (study / "study.json").write_text(json.dumps({"members": ["x", "y/seed-1", "z"]}))
     shutil.copytree(runs["a"], study / "members" / "x")
     shutil.copytree(runs["b"], study / "members" / "y" / "seed-1")  # a compare study's nesting
     unfinished = shutil.copytree(runs["b"], study / "members" / "z")
     (unfinished / "test_report.json").unlink()
     members = study / "members"
-    assert expand_members([study]) == [members / "x", members / "y" / "seed-1"]
+    assert expand_runs([study]) == [members / "x", members / "y" / "seed-1"]
 
     assert load_entry_script().main(["--ensemble", str(study), "--batch-size", "32"]) == 0
     assert str(study / ENSEMBLE_JSON) in capsys.readouterr().out

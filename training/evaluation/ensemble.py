@@ -12,8 +12,8 @@ normalisation, input size and channels, data source and split options. Otherwise
 test images may be another's training images, or one loader cannot feed them all.
 
 Public API:
-    EnsembleError, evaluate_ensemble, expand_members, print_ensemble_report, save_json,
-    member_names, SCALINGS, ENSEMBLE_ROW, ENSEMBLE_JSON, STUDY_JSON.
+    EnsembleError, evaluate_ensemble, print_ensemble_report, save_json,
+    member_names, SCALINGS, ENSEMBLE_ROW, ENSEMBLE_JSON.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from training.engine.device import resolve_device
 from training.engine.inference import predict
 from training.evaluation.metrics import ECE_BINS, scored_metrics
 from training.evaluation.report import (
-    REPORT_JSON,
     SUMMARY_METRICS,
     TEMPERATURE_REASON_KEY,
     TEMPERATURE_TTA_KEY,
@@ -64,50 +63,9 @@ ENSEMBLE_ROW = "ensemble"
 #: file a study folder's ensemble report is written to by default.
 ENSEMBLE_JSON = "ensemble_report.json"
 
-#: a study folder is recognised by this file; its runs live under ``members/``.
-STUDY_JSON = "study.json"
-
-#: how deep under ``members/`` a run folder may sit (compare studies: ``members/A/seed-0``).
-_MEMBER_DEPTH = 2
-
 
 class EnsembleError(ValueError):
     """Members that cannot be ensembled (or too few of them); the message is one line."""
-
-
-def expand_members(paths: Sequence[Path | str]) -> list[Path]:
-    """The run folders ``paths`` stand for: a study folder (one with ``study.json``) becomes its
-    finished members, every folder up to two levels under ``members/`` holding a
-    ``test_report.json``, sorted; any other path is taken as a run folder.
-
-    Raises:
-        EnsembleError: a study folder without any finished member.
-    """
-    runs: list[Path] = []
-    for path in map(Path, paths):
-        if not (path / STUDY_JSON).is_file():
-            runs.append(path)
-            continue
-        finished = _finished_members(path / "members", _MEMBER_DEPTH)
-        if not finished:
-            raise EnsembleError(
-                f"study {path} has no finished member: no folder under {path / 'members'} "
-                f"(up to {_MEMBER_DEPTH} levels) has a {REPORT_JSON}"
-            )
-        runs.extend(finished)
-    return runs
-
-
-def _finished_members(folder: Path, depth: int) -> list[Path]:
-    if depth < 1 or not folder.is_dir():
-        return []
-    found: list[Path] = []
-    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if (child / REPORT_JSON).is_file():
-            found.append(child)  # a run: its own subfolders are not members
-        else:
-            found.extend(_finished_members(child, depth - 1))
-    return found
 
 
 def member_names(run_dirs: Sequence[Path]) -> list[str]:
