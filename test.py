@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.text import Text
@@ -77,16 +78,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scoring(args: argparse.Namespace) -> dict[str, Any]:
+    """How a run or an ensemble is scored: the options both take from the command line."""
+    return {
+        "data": args.data,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "amp": args.amp,
+        "tta": args.tta,
+    }
+
+
 def run_ensemble(args: argparse.Namespace, console: Console) -> Path | None:
     """Score ``--ensemble``'s members, print the report and write its JSON where asked."""
     report = evaluate_ensemble(
         expand_runs(args.ensemble),
-        data=args.data,
-        device=args.device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        amp=args.amp,
-        tta=args.tta,
+        **_scoring(args),
         scaling=args.ensemble_scaling or "member",
     )
     print_ensemble_report(report, console)
@@ -114,15 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir is None:
             run_dir = latest_run(Path("runs"))
             console.print(f"evaluating the most recent run: {run_dir}", highlight=False)
-        report = evaluate_run(
-            run_dir,
-            data=args.data,
-            device=args.device,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            amp=args.amp,
-            tta=args.tta,
-        )
+        report = evaluate_run(run_dir, **_scoring(args))
         print_report(report, console)
         written = save_report(report, run_dir)
         if args.report:
