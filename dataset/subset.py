@@ -13,6 +13,12 @@ The training fraction is nested and stratified: each class draws one permutation
 images from ``(seed, class index in the cache)`` and keeps its first ``ceil(fraction * n)``. The
 permutation does not depend on the fraction or on which other classes are chosen, so a 5%
 subset lies inside the 20% subset of the same seed, and every class keeps at least one image.
+
+With ``cv_folds`` k (:mod:`dataset.folds`), train and val are pooled and re-split: val is fold
+``cv_fold`` of the pooled images of the chosen classes, train the other folds (then reduced by
+the training fraction), test is unchanged. Their rows are then pooled indices (train rows
+first, then val rows: :attr:`CacheSubset.pooled`), read by
+:class:`~dataset.folds.PooledNpyDataset`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dataset.cache import CacheInfo
+from dataset.folds import (
+    POOLED_SPLITS,
+    PooledImages,
+    assign_folds,
+    check_folds,
+    pooled_groups,
+    pooled_labels,
+)
 from dataset.sources import SPLITS
 
 MIN_SUBSET_CLASSES = 2
@@ -48,22 +62,29 @@ class CacheSubset(CacheInfo):
         meta: see above; build it with :func:`subset_cache`.
         class_map: the full cache's class index of each subset label, ``(k,)``.
         split_rows: the full cache's row of each image of each split, sorted ascending.
+        pooled: the splits whose rows are pooled train+val indices (a cross-validation fold:
+            ``("train", "val")``), read with :class:`~dataset.folds.PooledNpyDataset`.
     """
 
     class_map: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     split_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    pooled: tuple[str, ...] = ()
 
     def rows(self, split: str) -> np.ndarray:
-        """Rows of the split's ``.npy`` files that the subset uses, ``(n,)`` int64, ascending."""
+        """Rows of the split's ``.npy`` files that the subset uses, ``(n,)`` int64, ascending;
+        for a split in :attr:`pooled`, indices into train followed by val."""
         return self.split_rows[split]
 
     def labels(self, split: str) -> np.ndarray:
         """The subset's labels of ``split``, renumbered ``0..k-1``: ``(n,)`` int64."""
-        full = super().labels(split)[self.split_rows[split]]
+        source = pooled_labels(self) if split in self.pooled else super().labels(split)
+        full = source[self.split_rows[split]]
         return _relabel_table(self.class_map, int(self.meta["subset"]["source_classes"]))[full]
 
     def images(self, split: str) -> np.ndarray:
         """The subset's images of ``split``, ``(n, H, W, C)`` uint8: a copy, not a memory map."""
+        if split in self.pooled:
+            return PooledImages(self.path)[self.split_rows[split]]
         return super().images(split)[self.split_rows[split]]
 
 
@@ -123,22 +144,29 @@ def subset_cache(
     classes: Sequence[str] = (),
     train_fraction: float = 1.0,
     seed: int = 0,
+    cv_folds: int = 0,
+    cv_fold: int = 0,
 ) -> CacheInfo:
-    """``cache`` restricted to ``classes`` (in that label order) and a fraction of train.
+    """``cache`` restricted to ``classes`` (in that label order) and a fraction of train, or
+    with ``cv_folds`` its train and val pooled and re-split into folds.
 
     Args:
         cache: the full cache (a :class:`CacheSubset` is refused: subsets are not stacked).
         classes: class names, at least two; empty keeps every class in the cache's order.
         train_fraction: share of each class's training images kept, in (0, 1]; val and test
             keep all their images of the chosen classes.
-        seed: seed of the training fraction's permutations.
+        seed: seed of the training fraction's permutations and of the folds.
+        cv_folds: 0 (off) or the number of folds k >= 2.
+        cv_fold: the validation fold, ``0..cv_folds-1``.
 
     Returns:
-        ``cache`` itself when there is nothing to select (no classes, fraction 1), else a
-        :class:`CacheSubset`.
+        ``cache`` itself when there is nothing to select (no classes, fraction 1, no folds),
+        else a :class:`CacheSubset`.
 
     Raises:
-        ValueError: one line, for unknown, repeated or too few classes, or a bad fraction.
+        ValueError: one line, for unknown, repeated or too few classes, or a bad fraction; for
+            folds, starting ``cv fold``: a bad k or fold, or a class with fewer distinct
+            images than k.
     """
     if isinstance(cache, CacheSubset):
         raise ValueError("cache is already a subset; select from the full cache")
@@ -146,17 +174,26 @@ def subset_cache(
         raise ValueError(
             f"train fraction {train_fraction!r} is invalid; allowed: a number in (0, 1]"
         )
-    if not classes and train_fraction == 1.0:
+    if cv_folds and not (cv_folds >= 2 and 0 <= cv_fold < cv_folds):
+        raise ValueError(
+            f"cv folds {cv_folds}, fold {cv_fold} are invalid; allowed: folds >= 2 and a fold "
+            f"in 0..{max(cv_folds, 1) - 1}"
+        )
+    if not classes and train_fraction == 1.0 and not cv_folds:
         return cache
     names = cache.class_names
     class_map = (
         resolve_classes(names, classes) if classes else np.arange(len(names), dtype=np.int64)
     )
     table = _relabel_table(class_map, len(names))
-    rows, counts = {}, {}
+    rows, counts, fold_info = {}, {}, None
+    if cv_folds:
+        rows, fold_info = _fold_rows(cache, class_map, train_fraction, seed, cv_folds, cv_fold)
     for split in SPLITS:
-        full = cache.labels(split)
-        if split == "train":
+        full = pooled_labels(cache) if split in rows else cache.labels(split)
+        if split in rows:  # a fold's split, already chosen
+            pass
+        elif split == "train":
             rows[split] = fraction_rows(full, class_map, train_fraction, seed)
         else:
             rows[split] = np.flatnonzero(np.isin(full, class_map)).astype(np.int64)
@@ -175,4 +212,37 @@ def subset_cache(
             "seed": seed,
         },
     }
-    return CacheSubset(cache.path, meta, class_map=class_map, split_rows=rows)
+    if fold_info is not None:
+        meta["subset"]["cv"] = fold_info
+    pooled = POOLED_SPLITS if fold_info is not None else ()
+    return CacheSubset(cache.path, meta, class_map=class_map, split_rows=rows, pooled=pooled)
+
+
+def _fold_rows(
+    cache: CacheInfo,
+    class_map: np.ndarray,
+    train_fraction: float,
+    seed: int,
+    k: int,
+    fold: int,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Pooled rows of a fold's train and val splits, and the ``subset.cv`` record.
+
+    The folds are drawn over every class of the cache, so a class subset validates on the same
+    images as the full run's fold; the training fraction then reduces the fold's train part.
+    """
+    labels = pooled_labels(cache)
+    groups = pooled_groups(cache)
+    check_folds(labels, groups, k, class_map.tolist(), cache.class_names)
+    folds = assign_folds(labels, groups, k, seed)
+    chosen = np.isin(labels, class_map)
+    val = np.flatnonzero(chosen & (folds == fold)).astype(np.int64)
+    rest = np.flatnonzero(chosen & (folds != fold)).astype(np.int64)
+    train = rest[fraction_rows(labels[rest], class_map, train_fraction, seed)]
+    info = {
+        "folds": k,
+        "fold": fold,
+        "pooled": {s: len(CacheInfo.labels(cache, s)) for s in POOLED_SPLITS},
+        "groups": int(len(np.unique(groups))),
+    }
+    return {"train": train, "val": val}, info

@@ -227,7 +227,14 @@ class DataConfig:
             mean/std.
         train_fraction: share of each class's training images used, in (0, 1]: the first
             ceil(fraction x n) of a per-class permutation seeded by ``split_seed``, so smaller
-            fractions are nested in larger ones; val and test are not reduced.
+            fractions are nested in larger ones; val and test are not reduced. With
+            ``cv_folds`` it reduces the fold's training part only.
+        cv_folds: k-fold cross-validation: 0 (off), or k >= 2 to pool the cache's train and val
+            splits, split them into k stratified folds seeded by ``split_seed`` (copies and
+            near copies of one image in one fold), validate on fold ``cv_fold`` and train on
+            the rest; the test split is unchanged. An index over the same cache, like
+            ``classes``.
+        cv_fold: the validation fold, 0..cv_folds-1 (``python -m experiments cv`` trains each).
     """
 
     source: str = _field("bloodcells_mini", TEXT)
@@ -251,6 +258,8 @@ class DataConfig:
         ),
     )
     train_fraction: float = _field(1.0, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
+    cv_folds: int = _field(0, Rule("0 (off) or an int >= 2", lambda v: v == 0 or v >= 2))
+    cv_fold: int = _field(0, _int_at_least(0))
 
 
 @dataclass
@@ -745,6 +754,9 @@ def validate_config(cfg: TrainConfig) -> None:
         raise _invalid("schedule.min_lr", cfg.schedule.min_lr, allowed)
     _check_staged(cfg)
     _check_regimen(cfg)
+    if cfg.data.cv_folds and cfg.data.cv_fold >= cfg.data.cv_folds:
+        allowed = f"an int in 0..{cfg.data.cv_folds - 1} (data.cv_folds={cfg.data.cv_folds})"
+        raise _invalid("data.cv_fold", cfg.data.cv_fold, allowed)
     if cfg.preset and cfg.preset not in PRESETS:
         raise _invalid("preset", cfg.preset, ", ".join(PRESETS) + " or ''")
 
@@ -1125,6 +1137,7 @@ _INACTIVE: tuple[_Inactive, ...] = (
         "set model.arch (--model) to a zoo network",
     ),
     _Inactive(("model.width",), "model.block_channels", bool, "set model.block_channels=[]"),
+    _Inactive(("data.cv_fold",), "data.cv_folds", lambda v: v == 0, "set data.cv_folds=k"),
     _Inactive(("model.gn_groups",), "model.norm", lambda v: v == "batch", "set model.norm=group"),
     _Inactive(
         tuple(f"schedule.{name}" for name in _STAGED_ONLY),

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomS
 
 import losses
 from dataset.cache import CacheInfo, prepare
+from dataset.folds import PooledNpyDataset
 from dataset.npy_dataset import NpyDataset
 from dataset.subset import subset_cache
 from dataset.transforms import StrengthRamp, eval_transform, train_transform
@@ -82,21 +83,39 @@ def prepare_cache(data_cfg, progress: bool = True) -> CacheInfo:
 
 
 def select_subset(cache: CacheInfo, data_cfg) -> CacheInfo:
-    """``cache`` restricted to ``data_cfg.classes`` and ``data_cfg.train_fraction``.
+    """``cache`` restricted to ``data_cfg.classes`` and ``data_cfg.train_fraction``, and with
+    ``data_cfg.cv_folds`` its train and val pooled and split into folds (val: ``cv_fold``).
 
-    The fraction's permutations are seeded by ``data_cfg.split_seed``, so runs with one seed
-    train on the same images whatever their ``run.seed``.
+    The fraction's permutations and the folds are seeded by ``data_cfg.split_seed``, so runs
+    with one seed train on the same images whatever their ``run.seed``.
 
     Raises:
-        ConfigError: unknown, repeated or too few class names, in one line.
+        ConfigError: unknown, repeated or too few class names, or a class with fewer distinct
+            images than ``data.cv_folds``, in one line.
     """
     classes = list(getattr(data_cfg, "classes", []) or [])
     fraction = float(getattr(data_cfg, "train_fraction", 1.0))
+    folds = int(getattr(data_cfg, "cv_folds", 0) or 0)
+    fold = int(getattr(data_cfg, "cv_fold", 0) or 0)
     try:
-        return subset_cache(cache, classes, fraction, data_cfg.split_seed)
+        return subset_cache(cache, classes, fraction, data_cfg.split_seed, folds, fold)
     except ValueError as error:
-        key = "data.train_fraction" if str(error).startswith("train fraction") else "data.classes"
+        text = str(error)
+        if text.startswith("cv fold"):
+            key = "data.cv_folds"
+        elif text.startswith("train fraction"):
+            key = "data.train_fraction"
+        else:
+            key = "data.classes"
         raise ConfigError(f"{key}: {error} (dataset {cache.name})") from None
+
+
+def split_dataset(cache: CacheInfo, split: str, transform=None, **schedule) -> NpyDataset:
+    """:class:`NpyDataset` of ``split``, or :class:`~dataset.folds.PooledNpyDataset` when the
+    split is a cross-validation fold's (its rows index train and val pooled)."""
+    pooled = split in getattr(cache, "pooled", ())
+    kind = PooledNpyDataset if pooled else NpyDataset
+    return kind(cache, split, transform, **schedule)
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -184,12 +203,12 @@ def train_dataset(cache: CacheInfo, data_cfg) -> NpyDataset:
     ``aug_strength`` over ``aug_ramp_epochs``; :meth:`NpyDataset.set_epoch` selects the epoch.
     """
     if not data_cfg.augment:
-        return NpyDataset(cache, "train", eval_transform(cache.mean, cache.std))
+        return split_dataset(cache, "train", eval_transform(cache.mean, cache.std))
     ramp = StrengthRamp(
         data_cfg.aug_start_strength, data_cfg.aug_strength, data_cfg.aug_ramp_epochs
     )
     factory = partial(train_transform, tuple(cache.mean), tuple(cache.std), cache.channels)
-    return NpyDataset(cache, "train", transform_for_strength=factory, ramp=ramp)
+    return split_dataset(cache, "train", transform_for_strength=factory, ramp=ramp)
 
 
 def make_loaders(
@@ -249,7 +268,7 @@ def make_loaders(
     # small unevenness that any shorter last batch already brings.
     batches = EpochBatchSampler(sampler, batch_size, generator=generator, min_batch=MIN_TRAIN_BATCH)
     train = DataLoader(train_set, batch_sampler=batches, generator=generator, **common)
-    val = DataLoader(NpyDataset(cache, "val"), batch_size=max(256, batch_size), **common)
+    val = DataLoader(split_dataset(cache, "val"), batch_size=max(256, batch_size), **common)
     return {"train": train, "val": val}
 
 
