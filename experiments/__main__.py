@@ -13,11 +13,11 @@ import sys
 
 from rich.console import Console
 
-from experiments import seeds
+from experiments import cv, search, seeds
 from experiments.study import StudyError
 
 #: subcommand modules, in help order.
-KINDS = (seeds,)
+KINDS = (seeds, search, cv)
 
 
 def build_parser() -> argparse.ArgumentParser:
