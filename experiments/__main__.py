@@ -3,7 +3,7 @@
 Everything after the first ``--`` is passed to models/train.py for every member; everything
 before it belongs to the study, so the two option sets can never be confused (train.py has a
 ``--seed`` beside the study's ``--seeds``). Each kind is a module with ``add_parser`` and
-``run``; a new kind (``cv``, ``search``) is one more entry in :data:`KINDS`.
+``run``; a new kind is one more entry in :data:`KINDS`.
 """
 
 from __future__ import annotations

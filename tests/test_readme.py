@@ -112,6 +112,17 @@ def test_demo_commands_parse(command):
     demo.get_args_parser().parse_args(_args(command, "python demo.py"))
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m experiments")])
+def test_study_commands_parse(command):
+    from experiments.__main__ import build_parser as study_parser
+    from experiments.__main__ import split_argv
+
+    own, train_argv = split_argv(_args(command, "python -m experiments"))
+    args, unknown = study_parser().parse_known_args(own)
+    assert unknown == [] and args.study_dir
+    build_parser().parse_args(train_argv)  # the members' training options
+
+
 def test_every_command_is_checked_by_one_of_the_tests_above():
     known = (
         "make ",
@@ -121,6 +132,7 @@ def test_every_command_is_checked_by_one_of_the_tests_above():
         "python -m report",
         "python predict.py",
         "python demo.py",
+        "python -m experiments",
     )
     assert [c for c in COMMANDS if not c.startswith(known)] == []
 
