@@ -25,6 +25,7 @@ import numpy as np
 from dataset import medmnist
 from dataset.cache import CacheInfo, channel_stats, load_cache, prepare
 from dataset.errors import DataError
+from dataset.folds import PooledImages
 from dataset.sources import SPLITS
 from dataset.subset import subset_cache
 from report.page import Page, Section
@@ -208,11 +209,18 @@ def _open(run: RunFolder) -> RunData:
         info.stats_from = "the cache (its full training split), as training computes it"
     classes = [str(c) for c in data_cfg.get("classes") or []]
     fraction = float(data_cfg.get("train_fraction") or 1.0)
+    folds, fold = int(data_cfg.get("cv_folds") or 0), int(data_cfg.get("cv_fold") or 0)
+    seed = int(data_cfg.get("split_seed") or 0)
     try:
-        cache = subset_cache(cache, classes, fraction, int(data_cfg.get("split_seed") or 0))
+        cache = subset_cache(cache, classes, fraction, seed, folds, fold)
     except ValueError as err:
-        info.problem = f"the run's data.classes/data.train_fraction do not fit the cache: {err}"
+        info.problem = f"the run's data.classes/train_fraction/cv_folds do not fit the cache: {err}"
         return info
+    if folds:
+        info.notes.append(
+            f"the run is fold {fold} of {folds} (data.cv_folds): its training and validation "
+            "images are the cache's train and val pooled, this fold validating"
+        )
     if classes:
         info.notes.append(
             f"the run trained on {len(classes)} of the cache's "
@@ -303,8 +311,10 @@ def thumbnail_grid(
 
 def _split_rows(cache: CacheInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The full split's memory map and the rows of it the (sub)set uses; no copy of the pixels
-    (a subset's ``images()`` copies the whole split)."""
-    images = CacheInfo.images(cache, split)
+    (a subset's ``images()`` copies the whole split). A cross-validation fold's rows index the
+    pooled train and val images."""
+    pooled = split in getattr(cache, "pooled", ())
+    images = PooledImages(cache.path) if pooled else CacheInfo.images(cache, split)
     rows = cache.rows(split)
     return images, np.arange(len(images)) if rows is None else np.asarray(rows)
 

@@ -107,6 +107,27 @@ def test_train_fraction_counts_what_the_run_trained_on(trained_run, tmp_path):
     assert mean[0] == pytest.approx(expected.images("train")[..., 0].mean() / 255, abs=1e-6)
 
 
+def test_a_cross_validation_fold_counts_and_reads_its_pooled_images(trained_run, tmp_path):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+    def fold_1_of_3(ckpt):
+        ckpt["config"]["data"].update(cv_folds=3, cv_fold=1)
+
+    _keep_one_checkpoint(run_dir, fold_1_of_3)
+    info = open_run_data(load_run(run_dir))
+    full = load_cache(info.cache_path)
+    expected = subset_cache(full, [], 1.0, 0, 3, 1)
+    assert info.cache.counts("val") == expected.counts("val") != full.counts("val")
+    assert sum(info.cache.counts("train")) + sum(info.cache.counts("val")) == sum(
+        full.counts("train")
+    ) + sum(full.counts("val"))
+    assert any("fold 1 of 3" in n for n in info.notes)
+    # The statistics read the fold's pooled rows, some of them from the val file.
+    mean, _, read, total = split_channel_stats(info.cache, "val")
+    assert read == total == sum(expected.counts("val"))
+    assert mean[0] == pytest.approx(expected.images("val")[..., 0].mean() / 255, abs=1e-6)
+
+
 def test_a_missing_source_gives_a_note(trained_run, tmp_path):
     run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
     gone = tmp_path / "gone"
