@@ -53,6 +53,9 @@ def stopped_at_once(run_dir: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here: experiments.study imports this script to train its members.
+    from experiments.study import StudyError, expand_runs
+
     args = build_parser().parse_args(argv)
     console = Console(highlight=False)
     notes: list[str] = []
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.resume)
         else:
             cfg, ckpt = config_from_args(args, announce=notes.append), None
+            # A study folder among the teachers stands for its finished members; the run's
+            # config.yaml then names the runs themselves, so a resume rebuilds the same teacher.
+            cfg.kd.teacher = [str(run) for run in expand_runs(cfg.kd.teacher)]
             run_dir = Path(cfg.run.run_dir) if cfg.run.run_dir else default_run_dir(cfg)
         prepare_run_dir(run_dir, resume=ckpt is not None, overwrite=args.overwrite)
         # What differs from the preset, not all ~100 settings: config.yaml holds every one. A
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         for note in filter(None, notes):
             console.print(note, soft_wrap=True, markup=False)
         summary = build_trainer(cfg, run_dir, console=console, resume=ckpt).fit()
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, StudyError) as exc:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started

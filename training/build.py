@@ -34,12 +34,15 @@ from training.engine.checkpoint import (
 )
 from training.engine.data import double_correction_warning, make_loaders, prepare_cache
 from training.engine.device import amp_dtype, resolve_device, slow_settings_warning
+from training.engine.distill import Distillation
 from training.engine.events import Callback
 from training.engine.mixup import Mixup
+from training.engine.resize import ProgressiveResize, check_against_model, swa_note
 from training.engine.run_dir import remove_temp_leftovers
 from training.engine.schedule import plot_schedule
 from training.engine.seeding import make_generator, seed_everything
 from training.engine.trainer import Trainer
+from training.evaluation.teachers import load_teachers
 from training.evaluation.tta import resolve_tta_for_images
 
 
@@ -260,6 +263,8 @@ def build_trainer(
     loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed))
     criterion = build_criterion(cfg, cache).to(device)
     mixup = build_mixup(cfg, cache)
+    distill = build_distillation(cfg, cache, device, console if is_main else None)
+    resize = build_resize(cfg, cache, model, len(loaders["train"]), console if is_main else None)
     if is_main and cfg.regularize.dynamic_dropout and "dropout" not in model.capabilities:
         console.print(
             f"note: dynamic dropout is off: {cfg.model.arch} has no dropout a run can move",
@@ -273,6 +278,8 @@ def build_trainer(
     callbacks: list[Callback] = [
         # The regimen decides first, so the console and the log see the epoch's decisions.
         *regimen_callbacks(cfg, criterion, mixup, model.capabilities),
+        *([resize] if resize else []),  # sets input_size before the console and log see it
+        *([distill] if distill else []),  # adds kd_loss before the console and log see it
         ConsoleCallback(console, cfg.run.progress),
         MetricsLogger(run_dir, cfg.run.tensorboard),
         *(extra_callbacks or []),
@@ -289,6 +296,8 @@ def build_trainer(
         is_main=is_main,
         criterion=criterion,
         mixup=mixup,
+        distill=distill,
+        resize=resize,
     )
     if resume is not None:
         trainer.load_state(resume)
@@ -338,3 +347,66 @@ def build_mixup(cfg: TrainConfig, cache) -> Mixup | None:
         label_smoothing=cfg.optim.label_smoothing,
         generator=generator,
     )
+
+
+def build_resize(
+    cfg: TrainConfig,
+    cache,
+    model: StagedModel,
+    batches_per_epoch: int,
+    console: Console | None = None,
+) -> ProgressiveResize | None:
+    """Progressive resizing along ``data.resize_schedule`` (None when it is empty), checked
+    against the images' size and the model's minimum input size; warns on ``console`` when SWA
+    averages weights trained below the final size.
+
+    Raises:
+        ConfigError: in one line, naming the field, the size and the limit.
+    """
+    schedule = cfg.data.resize_schedule
+    if not schedule:
+        return None
+    if problem := check_against_model(schedule, cache.image_size, model.min_input_size):
+        raise ConfigError(problem)
+    s = cfg.safety
+    note = swa_note(schedule, cfg.run.epochs, s.swa_start_epoch) if s.swa else None
+    if console is not None and note:
+        warn(console, note)
+    return ProgressiveResize(schedule, cfg.run.epochs, batches_per_epoch)
+
+
+def build_distillation(
+    cfg: TrainConfig, cache, device: torch.device, console: Console | None = None
+) -> Distillation | None:
+    """Knowledge distillation from the ``kd.teacher`` runs (None when there are none), each
+    rebuilt from its checkpoint on ``device``, frozen and in eval mode; prints on ``console`` a
+    note per teacher whose batches are re-normalised.
+
+    Raises:
+        ConfigError: in one line naming the teacher and the field that does not fit.
+    """
+    kd = cfg.kd
+    if not kd.teacher:
+        return None
+    height, width = cache.meta["image_shape"][:2]
+    teachers, notes = load_teachers(
+        kd.teacher,
+        kd.weights,
+        class_names=cache.class_names,
+        input_size=min(height, width),
+        channels=cache.channels,
+        mean=cache.mean,
+        std=cache.std,
+        device=device,
+    )
+    if console is not None:
+        names = ", ".join(f"{t.run_dir} ({t.weights})" for t in teachers)
+        console.print(
+            f"distillation: T={kd.temperature:g}, alpha={kd.alpha:g}, teacher: {names}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        for note in notes:
+            console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    return Distillation(teachers, kd.temperature, kd.alpha)

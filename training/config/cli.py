@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from another run's weights; a new classifier when the classes differ "
         "(model.init)",
     )
+    add(
+        "--teacher",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="distil from these trained runs (several: an ensemble teacher, their logits "
+        "averaged); a study folder gives its finished members (kd.teacher)",
+    )
     add("--epochs", type=int, metavar="N", help="epochs to train (run.epochs)")
     add("--batch-size", type=int, metavar="N", help="images per step (optim.batch_size)")
     add("--lr", type=float, metavar="LR", help="peak learning rate (optim.lr)")
@@ -161,6 +168,8 @@ def config_from_args(
     }
     if getattr(args, "no_amp", False):
         values["run.amp"] = "off"
+    if getattr(args, "teacher", None):  # run folders; models/train.py expands study folders first
+        values["kd.teacher"] = [str(path) for path in args.teacher]
     yaml_path = getattr(args, "config", None)
     overrides = getattr(args, "overrides", None) or []
     preset, choice = getattr(args, "preset", None) or "", None

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.registry import capabilities, stage_names
 from models.staged import start_depth
+from training.engine.resize import schedule_text
 from training.engine.schedule import WARMUP_START_DIV, Marker
 
 if TYPE_CHECKING:
@@ -270,6 +271,7 @@ def plan_lines(
     rows = [
         *_schedule_lines(cfg),
         *_block_lines(cfg),
+        *_resize_lines(cfg),
         *_regularise_lines(cfg),
         *_safety_lines(cfg, stop_not_before),
     ]
@@ -402,6 +404,15 @@ def _block_lines(cfg: TrainConfig) -> list[_Row]:
 def _blends(cfg: TrainConfig) -> bool:
     """Whether the model fades its classifier's input to a new depth (``head_blend``)."""
     return "head_blend" in capabilities(cfg.model.arch)
+
+
+def _resize_lines(cfg: TrainConfig) -> list[_Row]:
+    """Progressive resizing (``data.resize_schedule``), when on: the sizes and where each
+    starts; an independent schedule of its own beside the stages'."""
+    schedule, total = cfg.data.resize_schedule, cfg.run.epochs
+    if not schedule:
+        return []
+    return [_line("input size", _epochs(1, total, total), schedule_text(schedule, total))]
 
 
 def _regularise_lines(cfg: TrainConfig) -> list[_Row]:

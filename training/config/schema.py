@@ -1,8 +1,8 @@
 """The training configuration: typed defaults -> preset -> YAML file -> command line, validated.
 
-Every setting lives in one :class:`TrainConfig` made of nine sections (:data:`SECTIONS`: ``data``,
+Every setting lives in one :class:`TrainConfig` made of ten sections (:data:`SECTIONS`: ``data``,
 ``model``, ``optim``, ``schedule``, the regimen's ``unfreeze``, ``regularize``, ``balance`` and
-``safety``, and ``run``). A run's configuration is resolved in layers, later ones winning:
+``safety``, ``kd`` (distillation) and ``run``). A run's configuration is resolved in layers, later ones winning:
 
 1. the dataclass defaults (the designed long GPU run);
 2. a preset from :data:`PRESETS` (``--preset cpu`` for a laptop run of minutes); the command
@@ -81,6 +81,7 @@ from training.config.plan import (
     unfreeze_direction,
 )
 from training.engine.atomic import create_temp_beside
+from training.engine.resize import schedule_problem
 from training.evaluation.tta import TTA_MODES
 
 
@@ -235,6 +236,11 @@ class DataConfig:
             the rest; the test split is unchanged. An index over the same cache, like
             ``classes``.
         cv_fold: the validation fold, 0..cv_folds-1 (``python -m experiments cv`` trains each).
+        resize_schedule: progressive resizing: ``[start, size]`` pairs, ``start`` a fraction of
+            the run in [0, 1) (the first 0, increasing) from which training batches are resized
+            to ``size`` px (increasing; the last the images' size, each at least the model's
+            minimum), e.g. ``[[0, 32], [0.4, 48], [0.7, 64]]``; validation and test stay at the
+            full size; [] = off.
     """
 
     source: str = _field("bloodcells_mini", TEXT)
@@ -260,6 +266,9 @@ class DataConfig:
     train_fraction: float = _field(1.0, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
     cv_folds: int = _field(0, Rule("0 (off) or an int >= 2", lambda v: v == 0 or v >= 2))
     cv_fold: int = _field(0, _int_at_least(0))
+    resize_schedule: list[list[float]] = _field(
+        [], Rule("[] (off) or a list of [start, size] pairs")
+    )
 
 
 @dataclass
@@ -579,6 +588,35 @@ class RunConfig:
 
 
 @dataclass
+class KdConfig:
+    """Knowledge distillation from trained runs (Hinton et al. 2015; see docs/distillation.md).
+
+    Args:
+        teacher: the teacher's run folders: [] (off), one run folder, or several (an ensemble
+            teacher: the mean of their logits). ``--teacher`` on models/train.py sets it and
+            turns a study folder into its finished members.
+        temperature: softmax temperature T of teacher and student in the distillation term.
+        alpha: weight of the distillation term: (1 - alpha) x the base loss + alpha x T^2 x
+            KL(teacher || student).
+        weights: each teacher run's weight set: final (the one the run ends with: SWA, else
+            best, else last), best, swa or last.
+    """
+
+    teacher: list[str] = _field(
+        [],
+        Rule("[] (off), a run folder or a list of run folders", lambda v: all(map(str.strip, v))),
+    )
+    temperature: float = _field(4.0, POSITIVE)
+    alpha: float = _field(0.5, UNIT)
+    weights: str = _field("final", _choice("final", "best", "swa", "last"))
+
+    def __post_init__(self) -> None:
+        # One folder may be given as text (--set kd.teacher=runs/a); "" or empty is off.
+        if self.teacher is None or isinstance(self.teacher, str):
+            self.teacher = [self.teacher] if self.teacher and self.teacher.strip() else []
+
+
+@dataclass
 class TrainConfig:
     """The whole training configuration; build it with :func:`load_config`.
 
@@ -600,6 +638,7 @@ class TrainConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    kd: KdConfig = field(default_factory=KdConfig)
     preset: str = ""
     scaling: Rescale | None = field(default=None, compare=False, repr=False)
     unused: tuple[str, ...] = field(default=(), compare=False, repr=False)
@@ -615,6 +654,7 @@ SECTIONS: dict[str, type] = {
     "balance": BalanceConfig,
     "safety": SafetyConfig,
     "run": RunConfig,
+    "kd": KdConfig,
 }
 
 
@@ -711,7 +751,7 @@ def _coerce(value: Any, kind: Any) -> Any:
     if not isinstance(value, (list, tuple)):
         raise _BadType
     (item_kind,) = get_args(kind)
-    return [_SCALARS[item_kind](item) for item in value]
+    return [_coerce(item, item_kind) for item in value]  # list[list[float]] nests
 
 
 def _invalid(path: str, value: Any, allowed: str) -> ConfigError:
@@ -754,6 +794,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise _invalid("schedule.min_lr", cfg.schedule.min_lr, allowed)
     _check_staged(cfg)
     _check_regimen(cfg)
+    _check_resize(cfg.data)
     if cfg.data.cv_folds and cfg.data.cv_fold >= cfg.data.cv_folds:
         allowed = f"an int in 0..{cfg.data.cv_folds - 1} (data.cv_folds={cfg.data.cv_folds})"
         raise _invalid("data.cv_fold", cfg.data.cv_fold, allowed)
@@ -779,6 +820,17 @@ def staged_schedule(cfg: TrainConfig):
         plateau_patience=s.plateau_patience,
         floors=tuple(zip(s.floor_epochs, s.floor_lrs, strict=True)),
     )
+
+
+def _check_resize(d: DataConfig) -> None:
+    """The schedule's own rules, and its last size against ``data.image_size`` when set; the
+    images' and the model's sizes are checked once both are known (``training.build``)."""
+    if problem := schedule_problem(d.resize_schedule):
+        raise _invalid("data.resize_schedule", d.resize_schedule, problem)
+    last = int(d.resize_schedule[-1][1]) if d.resize_schedule else 0
+    if d.image_size and last and last != d.image_size:
+        allowed = f"a last size equal to data.image_size={d.image_size} (got {last})"
+        raise _invalid("data.resize_schedule", d.resize_schedule, allowed)
 
 
 def _check_staged(cfg: TrainConfig) -> None:
@@ -1203,6 +1255,12 @@ _INACTIVE: tuple[_Inactive, ...] = (
         "set safety.early_stop=true",
     ),
     _Inactive(("safety.swa_start_epoch",), "safety.swa", lambda v: not v, "set safety.swa=true"),
+    _Inactive(
+        ("kd.temperature", "kd.alpha", "kd.weights"),
+        "kd.teacher",
+        lambda v: not v,
+        "set kd.teacher (--teacher RUN_DIR)",
+    ),
     _Inactive(
         ("data.aug_strength", "data.aug_start_strength", "data.aug_ramp_epochs"),
         "data.augment",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -133,6 +133,10 @@ class Trainer:
         criterion: loss on (logits, targets), targets being labels (B,) or, with Mixup, soft
             targets (B, C); cross-entropy with the config's label smoothing by default.
         mixup: mixes training batches (and makes soft targets) while active; ``None``: off.
+        distill: knowledge distillation, ``distill(x, logits, loss) -> loss`` on the batch the
+            student saw (:class:`training.engine.distill.Distillation`); ``None``: off.
+        resize: resizes a training batch for its position in epochs, before Mixup (progressive
+            resizing, :class:`training.engine.resize.ProgressiveResize`); ``None``: off.
     """
 
     def __init__(
@@ -149,6 +153,8 @@ class Trainer:
         is_main: bool = True,
         criterion: nn.Module | None = None,
         mixup: Mixup | None = None,
+        distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        resize: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -163,6 +169,8 @@ class Trainer:
             label_smoothing=config.optim.label_smoothing
         )
         self.mixup = mixup
+        self.distill = distill
+        self.resize = resize
         self.num_classes = len(cache.class_names)
         self.batches_per_epoch = len(loaders["train"])
         self.steps_per_epoch = steps_per_epoch(self.batches_per_epoch, config.optim.accumulation)
@@ -490,11 +498,14 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)  # (B, C, H, W)
             y = y.to(self.device, non_blocking=True)  # (B,)
             target = y
+            x = x if self.resize is None else self.resize(x, epoch - 1 + b / n)
             if self.mixup is not None and self.mixup.active(epoch - 1 + b / n):
                 x, target, _ = self.mixup(x, y, epoch - 1 + b / n)  # target: (B, C) soft
             with self.stepper.autocast():
                 logits = self.model(x)  # (B, num_classes)
                 loss = self.criterion(logits, target)
+                if self.distill is not None:  # the teacher sees x as mixed, under this autocast
+                    loss = self.distill(x, logits, loss)
             stepped = self.stepper.backward(loss, group_size=group_size(b, n, acc))
             if stepped:
                 self._advance_head_mix()
