@@ -247,6 +247,19 @@ def test_an_explicit_swa_start_after_the_run_is_refused():
     assert off.safety.swa_start_epoch == 24
 
 
+def test_a_short_runs_own_config_loads_back_with_its_unreached_swa(tmp_path):
+    """A 2-epoch cpu run derives an SWA start after its end (the plan says "not reached");
+    its config.yaml must still load back as that run."""
+    short = load_config("cpu", overrides=["run.epochs=2"])
+    assert short.safety.swa and short.safety.swa_start_epoch > 2
+    stored = tmp_path / "config.yaml"
+    save_config(short, stored)
+    again = load_config("", yaml_path=stored)
+    assert config_to_dict(again) == config_to_dict(short)
+    with pytest.raises(ConfigError, match="SWA would never start"):  # typed: still refused
+        load_config("", yaml_path=stored, overrides=["safety.swa_start_epoch=3"])
+
+
 def test_an_explicit_swa_start_before_the_scaled_activations_is_refused():
     # Derived activations are not bent to fit: the message names where the last one ended up.
     with pytest.raises(ConfigError, match=r"safety.swa_start_epoch=8 is invalid.* >= 10"):

@@ -2,7 +2,8 @@
 
 Every setting lives in one :class:`TrainConfig` made of ten sections (:data:`SECTIONS`: ``data``,
 ``model``, ``optim``, ``schedule``, the regimen's ``unfreeze``, ``regularize``, ``balance`` and
-``safety``, ``kd`` (distillation) and ``run``). A run's configuration is resolved in layers, later ones winning:
+``safety``, ``kd`` (distillation) and ``run``). A run's configuration is resolved in layers, later
+ones winning:
 
 1. the dataclass defaults (the designed long GPU run);
 2. a preset from :data:`PRESETS` (``--preset cpu`` for a laptop run of minutes); the command
@@ -1091,15 +1092,17 @@ def _resolve(
     base_epochs = tree["run"]["epochs"]
     base = copy.deepcopy(tree)
     given = _merge(tree, layer, str(yaml_path))
+    typed: set[str] = set()  # set on the command line, not by the file
     for item in overrides:
         section, key, value = _parse_override(item)
         tree[section][key] = value
-        given.add(f"{section}.{key}")
+        typed.add(f"{section}.{key}")
     for path, value in values.items():
         section, _, key = path.partition(".")
         _check_key(section, key, "")
         tree[section][key] = value
-        given.add(path)
+        typed.add(path)
+    given |= typed
     cfg = TrainConfig(**{name: cls(**tree[name]) for name, cls in SECTIONS.items()}, preset=preset)
     _check_fields(cfg)  # typed values first: the scaling does arithmetic on them
     blends = "head_blend" in capabilities(cfg.model.arch)
@@ -1107,7 +1110,7 @@ def _resolve(
         cfg.unfreeze.head_blend_epochs = 0.0  # no head to blend: no blend to wait for
     _fit_to_length(cfg, base_epochs, given)
     fit_stages(cfg, given)
-    _check_given(cfg, given)
+    _check_given(cfg, typed)
     validate_config(cfg)
     cfg.unused = _check_unused(cfg, {p for p in given if _get(cfg, p) != _tree_get(base, p)})
     return cfg
@@ -1140,9 +1143,12 @@ def _get(cfg: TrainConfig, path: str) -> Any:
 
 
 def _check_given(cfg: TrainConfig, given: set[str]) -> None:
-    """Refuse the user's own values that cannot work in a run of ``run.epochs`` epochs.
+    """Refuse values typed on the command line (``given``) that cannot work in a run of
+    ``run.epochs`` epochs.
 
     Derived values that do not fit a short run are not refused: the plan says what is not reached.
+    Nor are a config file's: a run's own ``config.yaml`` records its derived values, and loading
+    it back (``--config``) must give that run again, "not reached" included.
     """
     s, epochs = cfg.safety, cfg.run.epochs
     if "safety.swa_start_epoch" in given and s.swa and s.swa_start_epoch > epochs:
