@@ -46,13 +46,13 @@ from experiments.study import (
     Member,
     Study,
     StudyError,
+    check_train_options,
     member_dir,
     member_state,
     open_study,
     run_members,
     write_summary,
 )
-from training.config.cli import build_parser
 from training.config.schema import ConfigError, config_from_dict
 from training.engine.atomic import write_atomically
 from training.engine.checkpoint import CheckpointError, load_checkpoint
@@ -90,11 +90,7 @@ VAL_FIGURES: tuple[tuple[str, str], ...] = (
 ENSEMBLE_FIGURES = ("accuracy", "macro_f1", "balanced_accuracy", "nll", "ece")
 
 #: training options the study sets itself, per member; refused after ``--``.
-_OWN_SETTINGS = {
-    "data.cv_folds": "--folds",
-    "data.cv_fold": "the member",
-    "run.run_dir": "--study-dir",
-}
+_OWN_SETTINGS = {"data.cv_folds": "--folds", "data.cv_fold": "the member"}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -115,26 +111,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _check_train_argv(train_argv: Sequence[str]) -> None:
-    """Refuse, in one line, training options that models/train.py rejects or that the study
-    sets itself (checked with train.py's own parser)."""
-    parser = build_parser()
-
-    def refuse(message: str) -> None:
-        raise StudyError(f"training options after --: {message}")
-
-    parser.error = refuse  # type: ignore[method-assign]  # one line, no usage text
-    try:
-        args = parser.parse_args(list(train_argv))
-    except SystemExit:  # --help after --
-        raise StudyError("training options after --: see python models/train.py --help") from None
-    own = {"--run-dir": args.run_dir, "--resume": args.resume, "--overwrite": args.overwrite}
-    for flag, given in own.items():
-        if given:
-            refuse(f"{flag} is set by the study for each member; leave it out")
-    for item in args.overrides:
-        key = item.partition("=")[0].strip()
-        if key in _OWN_SETTINGS:
-            refuse(f"--set {key} is set by the study ({_OWN_SETTINGS[key]}); leave it out")
+    """Refuse, in one line, training options that train.py rejects or that the study sets."""
+    check_train_options(train_argv, settings=_OWN_SETTINGS)
 
 
 def plan(folds: int, train_argv: Sequence[str]) -> list[Member]:

@@ -50,6 +50,7 @@ from experiments.study import (
     STUDY_JSON,
     Study,
     StudyError,
+    check_train_options,
     member_dir,
     open_study,
     read_json,
@@ -71,7 +72,7 @@ BEST_CONFIG = "best_config.yaml"
 PLOTS = {"history": "optimization_history.png", "importances": "param_importances.png"}
 
 #: training settings the study sets for each trial; refused after ``--``.
-_OWN_SETTINGS = {"run.run_dir": "--study-dir", "run.monitor": "--metric"}
+_OWN_SETTINGS = {"run.monitor": "--metric"}
 #: finished trials: they count towards --trials.
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -129,21 +130,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _train_args(train_argv: Sequence[str], params: Sequence[Param]) -> argparse.Namespace:
     """Parse the training options with train.py's parser, refusing in one line what it rejects
     and what the study sets itself (the run folder, the monitor, the searched fields)."""
-    parser = build_parser()
+    args = check_train_options(train_argv, settings=_OWN_SETTINGS)
 
     def refuse(message: str) -> None:
         raise StudyError(f"training options after --: {message}")
 
-    parser.error = refuse  # type: ignore[method-assign]  # one line, no usage text
-    try:
-        args = parser.parse_args(list(train_argv))
-    except SystemExit:  # --help after --
-        raise StudyError("training options after --: see python models/train.py --help") from None
-    for flag, given in (("--run-dir", args.run_dir), ("--resume", args.resume)):
-        if given:
-            refuse(f"{flag} is set by the study for each trial; leave it out")
-    if args.overwrite:
-        refuse("--overwrite: a search never clears a run folder; leave it out")
     searched = {p.name for p in params}
     for item in args.overrides:
         key = item.partition("=")[0].strip()

@@ -38,6 +38,7 @@ from experiments.study import (
     Member,
     Study,
     StudyError,
+    check_train_options,
     member_dir,
     member_state,
     open_study,
@@ -45,7 +46,6 @@ from experiments.study import (
     run_members,
     write_summary,
 )
-from training.config.cli import build_parser
 from training.evaluation.report import REPORT_JSON, SCALED_SUFFIX, final_of
 from training.evaluation.stats import mean_sd, paired_difference
 
@@ -68,7 +68,7 @@ SINGLE_ARM = "all"
 _SEEDS_HELP = "0-4, 0,1,2 or 0 1 2"
 
 #: training options the study sets itself, per member; refused after ``--``.
-_OWN_SETTINGS = {"run.seed": "--seeds", "run.run_dir": "--study-dir"}
+_OWN_SETTINGS = {"run.seed": "--seeds"}
 
 
 def parse_seeds(tokens: Sequence[str]) -> list[int]:
@@ -125,33 +125,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _check_train_argv(train_argv: Sequence[str], compare: bool) -> None:
-    """Refuse, in one line, training options that models/train.py rejects or that the study
-    sets itself (checked with train.py's own parser, so its abbreviations count too)."""
-    parser = build_parser()
-
-    def refuse(message: str) -> None:
-        raise StudyError(f"training options after --: {message}")
-
-    parser.error = refuse  # type: ignore[method-assign]  # one line, no usage text
-    try:
-        args = parser.parse_args(list(train_argv))
-    except SystemExit:  # --help after --
-        raise StudyError("training options after --: see python models/train.py --help") from None
-    own = {
-        "--run-dir": args.run_dir,
-        "--resume": args.resume,
-        "--overwrite": args.overwrite,
-        "--seed": args.seed is not None,
-    }
-    if compare:
-        own["--config"] = args.config
-    for flag, given in own.items():
-        if given:
-            refuse(f"{flag} is set by the study for each member; leave it out")
-    for item in args.overrides:
-        key = item.partition("=")[0].strip()
-        if key in _OWN_SETTINGS:
-            refuse(f"--set {key} is set by the study ({_OWN_SETTINGS[key]}); leave it out")
+    """Refuse, in one line, training options that train.py rejects or that the study sets."""
+    flags = ["--run-dir", "--resume", "--overwrite", "--seed", *(["--config"] if compare else [])]
+    check_train_options(train_argv, flags, _OWN_SETTINGS)
 
 
 def _config_record(path_text: str) -> dict[str, str]:

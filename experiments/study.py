@@ -13,17 +13,18 @@ with ``--resume``, a new one is trained with ``--run-dir``. A different command 
 study is refused in one line. Nothing a member wrote is ever deleted by the study.
 
 Public API:
-    StudyError, Study, Member, open_study, member_dir, member_state, member_runs, is_study,
-    expand_runs, run_member,
-    run_members, write_summary, read_json, FORMAT, STUDY_JSON, SUMMARY_JSON, MEMBERS_DIR.
+    StudyError, Study, Member, open_study, check_train_options, member_dir, member_state,
+    member_runs, is_study, expand_runs, run_member, run_members, write_summary, read_json,
+    FORMAT, STUDY_JSON, SUMMARY_JSON, MEMBERS_DIR.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from rich.console import Console
 
 import models.train as train_script
 from dataset.errors import DataError
+from training.config.cli import build_parser
 from training.engine.atomic import write_atomically
 from training.engine.checkpoint import CheckpointError
 from training.engine.run_dir import RESUME_FILE, RUN_MARKERS
@@ -187,6 +189,44 @@ def open_study(
     path.mkdir(parents=True, exist_ok=True)
     _write_json(record_path, study.record())
     return study
+
+
+def check_train_options(
+    train_argv: Sequence[str],
+    flags: Sequence[str] = ("--run-dir", "--resume", "--overwrite"),
+    settings: Mapping[str, str] | None = None,
+) -> argparse.Namespace:
+    """Parse a study's training options (after ``--``) with models/train.py's own parser, so its
+    abbreviations count too, and refuse in one line what it rejects and what the study sets for
+    each member itself.
+
+    Args:
+        train_argv: the options.
+        flags: train.py options the study sets (``--run-dir``, ``--seed``, ...).
+        settings: ``--set`` keys the study sets, each with the study option that sets it.
+
+    Raises:
+        StudyError: naming the option.
+    """
+    parser = build_parser()
+
+    def refuse(message: str) -> None:
+        raise StudyError(f"training options after --: {message}")
+
+    parser.error = refuse  # type: ignore[method-assign]  # one line, no usage text
+    try:
+        args = parser.parse_args(list(train_argv))
+    except SystemExit:  # --help after --
+        raise StudyError("training options after --: see python models/train.py --help") from None
+    for flag in flags:
+        if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False, [], ""):
+            refuse(f"{flag} is set by the study for each member; leave it out")
+    own = {"run.run_dir": "--study-dir", **(settings or {})}
+    for item in args.overrides or []:
+        key = item.partition("=")[0].strip()
+        if key in own:
+            refuse(f"--set {key} is set by the study ({own[key]}); leave it out")
+    return args
 
 
 def member_dir(study_dir: str | Path, name: str) -> Path:
