@@ -405,9 +405,11 @@ def reload_problem(path: Path) -> str | None:
     return None
 
 
-def write_plots(study: optuna.Study, study_dir: Path) -> tuple[list[str], list[str]]:
-    """Optuna's optimisation history and parameter importances as PNG in ``study_dir``; the
-    files written and a note for each plot skipped."""
+def write_plots(
+    study: optuna.Study, study_dir: Path, metric: str = "objective"
+) -> tuple[list[str], list[str]]:
+    """Optuna's optimisation history and parameter importances as PNG in ``study_dir``, the
+    trial value named ``metric``; the files written and a note for each plot skipped."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -426,7 +428,7 @@ def write_plots(study: optuna.Study, study_dir: Path) -> tuple[list[str], list[s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "experimental" warnings of the matplotlib plots
             try:
-                axes = plot(study)
+                axes = plot(study, target_name=metric)
             except (ValueError, RuntimeError, ZeroDivisionError) as error:
                 notes.append(f"{PLOTS[key]} skipped: {error}")
                 continue
@@ -510,7 +512,7 @@ def run(args: argparse.Namespace, train_argv: list[str], console: Console) -> in
                 "edit that setting first",
                 soft_wrap=True,
             )
-    summary["plots"], summary["plot_notes"] = write_plots(study, study_dir)
+    summary["plots"], summary["plot_notes"] = write_plots(study, study_dir, args.metric)
     for note in summary["plot_notes"]:
         console.print(f"note: {note}", soft_wrap=True, markup=False)
     write_summary(study_dir, summary)
