@@ -28,7 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights",
         choices=tuple(WEIGHT_FILES),
-        help="weight set selected first; default: swa when the run has it, else best",
+        help="weight set selected first; default: swa when the run has it, else best, else last",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     return parser

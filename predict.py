@@ -18,6 +18,7 @@ were skipped, 2 on an error that stops everything.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights",
         choices=tuple(WEIGHT_FILES),
-        help="which weights of the run; default: swa when the run has it, else best",
+        help="which weights of the run; default: swa when the run has it, else best, else last",
     )
     parser.add_argument(
         "--tta", choices=TTA_MODES, help="test-time augmentation; default: the run's run.tta"
@@ -119,16 +120,25 @@ def _classify(args: argparse.Namespace, classifier: Classifier, err: Console) ->
     return 1 if failed else 0
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that could not be written before any image is classified."""
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out {out}: unknown format; allowed: {' '.join(OUTPUT_SUFFIXES)}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: folder {folder} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     err = Console(stderr=True)
     try:
         if args.export is None and not args.inputs:
             raise ValueError("nothing to do: give INPUT files or folders, or --export DIR")
-        if args.out is not None and args.out.suffix.lower() not in OUTPUT_SUFFIXES:
-            raise ValueError(
-                f"--out {args.out}: unknown format; allowed: {' '.join(OUTPUT_SUFFIXES)}"
-            )
+        if args.out is not None:
+            _check_out(args.out)
         classifier = Classifier.load(args.run_dir, args.weights, args.device)
         status = 0
         if args.export is not None:
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 err.print(line, highlight=False, soft_wrap=True)
         if args.inputs:
             status = _classify(args, classifier, err)
-    except (CheckpointError, ExportError, ValueError, FileNotFoundError) as exc:
+    except (CheckpointError, ExportError, ValueError, OSError) as exc:
         message = " ".join(f"error: {exc}".split())
         err.print(Text(message, style="red"), soft_wrap=True)
         return 2

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,15 @@ def _fill(sizes: list[int], target: int) -> np.ndarray:
     if len(sizes) >= 2 and take.all():
         take[-1] = False
     return take
+
+
+def same_statistics(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two per-channel means (or stds) normalise alike: the same length and equal to
+    float precision (a statistic recomputed or stored through JSON may differ in its last bits)."""
+    return len(a) == len(b) and all(
+        math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def channel_stats(

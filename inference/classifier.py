@@ -32,6 +32,7 @@ from training.engine.checkpoint import CheckpointError
 from training.engine.device import resolve_device
 from training.evaluation.report import (
     REPORT_JSON,
+    SCALED_SUFFIX,
     TEMPERATURE_TTA_KEY,
     WEIGHT_FILES,
     build_model,
@@ -41,7 +42,7 @@ from training.evaluation.report import (
     load_weight_set,
     run_tta,
 )
-from training.evaluation.tta import resolve_tta, tta_logits
+from training.evaluation.tta import TTA_MODES, resolve_tta, tta_logits
 
 #: The exported model's files (see :mod:`inference.export`).
 EXPORT_WEIGHTS = "model.safetensors"
@@ -270,7 +271,7 @@ def _run_card(run_dir: Path, name: str, ckpt: dict, path: Path) -> dict[str, Any
         rows = report["weights"]
     except (OSError, ValueError, KeyError, TypeError):
         return card
-    row = rows.get(name + "+T") or rows.get(name)
+    row = rows.get(name + SCALED_SUFFIX) or rows.get(name)
     if isinstance(row, dict) and "accuracy" in row:
         card["test_accuracy"] = float(row["accuracy"])
         if "ece" in row:
@@ -287,6 +288,9 @@ def _date_of(path: Path) -> str:
     return dt.datetime.fromtimestamp(stamp, tz=dt.timezone.utc).date().isoformat()
 
 
+#: the TTA modes a temperature can be fitted under ("auto" is resolved before fitting).
+_CONCRETE_TTA = tuple(mode for mode in TTA_MODES if mode != "auto")
+
 #: model.json fields and their checks: (field, type check, allowed-values text).
 _EXPORT_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("format", lambda v: v == EXPORT_FORMAT, str(EXPORT_FORMAT)),
@@ -299,7 +303,7 @@ _EXPORT_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("input_size", lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
     ("channels", lambda v: v in (1, 3), "1 or 3"),
     ("temperature", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
-    ("temperature_tta", lambda v: v in ("none", "hflip", "d4"), "none | hflip | d4"),
+    ("temperature_tta", lambda v: v in _CONCRETE_TTA, " | ".join(_CONCRETE_TTA)),
     ("tta", lambda v: isinstance(v, str), "a TTA mode"),
     ("weights", lambda v: isinstance(v, str), "a weight-set name"),
 )
@@ -325,4 +329,24 @@ def read_export_json(path: Path) -> dict[str, Any]:
         if not check(meta[key]):
             shown = json.dumps(meta[key])[:60]
             raise ExportError(f"{path}: field {key!r} is {shown}; allowed: {allowed}")
+    _check_consistent(meta, path)
     return meta
+
+
+def _check_consistent(meta: dict[str, Any], path: Path) -> None:
+    """The fields that describe one thing twice must agree: a row's ``p_<class>`` columns and
+    the normalisation depend on it."""
+    record = meta["model_record"]
+    pairs = (
+        ("class_names", len(meta["class_names"]), "model_record.num_classes", "num_classes"),
+        ("mean", len(meta["mean"]), "channels", None),
+        ("std", len(meta["std"]), "channels", None),
+        ("channels", meta["channels"], "model_record.in_channels", "in_channels"),
+        ("input_size", meta["input_size"], "model_record.input_size", "input_size"),
+    )
+    for key, value, other, record_key in pairs:
+        expected = meta["channels"] if record_key is None else record.get(record_key)
+        if expected is not None and value != expected:
+            counted = key in ("class_names", "mean", "std")
+            what = f"has {value} entries" if counted else f"is {value}"
+            raise ExportError(f"{path}: field {key!r} {what}; {other} is {expected}")

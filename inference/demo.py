@@ -107,8 +107,6 @@ def _read_upload(path: str | None, classifier: Classifier) -> tuple[np.ndarray, 
         )
     try:
         image = read_item(InputItem(file))
-    except Image.DecompressionBombError as error:  # not an OSError, so read_item lets it by
-        raise InputError(f"{file.name}: {error}") from None
     except InputError as error:
         raise InputError(f"{file.name}: {error}") from None
     try:
@@ -186,7 +184,11 @@ def card_markdown(classifier: Classifier) -> str:
     rows = [
         ("dataset", card.get("dataset", "unknown")),
         ("architecture", card.get("arch", "unknown")),
-        ("weights", f"{classifier.weights} (temperature {classifier.temperature:.3f})"),
+        # The temperature that applies under the run's TTA mode (1 under another).
+        (
+            "weights",
+            f"{classifier.weights} (temperature {classifier.temperature_for(classifier.tta):.3f})",
+        ),
         ("input", _shape(classifier)),
         ("classes", ", ".join(classifier.class_names)),
     ]
@@ -343,7 +345,7 @@ def build_app(
                     models.names,
                     value=models.default,
                     label="weights",
-                    info=f"{models.default}: the run's final weights",
+                    info=f"{final_weight_set(run_dir)}: the run's final weights",
                     elem_id="weights",
                 )
                 button = gr.Button("Classify", variant="primary", elem_id="classify")

@@ -171,7 +171,13 @@ def read_item(item: InputItem) -> Image.Image:
         with Image.open(item.path) as image:
             image.load()
             return image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as error:  # a decompression bomb is not an OSError: listed, not fatal
         raise InputError(f"unreadable image: {_first_line(error)}") from None
 
 

@@ -237,6 +237,13 @@ def test_a_teacher_with_other_normalisation_gets_the_batch_renormalised(teacher_
     assert not same[0].model.training
 
 
+def test_a_teacher_with_progressive_resizing_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="kd.teacher and data.resize_schedule cannot be combined"):
+        load_config(
+            "cpu", overrides=["kd.teacher=runs/a", "data.resize_schedule=[[0, 16], [0.5, 28]]"]
+        )
+
+
 def test_kd_config_fields():
     assert load_config("cpu", overrides=["kd.teacher=runs/a"]).kd.teacher == ["runs/a"]
     assert load_config("cpu", overrides=["kd.teacher=[a, b]"]).kd.teacher == ["a", "b"]

@@ -83,6 +83,14 @@ def test_an_unreadable_image_fails_alone(tmp_path):
         read_item(items[0])
 
 
+def test_a_decompression_bomb_is_one_input_not_the_end_of_the_batch(tmp_path, monkeypatch):
+    _png(tmp_path / "huge.png", _rgb(size=64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 is then over twice the limit
+    (item,) = collect_inputs([tmp_path / "huge.png"])
+    with pytest.raises(InputError, match="unreadable image: Image size"):
+        read_item(item)
+
+
 @pytest.mark.parametrize(
     ("mode", "channels", "note"),
     [
@@ -237,6 +245,7 @@ def test_csv_goes_to_stdout_without_out(trained_run, tmp_path, capsys):
         ([], "nothing to do: give INPUT files or folders, or --export DIR"),
         (["x.png", "--out", "p.txt"], "--out p.txt: unknown format; allowed: .csv .json"),
         (["x.png", "--weights", "last"], "checkpoints/last.pt does not exist; this run has:"),
+        (["x.png", "--out", "no/such/p.csv"], "--out no/such/p.csv: folder no/such does not exist"),
     ],
 )
 def test_bad_arguments_are_one_line(trained_run, tmp_path, capsys, args, message):

@@ -588,6 +588,11 @@ class RunConfig:
     tta: str = _field("none", _choice(*TTA_MODES))
 
 
+#: ``kd.weights``: the weight set taken from each teacher run; "final" is the one a run ends with
+#: (SWA, else best, else last).
+KD_WEIGHT_SETS: tuple[str, ...] = ("final", "best", "swa", "last")
+
+
 @dataclass
 class KdConfig:
     """Knowledge distillation from trained runs (Hinton et al. 2015; see docs/distillation.md).
@@ -609,7 +614,7 @@ class KdConfig:
     )
     temperature: float = _field(4.0, POSITIVE)
     alpha: float = _field(0.5, UNIT)
-    weights: str = _field("final", _choice("final", "best", "swa", "last"))
+    weights: str = _field("final", _choice(*KD_WEIGHT_SETS))
 
     def __post_init__(self) -> None:
         # One folder may be given as text (--set kd.teacher=runs/a); "" or empty is off.
@@ -796,6 +801,12 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_staged(cfg)
     _check_regimen(cfg)
     _check_resize(cfg.data)
+    if cfg.kd.teacher and cfg.data.resize_schedule:
+        # The teacher would be given the shrunken batches, not the images it was trained on.
+        raise ConfigError(
+            "kd.teacher and data.resize_schedule cannot be combined: the teacher would see the "
+            "resized batches, not images of the size it was trained at; use one of them"
+        )
     if cfg.data.cv_folds and cfg.data.cv_fold >= cfg.data.cv_folds:
         allowed = f"an int in 0..{cfg.data.cv_folds - 1} (data.cv_folds={cfg.data.cv_folds})"
         raise _invalid("data.cv_fold", cfg.data.cv_fold, allowed)

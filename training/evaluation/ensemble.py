@@ -19,7 +19,6 @@ Public API:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from dataset.cache import same_statistics
 from training.engine.atomic import write_atomically
 from training.engine.checkpoint import load_checkpoint, model_record
 from training.engine.data import resolve_workers
@@ -114,21 +114,14 @@ def _same_source(a: Any, b: Any) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def _same_stats(a: Any, b: Any) -> bool:
-    a, b = [float(v) for v in a], [float(v) for v in b]
-    if len(a) != len(b):
-        return False
-    return all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b, strict=True))
-
-
 def _fingerprint(ckpt: dict) -> list[tuple[str, Any, Any]]:
     """(what, value, how to compare) of everything members must share, in the order checked."""
     record = model_record(ckpt)
     data = ckpt.get("data") or {}
     return [
         ("class names", list(ckpt["class_names"]), None),
-        ("normalisation mean", list(ckpt["mean"]), _same_stats),
-        ("normalisation std", list(ckpt["std"]), _same_stats),
+        ("normalisation mean", list(ckpt["mean"]), same_statistics),
+        ("normalisation std", list(ckpt["std"]), same_statistics),
         ("input size", record.get("input_size"), None),
         ("input channels", record.get("in_channels"), None),
         ("data source", data.get("source"), _same_source),

@@ -4,32 +4,21 @@ with another normalisation gets each batch re-normalised
 (:class:`~training.engine.distill.Teacher`).
 
 Public API:
-    load_teachers, WEIGHT_SETS.
+    load_teachers.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from dataset.cache import same_statistics
 from training.config.schema import ConfigError
 from training.engine.checkpoint import CheckpointError, model_record
 from training.engine.distill import Teacher
 from training.evaluation.report import build_model, final_of, find_weights, load_weight_set
-
-#: ``kd.weights``: the weight set taken from each teacher run; "final" is the one a run ends with
-#: (SWA, else best, else last: :func:`training.evaluation.report.final_of`).
-WEIGHT_SETS: tuple[str, ...] = ("final", "best", "swa", "last")
-
-
-def _same(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(
-        math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
-        for x, y in zip(a, b, strict=True)
-    )
 
 
 def _load_teacher(
@@ -71,7 +60,7 @@ def _load_teacher(
         )
     teacher = Teacher(run_dir, name, model)
     t_mean, t_std = list(ckpt["mean"]), list(ckpt["std"])
-    if not (_same(t_mean, mean) and _same(t_std, std)):
+    if not (same_statistics(t_mean, mean) and same_statistics(t_std, std)):
         # x_student = (img - mean_s) / std_s, so x_teacher = (img - mean_t) / std_t
         #           = x_student * std_s / std_t + (mean_s - mean_t) / std_t.
         shape = (1, len(mean), 1, 1)
@@ -111,8 +100,6 @@ def load_teachers(
         ConfigError: in one line naming the teacher and what does not fit (missing run or
             checkpoints, class names, input channels or size).
     """
-    if weights not in WEIGHT_SETS:
-        raise ConfigError(f"kd.weights={weights!r} is invalid; allowed: {', '.join(WEIGHT_SETS)}")
     notes: list[str] = []
     teachers = []
     # Rebuilding a model draws its initial weights from the global RNG before the checkpoint
