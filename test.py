@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from dataset.errors import DataError
-from experiments.study import StudyError, expand_runs, is_study
+from experiments.folder import StudyError, expand_runs, is_study
 from report.run import ReportError
 from training.engine.checkpoint import CheckpointError
 from training.evaluation.ensemble import (
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ReportError,
         StudyError,
         ValueError,
-        FileNotFoundError,
+        OSError,  # a missing run folder, an unwritable --ensemble-out
     ) as exc:
         message = " ".join(f"error: {exc}".split())
         # soft_wrap keeps the message on one line whatever the terminal width.

@@ -116,7 +116,10 @@ class PooledImages:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.parts = [np.load(Path(path) / f"{s}_images.npy", mmap_mode="r") for s in POOLED_SPLITS]
+        self.parts = [
+            np.load(Path(path) / f"{s}_images.npy", mmap_mode="r", allow_pickle=False)
+            for s in POOLED_SPLITS
+        ]
         self.n_first = len(self.parts[0])
 
     def __len__(self) -> int:

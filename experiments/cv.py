@@ -43,6 +43,7 @@ from dataset.transforms import eval_transform
 from experiments.seeds import FIGURES, member_figures
 from experiments.study import (
     FORMAT,
+    SUMMARY_JSON,
     Member,
     Study,
     StudyError,
@@ -180,7 +181,7 @@ def fold_logits(run_dir: Path, *, batch_size: int = 256, device: str = "auto") -
 
 
 def _read_fold(run_dir: Path) -> dict[str, Any]:
-    with np.load(run_dir / FOLD_LOGITS) as data:
+    with np.load(run_dir / FOLD_LOGITS, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
 
 
@@ -371,5 +372,5 @@ def run(args: argparse.Namespace, train_argv: list[str], console: Console) -> in
     if summary["pending"]:
         console.print(f"not finished: {', '.join(summary['pending'])}", soft_wrap=True)
     console.print(f"out-of-fold predictions: {study.path / OOF_CSV}", soft_wrap=True, markup=False)
-    console.print(f"summary: {study.path / 'summary.json'}", soft_wrap=True, markup=False)
+    console.print(f"summary: {study.path / SUMMARY_JSON}", soft_wrap=True, markup=False)
     return code

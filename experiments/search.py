@@ -48,6 +48,7 @@ from experiments.study import (
     FORMAT,
     INTERRUPTED,
     STUDY_JSON,
+    SUMMARY_JSON,
     Study,
     StudyError,
     check_train_options,
@@ -138,8 +139,6 @@ def _train_args(train_argv: Sequence[str], params: Sequence[Param]) -> argparse.
     searched = {p.name for p in params}
     for item in args.overrides:
         key = item.partition("=")[0].strip()
-        if key in _OWN_SETTINGS:
-            refuse(f"--set {key} is set by the study ({_OWN_SETTINGS[key]}); leave it out")
         if key in searched:
             refuse(f"--set {key} is searched (--space); leave it out")
     for dest, path in SHORTCUTS.items():
@@ -395,8 +394,11 @@ def write_best_config(
 def reload_problem(path: Path) -> str | None:
     """Why ``--config path`` would be refused, or None when it loads.
 
-    A resolved configuration of a very short run can hold scaled epoch settings past its end
-    (SWA's start), which the config refuses when they come from a file.
+    A guard, not a known case: the file is the resolved configuration of a trial that resolved,
+    and a config file's values pass the same checks, derived ones included (an SWA start past a
+    short run's end is taken as the run had it; only values typed on the command line are
+    refused for not fitting the run). What could still refuse it is a check that treats a value
+    in a file differently from the same value reached through flags and ``--set``.
     """
     try:
         load_config(yaml_path=path)
@@ -433,7 +435,12 @@ def write_plots(
                 notes.append(f"{PLOTS[key]} skipped: {error}")
                 continue
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-        figure.savefig(path, dpi=100, bbox_inches="tight")
+
+        # Through a temporary file: an interrupted save leaves no truncated PNG under the name.
+        def save(tmp: Path, figure: Any = figure) -> None:
+            figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+        write_atomically(path, save)
         plt.close(figure)
         written.append(PLOTS[key])
     return written, notes
@@ -516,5 +523,5 @@ def run(args: argparse.Namespace, train_argv: list[str], console: Console) -> in
     for note in summary["plot_notes"]:
         console.print(f"note: {note}", soft_wrap=True, markup=False)
     write_summary(study_dir, summary)
-    console.print(f"summary: {study_dir / 'summary.json'}", soft_wrap=True, markup=False)
+    console.print(f"summary: {study_dir / SUMMARY_JSON}", soft_wrap=True, markup=False)
     return code

@@ -35,6 +35,7 @@ from rich.table import Table
 from experiments.study import (
     FORMAT,
     STUDY_JSON,
+    SUMMARY_JSON,
     Member,
     Study,
     StudyError,
@@ -350,5 +351,5 @@ def run(args: argparse.Namespace, train_argv: list[str], console: Console) -> in
         console.print(paired_table(summary))
     if summary["pending"]:
         console.print(f"not finished: {', '.join(summary['pending'])}", soft_wrap=True)
-    console.print(f"summary: {study.path / 'summary.json'}", soft_wrap=True, markup=False)
+    console.print(f"summary: {study.path / SUMMARY_JSON}", soft_wrap=True, markup=False)
     return code

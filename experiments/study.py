@@ -15,7 +15,8 @@ study is refused in one line. Nothing a member wrote is ever deleted by the stud
 Public API:
     StudyError, Study, Member, open_study, check_train_options, member_dir, member_state,
     member_runs, is_study, expand_runs, run_member, run_members, write_summary, read_json,
-    FORMAT, STUDY_JSON, SUMMARY_JSON, MEMBERS_DIR.
+    FORMAT, STUDY_JSON, SUMMARY_JSON, MEMBERS_DIR (the folder's layout and lookups are defined
+    in :mod:`experiments.folder` and re-exported here).
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ from rich.console import Console
 
 import models.train as train_script
 from dataset.errors import DataError
+from experiments.folder import (  # noqa: F401  (re-exported: see the module docstring)
+    MEMBERS_DIR,
+    STUDY_JSON,
+    SUMMARY_JSON,
+    StudyError,
+    expand_runs,
+    is_study,
+    member_dir,
+    member_runs,
+    member_state,
+    read_json,
+    read_record,
+)
 from training.config.cli import build_parser
 from training.engine.atomic import write_atomically
 from training.engine.checkpoint import CheckpointError
@@ -42,16 +56,8 @@ from training.evaluation.report import REPORT_JSON, evaluate_run, save_report
 #: version of ``study.json``'s layout; a study written by a newer layout is refused.
 FORMAT = 1
 
-STUDY_JSON = "study.json"
-SUMMARY_JSON = "summary.json"
-MEMBERS_DIR = "members"
-
 #: exit code of a run stopped by Ctrl-C (models/train.py returns it too).
 INTERRUPTED = 130
-
-
-class StudyError(Exception):
-    """A study cannot start or go on; the message is one line for the user."""
 
 
 @dataclass
@@ -86,14 +92,6 @@ class Study:
             "command": self.command,
             "created": self.created,
         }
-
-
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``, or a one-line :class:`StudyError` naming the file."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise StudyError(f"{path}: cannot be read as JSON ({error})") from None
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -137,9 +135,10 @@ def open_study(
     ``options`` must be JSON-plain (it is compared with the stored copy after a round trip).
 
     Raises:
-        StudyError: ``path`` is a file, a non-empty folder that holds no study, a study of a
-            newer format, or a study made by a different command (the line names what differs
-            and gives the stored command).
+        StudyError: ``path`` is a file, a non-empty folder that holds no study, a study whose
+            ``study.json`` is not a JSON object or has an invalid or newer format, or a study
+            made by a different command (the line names what differs and gives the stored
+            command).
     """
     path = Path(path)
     wanted = json.loads(
@@ -149,10 +148,16 @@ def open_study(
     if path.exists() and not path.is_dir():
         raise StudyError(f"--study-dir {path} is a file; give a folder")
     if record_path.is_file():
-        stored = read_json(record_path)
-        if not isinstance(stored, dict) or int(stored.get("format", 0)) > FORMAT:
+        stored = read_record(record_path)
+        stored_format = stored.get("format", 0)
+        # bool is an int subclass, but `true` is no format number.
+        if not isinstance(stored_format, int) or isinstance(stored_format, bool):
             raise StudyError(
-                f"{record_path}: written by a newer version (format {stored.get('format')!r}, "
+                f"{record_path}: format {stored_format!r} is invalid; allowed: an int <= {FORMAT}"
+            )
+        if stored_format > FORMAT:
+            raise StudyError(
+                f"{record_path}: written by a newer version (format {stored_format!r}, "
                 f"this one reads {FORMAT}); use that version or another --study-dir"
             )
         diffs = _differences(stored, wanted)
@@ -170,7 +175,7 @@ def open_study(
             members=list(stored.get("members") or members),
             command=list(stored.get("command") or command),
             created=str(stored.get("created", "")),
-            format=int(stored.get("format", FORMAT)),
+            format=stored.get("format", FORMAT),
         )
     if path.is_dir() and any(path.iterdir()):
         raise StudyError(
@@ -227,59 +232,6 @@ def check_train_options(
         if key in own:
             refuse(f"--set {key} is set by the study ({own[key]}); leave it out")
     return args
-
-
-def member_dir(study_dir: str | Path, name: str) -> Path:
-    """The run folder of member ``name``."""
-    return Path(study_dir) / MEMBERS_DIR / name
-
-
-def member_state(run_dir: Path) -> str:
-    """``"finished"`` (tested), ``"in progress"`` (has ``last.pt``: resume it), ``"stuck"`` (a
-    run started there but saved no epoch: nothing to resume, and starting again would delete
-    it) or ``"new"``."""
-    if (run_dir / REPORT_JSON).is_file():
-        return "finished"
-    if (run_dir / RESUME_FILE).is_file():
-        return "in progress"
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        return "stuck"
-    return "new"
-
-
-def member_runs(study_dir: str | Path) -> list[Path]:
-    """The run folders of the study's finished members (tested), in the study's order."""
-    study_dir = Path(study_dir)
-    names = read_json(study_dir / STUDY_JSON).get("members") or []
-    runs = (member_dir(study_dir, name) for name in names)
-    return [run for run in runs if member_state(run) == "finished"]
-
-
-def is_study(path: str | Path) -> bool:
-    """Whether ``path`` is a study folder (it holds ``study.json``)."""
-    return (Path(path) / STUDY_JSON).is_file()
-
-
-def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """The run folders ``paths`` stand for: a study folder becomes its finished members, in the
-    study's order (:func:`member_runs`); any other path is taken as a run folder.
-
-    Raises:
-        StudyError: a study folder without a finished member.
-    """
-    runs: list[Path] = []
-    for path in map(Path, paths):
-        if not is_study(path):
-            runs.append(path)
-            continue
-        finished = member_runs(path)
-        if not finished:
-            raise StudyError(
-                f"study {path} has no finished member yet (none has a {REPORT_JSON}); "
-                "run its command again to train them"
-            )
-        runs.extend(finished)
-    return runs
 
 
 def run_member(

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from dataset.errors import DataError
 from dataset.sources import embedded_sample
+from experiments.folder import StudyError, expand_runs
 from training.build import build_trainer, default_run_dir, load_resume
 from training.callbacks.console import warn
 from training.config.cli import build_parser, config_from_args
@@ -53,9 +54,6 @@ def stopped_at_once(run_dir: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Imported here: experiments.study imports this script to train its members.
-    from experiments.study import StudyError, expand_runs
-
     args = build_parser().parse_args(argv)
     console = Console(highlight=False)
     notes: list[str] = []

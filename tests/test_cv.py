@@ -16,7 +16,7 @@ from dataset.cache import load_cache, prepare
 from dataset.folds import PooledNpyDataset, assign_folds
 from dataset.subset import CacheSubset
 from experiments.__main__ import main
-from experiments.cv import FOLD_LOGITS, OOF_CSV
+from experiments.cv import FOLD_LOGITS, OOF_CSV, _read_fold
 from experiments.study import SUMMARY_JSON, member_runs
 from tests.conftest import brightness_npz
 from tests.test_experiments import report_figures, tiny_train
@@ -260,3 +260,10 @@ def test_cv_study_trains_folds_writes_oof_summary_ensemble_and_skips_finished(
     assert calls == []
     assert capsys.readouterr().out.count("finished already, skipped") == 3
     assert (study / OOF_CSV).read_text() == before
+
+
+def test_fold_logits_holding_pickled_objects_are_refused(tmp_path):
+    # Loading a pickle runs code; a fold file is plain arrays, so an object array is refused.
+    np.savez(tmp_path / FOLD_LOGITS, logits=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        _read_fold(tmp_path)

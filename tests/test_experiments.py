@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -324,3 +326,39 @@ def test_an_edited_compare_file_is_refused_in_one_line(tmp_path, capsys, monkeyp
     assert main(command) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{b.resolve()} changed since study" in err
+
+
+@pytest.mark.parametrize(
+    "stored, why",
+    [
+        ([1, 2], "is not a JSON object (holds a list)"),
+        ({"format": "x"}, "format 'x' is invalid; allowed: an int <= 1"),
+        ({"format": True}, "format True is invalid; allowed: an int <= 1"),
+        ({"format": 99}, "written by a newer version (format 99"),
+    ],
+)
+def test_a_study_json_of_the_wrong_shape_is_one_line(stored, why, tmp_path, capsys):
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / STUDY_JSON).write_text(json.dumps(stored))
+    assert main(["seeds", "--study-dir", str(study), "--seeds", "0", "--", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and why in err, err
+    assert json.loads((study / STUDY_JSON).read_text()) == stored  # left as it was
+
+
+def test_a_study_json_that_is_no_object_is_one_line_for_the_readers(tmp_path):
+    (tmp_path / STUDY_JSON).write_text("[]")
+    with pytest.raises(StudyError, match="is not a JSON object"):
+        member_runs(tmp_path)
+
+
+def test_the_study_folder_lookups_import_without_the_training_script():
+    # A fresh interpreter: in this one the tests have imported models.train already.
+    code = (
+        "import sys, experiments.folder; assert 'models.train' not in sys.modules; "
+        "import models.train, experiments.study; "
+        "assert experiments.study.expand_runs is experiments.folder.expand_runs"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -16,10 +16,10 @@ import pytest
 from experiments import search
 from experiments.__main__ import main
 from experiments.pruning import TrialPruning
-from experiments.study import member_runs
+from experiments.study import StudyError, member_runs
 from tests.test_experiments import tiny_train
 from training.config.cli import build_parser, config_from_args
-from training.config.schema import load_config
+from training.config.schema import load_config, save_config
 from training.engine.checkpoint import load_checkpoint
 from training.engine.events import StopTraining
 from training.evaluation.report import REPORT_JSON
@@ -314,3 +314,36 @@ def test_trials_without_a_finite_metric_fail_and_the_search_stops(
     err = capsys.readouterr().err.strip()
     assert "1 trials failed in this run" in err and len(err.splitlines()) == 1
     assert [t.state.name for t in load(study).trials] == ["FAIL"]
+
+
+def test_the_monitor_the_search_sets_is_refused_in_one_line():
+    with pytest.raises(StudyError, match=r"--set run.monitor is set by the study \(--metric\)"):
+        search._train_args(["--set", "run.monitor=val_loss"], [])
+
+
+def test_best_config_of_a_short_swa_run_loads_back_and_a_bad_file_is_named(tmp_path):
+    # SWA's scaled start lies past the end of a 1-epoch run: the run's own config still loads.
+    cfg = search.resolve_config(["--preset", "cpu", "--epochs", "1", "--set", "safety.swa=true"])
+    assert cfg.safety.swa and cfg.safety.swa_start_epoch > cfg.run.epochs
+    cfg.run.run_dir = ""
+    path = tmp_path / "best_config.yaml"
+    save_config(cfg, path)
+    assert search.reload_problem(path) is None
+    path.write_text("optim:\n  lr: -1\n")
+    assert "optim.lr" in search.reload_problem(path)
+
+
+def test_a_failed_plot_save_leaves_no_file_behind(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+
+    def half_written(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG")  # a truncated file, then the failure
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        search.write_plots(study, tmp_path, "val_acc")
+    assert list(tmp_path.iterdir()) == []
