@@ -23,6 +23,22 @@ SPLITS = ("train", "val", "test")
 #: the ``origin`` :func:`check_classes` gets when nothing names the classes.
 FROM_HIGHEST_LABEL = "the highest train label + 1"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+#: PIL modes of more than 8 bits per pixel (16-bit PNG/TIFF scans, 32-bit int or float): their
+#: range (12-bit data in 16 bits, say) is not known, and PIL's conversion to 8 bits clips at 255,
+#: so such an image is refused rather than silently saturated.
+HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def high_depth_problem(mode: str) -> str | None:
+    """Why an image of PIL ``mode`` is refused (one line), or ``None`` for an 8-bit mode."""
+    if mode not in HIGH_DEPTH_MODES:
+        return None
+    return (
+        f"{mode} image (more than 8 bits per pixel): its value range is unknown, and cutting it "
+        "to 8 bits would saturate it; convert it to 8-bit first"
+    )
+
+
 # Folder names that mark a split, lower-cased; anything else under the root is a class folder.
 SPLIT_FOLDERS = {
     "train": "train",
@@ -318,10 +334,11 @@ def read_folder(
         split: [(p, _image_header(p)) for c in class_names for p in classes.get(c, [])]
         for split, classes in listing.items()
     }
+    for path, (m, _) in (item for hs in headers.values() for item in hs):
+        if problem := high_depth_problem(m):
+            raise DataError(path, problem)
     mode = (
-        "L"
-        if all(m in ("L", "1", "I;16", "I", "LA") for hs in headers.values() for _, (m, _) in hs)
-        else "RGB"
+        "L" if all(m in ("L", "1", "LA") for hs in headers.values() for _, (m, _) in hs) else "RGB"
     )
     sizes = Counter(size for hs in headers.values() for _, (_, size) in hs)
     target = (image_size, image_size) if image_size else sizes.most_common(1)[0][0]

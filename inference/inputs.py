@@ -29,20 +29,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-#: File suffixes read as images (lower case), those PIL reads that microscopy and scans use.
-IMAGE_SUFFIXES: tuple[str, ...] = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".gif",
-    ".webp",
-)
+from dataset.sources import IMAGE_EXTENSIONS, high_depth_problem
 
-#: PIL modes whose pixels are one grey value (a colour model refuses them).
-_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+#: File suffixes read as images (lower case): those the training folder reader takes.
+IMAGE_SUFFIXES: tuple[str, ...] = tuple(sorted(IMAGE_EXTENSIONS))
+
+#: 8-bit PIL modes whose pixels are one grey value (a colour model refuses them).
+_GREY_MODES = frozenset({"1", "L", "LA", "La"})
 
 
 class InputError(ValueError):
@@ -189,6 +182,8 @@ def conform(image: Image.Image, channels: int, size: int) -> tuple[np.ndarray, l
     """
     notes = []
     mode = image.mode
+    if problem := high_depth_problem(mode):
+        raise InputError(problem)
     if channels == 1:
         if mode != "L":
             if mode not in _GREY_MODES:

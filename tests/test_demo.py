@@ -96,7 +96,7 @@ def test_bad_uploads_get_one_clear_line(served, tmp_path):
     fake.write_bytes(b"this is no png")
     grey = _png(tmp_path / "grey.png", np.full((28, 28), 90, np.uint8))
     cases = [
-        (text, "notes.txt is not an image file (.txt); allowed: .png"),
+        (text, "notes.txt is not an image file (.txt); allowed: .bmp"),
         (fake, "fake.png: unreadable image"),
         (grey, "grey.png: greyscale image (L); the model takes colour (RGB) images"),
     ]

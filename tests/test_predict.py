@@ -108,6 +108,13 @@ def test_conversion_to_the_models_channels_is_noted(mode, channels, note):
     assert notes == ([note] if note else [])
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_image_is_refused_not_saturated(channels):
+    scan = Image.fromarray((np.arange(784).reshape(28, 28) * 80).astype(np.uint16))
+    with pytest.raises(InputError, match=r"I;16 image \(more than 8 bits per pixel\)"):
+        conform(scan, channels, 28)
+
+
 def test_grey_for_a_colour_model_is_refused_in_one_line():
     with pytest.raises(InputError, match=r"greyscale image \(L\); the model takes colour"):
         conform(Image.new("L", (28, 28)), 3, 28)

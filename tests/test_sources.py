@@ -192,6 +192,16 @@ def test_folder_unreadable_image_names_the_file(folder_factory):
     _one_line(exc, str(bad), "unreadable image")
 
 
+def test_a_16_bit_image_is_refused_naming_the_file_not_saturated(folder_factory):
+    root = folder_factory({"a": 2, "b": 2}, mode="L")
+    scan = root / "b" / "scan16.png"
+    Image.fromarray((np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)).save(scan)
+    assert Image.open(scan).mode == "I;16"
+    with pytest.raises(DataError) as exc:
+        read_folder(root)
+    _one_line(exc, str(scan), "I;16 image (more than 8 bits per pixel)")
+
+
 def test_folder_truncated_image_names_the_file(folder_factory):
     root = folder_factory({"a": 2, "b": 2}, size=(64, 64))
     good = root / "a" / "img0.png"
