@@ -139,7 +139,7 @@ class ForwardShapes(Callback):
         return {s for p, t, s in self.calls if p == phase and t == training}
 
 
-def test_a_run_trains_small_first_and_validates_at_full_size(tiny_npz, tmp_path):
+def test_a_run_trains_and_validates_small_first_and_ends_at_full_size(tiny_npz, tmp_path):
     cfg = resize_config(tiny_npz, tmp_path)
     spy = ForwardShapes()
     trainer = build_trainer(cfg, tmp_path / "run", extra_callbacks=[spy])
@@ -151,7 +151,8 @@ def test_a_run_trains_small_first_and_validates_at_full_size(tiny_npz, tmp_path)
     assert changes == ["INPUT SIZE 16 -> 28 px"]
     for epoch, size in ((1, 16), (2, 16), (3, 28), (4, 28)):
         assert spy.sizes(f"epoch {epoch}", training=True) == {size}
-        assert spy.sizes(f"epoch {epoch}", training=False) == {28}  # validation
+        # Validation at the size the epoch trained at, so its decisions compare like with like.
+        assert spy.sizes(f"epoch {epoch}", training=False) == {size}
     assert summary["swa"]["models"] == 3
     # The end phase: SWA's BatchNorm update (train mode) and the temperature fit at 28 px.
     assert spy.sizes("end", training=True) == {28}

@@ -9,6 +9,7 @@ Public API:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -25,6 +26,7 @@ def predict(
     device: torch.device | str,
     amp_dtype: torch.dtype | None = None,
     tta: str = "none",
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` over ``loader`` in eval mode.
 
@@ -35,6 +37,8 @@ def predict(
         amp_dtype: autocast dtype (``torch.float16``/``torch.bfloat16``), ``None`` for fp32.
         tta: test-time augmentation (``training.tta``): the logits are averaged over the
             views of this mode; "none" is a single pass.
+        transform: applied to each batch on the device before the forward pass (progressive
+            resizing's current size during training); ``None``: the batch as loaded.
 
     Returns:
         Logits ``(N, C)`` float32 and labels ``(N,)`` int64, both on the CPU.
@@ -51,6 +55,8 @@ def predict(
         for images, labels in loader:
             with autocast:
                 images = images.to(device, non_blocking=non_blocking)
+                if transform is not None:
+                    images = transform(images)
                 logits = tta_logits(model, images, tta)  # (B, C)
             all_logits.append(logits.float().cpu())
             all_labels.append(torch.as_tensor(labels, dtype=torch.int64))

@@ -9,6 +9,7 @@ callback's state, the RNG states, the history and the position inside an interru
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import time
@@ -561,7 +562,16 @@ class Trainer:
         self._progress = progress
 
     def _validate(self) -> dict:
-        logits, labels = predict(self.model, self.loaders["val"], self.device, self.amp_dtype)
+        transform = None
+        if self.resize is not None:
+            # At the size the epoch ended on: the validation-driven decisions (best weights,
+            # plateau, rollback, early stop, dynamic dropout's train-val gap) then compare like
+            # with like; from the last size on this is the images' own size.
+            end = self.epoch - 1 + (self.batches_per_epoch - 1) / self.batches_per_epoch
+            transform = functools.partial(self.resize, position=end)
+        logits, labels = predict(
+            self.model, self.loaders["val"], self.device, self.amp_dtype, transform=transform
+        )
         if not torch.isfinite(logits).all():
             # Diverged weights: report NaN so that the rollback (or the user) sees it.
             nan = float("nan")
