@@ -3,9 +3,11 @@
 ``data.resize_schedule`` is a list of ``[start, size]`` pairs: from the fraction ``start`` of
 the run on, training batches are resized to ``size`` px (fastai's progressive resizing, as in
 Howard's DAWNBench entries). The images come from the one cache of the final size and are
-downscaled per batch on the device, before Mixup; validation, the temperature fit, the test and
-SWA's BatchNorm update read the cache's full-size images, so the model is judged (and its
-BatchNorm statistics are recomputed) at the size it will be used at.
+downscaled per batch on the device, before Mixup. Each epoch's validation is resized to the
+size that epoch trained at, so the decisions validation drives compare like with like; the
+temperature fit, the test and SWA's BatchNorm update read the cache's full-size images, so the
+model is calibrated and judged (and its BatchNorm statistics recomputed) at the size it will be
+used at.
 
 The size is a pure function of the position in the run (:func:`size_at`), so a resumed run
 resizes exactly as an uninterrupted one and nothing is checkpointed.
