@@ -136,7 +136,9 @@ def swa_note(schedule: Schedule, epochs: int, swa_start_epoch: int) -> str | Non
 
 
 class ProgressiveResize(Callback):
-    """Resizes training batches along the schedule; as a callback it logs the size.
+    """Resizes training batches along the schedule (and each epoch's validation batches to the
+    size the epoch ended at: the trainer calls it with that position); as a callback it logs the
+    size.
 
     Call it on a batch with the position in epochs (``epoch - 1 + b / n``). It records the
     epoch's input size in the metrics (``input_size``: the size of the epoch's last batch) and
