@@ -602,3 +602,23 @@ def test_a_deleted_cache_is_rebuilt_with_the_runs_own_size_and_split_options():
     stored = {"config": {"data": {"image_size": 0, "split_seed": 3, "val_fraction": 0.2}}}
     assert prepare_kwargs(stored) == {"image_size": None, "seed": 3, "val_fraction": 0.2}
     assert prepare_kwargs({"config": {"data": {"image_size": 64}}}) == {"image_size": 64}
+
+
+def test_a_weight_set_borrows_metadata_but_never_another_sets_temperature(trained_run, tmp_path):
+    from training.engine.checkpoint import load_checkpoint, save_checkpoint
+    from training.evaluation.report import WEIGHT_METADATA, load_weight_set
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    best_path, swa_path = run / "checkpoints" / "best.pt", run / "checkpoints" / "swa.pt"
+    best = load_checkpoint(best_path)
+    best.update(temperature=2.5, temperature_tta="none")
+    save_checkpoint(best, best_path)
+    # An SWA file written without metadata and without a temperature fit of its own.
+    bare = {k: v for k, v in load_checkpoint(swa_path).items() if k not in WEIGHT_METADATA}
+    for key in ("temperature", "temperature_tta", "temperature_reason"):
+        bare.pop(key, None)
+    save_checkpoint(bare, swa_path)
+    ckpt = load_weight_set(run, "swa")
+    assert all(ckpt[k] == best[k] for k in ("class_names", "mean", "std", "model_record"))
+    assert "temperature" not in ckpt and "temperature_tta" not in ckpt

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from dataset.cache import same_statistics
 from training.engine.atomic import write_atomically
-from training.engine.checkpoint import load_checkpoint, model_record
+from training.engine.checkpoint import model_record
 from training.engine.data import resolve_workers
 from training.engine.device import amp_dtype as resolve_amp_dtype
 from training.engine.device import resolve_device
@@ -40,7 +40,6 @@ from training.evaluation.report import (
     SUMMARY_METRICS,
     TEMPERATURE_REASON_KEY,
     TEMPERATURE_TTA_KEY,
-    WEIGHT_METADATA,
     build_model,
     checkpoint_temperature,
     checkpoint_temperature_reason,
@@ -88,21 +87,20 @@ def member_names(run_dirs: Sequence[Path]) -> list[str]:
 
 
 def _load_member(run_dir: Path) -> dict[str, Any]:
-    """The member's final weight set: its name, file, full checkpoint (metadata borrowed from
-    the run's other checkpoint where the file lacks it) and the file's own temperature keys."""
+    """The member's final weight set: its name, file, checkpoint (metadata borrowed from the
+    run's other checkpoint where the file lacks it, :func:`load_weight_set`) and its own
+    temperature keys."""
     files = find_weights(run_dir)
     weights = final_of(files)
-    own = load_checkpoint(files[weights])
-    # Temperature keys are read from the file itself: a weight set never borrows another's T.
-    full = own if all(k in own for k in WEIGHT_METADATA) else load_weight_set(run_dir, weights)
+    ckpt = load_weight_set(run_dir, weights)
     return {
         "run_dir": Path(run_dir),
         "weights": weights,
         "file": files[weights],
-        "ckpt": full,
-        "temperature": checkpoint_temperature(own, files[weights]),
-        "temperature_tta": str(own.get(TEMPERATURE_TTA_KEY, "none")),
-        TEMPERATURE_REASON_KEY: checkpoint_temperature_reason(own),
+        "ckpt": ckpt,
+        "temperature": checkpoint_temperature(ckpt, files[weights]),
+        "temperature_tta": str(ckpt.get(TEMPERATURE_TTA_KEY, "none")),
+        TEMPERATURE_REASON_KEY: checkpoint_temperature_reason(ckpt),
     }
 
 

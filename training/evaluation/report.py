@@ -103,6 +103,10 @@ TEMPERATURE_TTA_KEY = "temperature_tta"
 TEMPERATURE_REASON_KEY = "temperature_reason"
 
 
+#: the keys of a weight set's own temperature fit, never taken from another checkpoint.
+_TEMPERATURE_KEYS = (TEMPERATURE_KEY, TEMPERATURE_TTA_KEY, TEMPERATURE_REASON_KEY)
+
+
 #: suffix of the weight-set row whose logits are divided by the checkpoint's temperature.
 SCALED_SUFFIX = "+T"
 
@@ -290,7 +294,11 @@ def load_weight_set(run_dir: Path, name: str) -> dict:
     for other in ("best", "last"):
         other_path = folder / WEIGHT_FILES[other]
         if other != name and other_path.is_file():
-            return {**load_checkpoint(other_path), **ckpt}
+            # A weight set never borrows another's temperature: T was fitted to its own logits.
+            borrowed = load_checkpoint(other_path)
+            for key in _TEMPERATURE_KEYS:
+                borrowed.pop(key, None)
+            return {**borrowed, **ckpt}
     raise CheckpointError(
         f"{path} lacks {', '.join(missing)} and the run has no other checkpoint to take them from"
     )
