@@ -6,8 +6,8 @@ each pooled image a fold, stratified by class and group-aware: the groups are th
 build itself uses to keep copies on one side of a carved split
 (:func:`dataset.near_duplicates.duplicate_groups`: exact pixel copies joined with near
 duplicates within the cache's ``near_distance``), so no image has a copy in another fold.
-Measured on 2 CPU cores: 0.5 s for the 5,712 pooled images of brain_tumor_mri_64, 1.2 s for the
-13,674 of bloodcells_pbc_128_64px (digests 0.3 s, near pairs 0.9 s), once per run start.
+The groups are formed again at each run start: about a second at these datasets' sizes
+(docs/studies.md has the figures), cheaper than keeping them in sync with a stored copy.
 
 :class:`PooledImages` reads a pooled index from the two memory-mapped files, and
 :class:`PooledNpyDataset` is :class:`~dataset.npy_dataset.NpyDataset` over it, so a fold is
