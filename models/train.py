@@ -9,6 +9,7 @@ picks ``full`` on a CUDA GPU and ``cpu`` elsewhere.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -18,11 +19,12 @@ from rich.console import Console
 from dataset.errors import DataError
 from dataset.sources import embedded_sample
 from experiments.folder import StudyError, expand_runs
-from training.build import build_trainer, default_run_dir, load_resume
+from training.build import build_trainer, default_run_dir, join_world, load_resume
 from training.callbacks.console import warn
 from training.config.cli import build_parser, config_from_args
 from training.config.schema import ConfigError, format_changes
 from training.engine.checkpoint import CheckpointError
+from training.engine.distributed import DistributedError, World, barrier, broadcast, stop
 from training.engine.run_dir import prepare_run_dir
 
 
@@ -55,7 +57,13 @@ def stopped_at_once(run_dir: Path | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(highlight=False)
+    # Under torchrun every process runs this; rank 0 alone prints (errors included) and writes.
+    try:
+        main_process = World.from_env().is_main
+    except DistributedError as exc:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return 2
+    console = Console(highlight=False, quiet=not main_process)
     notes: list[str] = []
     run_dir: Path | None = None
     try:
@@ -73,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             # config.yaml then names the runs themselves, so a resume rebuilds the same teacher.
             cfg.kd.teacher = [str(run) for run in expand_runs(cfg.kd.teacher)]
             run_dir = Path(cfg.run.run_dir) if cfg.run.run_dir else default_run_dir(cfg)
-        prepare_run_dir(run_dir, resume=ckpt is not None, overwrite=args.overwrite)
+        world, _ = join_world(cfg)
+        run_dir = Path(broadcast(world, str(run_dir)))  # a timestamped name: rank 0's
+        if world.is_main:
+            prepare_run_dir(run_dir, resume=ckpt is not None, overwrite=args.overwrite)
+        barrier(world)
         # What differs from the preset, not all ~100 settings: config.yaml holds every one. A
         # resumed run's stored settings were resolved before; listing them as changes would
         # count every epoch setting its plan scaled.
@@ -82,15 +94,30 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(data_note(cfg.data.source) or "")
         for note in filter(None, notes):
             console.print(note, soft_wrap=True, markup=False)
-        summary = build_trainer(cfg, run_dir, console=console, resume=ckpt).fit()
+        summary = build_trainer(cfg, run_dir, console=console, resume=ckpt, world=world).fit()
     except (ConfigError, DataError, CheckpointError, StudyError) as exc:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        # The same on every process: rank 0 says it once.
+        errors = Console(stderr=True, highlight=False, quiet=not main_process)
+        errors.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return 2
+    except DistributedError as exc:  # may concern one process only (its GPU): each says its own
+        rank = os.environ.get("RANK", "0")
+        Console(stderr=True, highlight=False).print(
+            f"[bold red]error:[/] rank {rank}: {exc}", soft_wrap=True
+        )
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         console.print(stopped_at_once(run_dir), style="yellow", soft_wrap=True, markup=False)
         return 130
-    if summary["stopped"] == "interrupted":
-        console.print(f"[yellow]stopped; resume with: python models/train.py --resume {run_dir}[/]")
+    finally:
+        stop()
+    if summary["stopped"] == "interrupted" and main_process:
+        # The other processes exit cleanly: torchrun would otherwise take a non-zero status
+        # for a failure and kill rank 0 while it still writes its logs.
+        launch = "python models/train.py"
+        if world.distributed:  # the same number of processes continues the same state
+            launch = f"torchrun --standalone --nproc_per_node {world.size} models/train.py"
+        console.print(f"[yellow]stopped; resume with: {launch} --resume {run_dir}[/]")
         return 130
     console.print(f"test it with: {eval_command(run_dir)}", soft_wrap=True, markup=False)
     return 0

@@ -23,6 +23,7 @@ from training.config.schema import (
     load_config,
     save_config,
 )
+from training.engine.distributed import World
 from training.engine.schedule import Marker
 
 # The cpu preset's epoch settings (a 30-epoch plan), flat, as scale_plan reads them.
@@ -356,14 +357,16 @@ def test_presets_are_not_changed_by_scaling():
     assert yaml.safe_dump(PRESETS) == before
 
 
-@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+@pytest.mark.parametrize(("rank", "printed"), [(0, True), (1, False)])
 def test_the_run_prints_its_plan_from_the_main_process_only(
     tiny_npz, tmp_path, monkeypatch, rank, printed
 ):
-    monkeypatch.setenv("RANK", rank)
+    # Rank 0 or 1 of two processes, built without joining a process group.
+    monkeypatch.setattr("training.build.start", lambda world, device, timeout: device)
     out = io.StringIO()
     cfg = tiny_config(tiny_npz, tmp_path, "run", "run.epochs=6")
-    build_trainer(cfg, tmp_path / "run", console=Console(file=out, width=200))
+    world = World(rank=rank, size=2, local_rank=rank)
+    build_trainer(cfg, tmp_path / "run", console=Console(file=out, width=200), world=world)
     assert ("plan: 6 epochs (cpu preset's 30-epoch plan scaled x0.2)" in out.getvalue()) is printed
     assert (tmp_path / "run" / "lr_schedule.png").is_file() is printed
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -32,9 +31,10 @@ from training.engine.checkpoint import (
     load_checkpoint,
     model_record,
 )
-from training.engine.data import double_correction_warning, make_loaders, prepare_cache
+from training.engine.data import Shard, double_correction_warning, make_loaders, prepare_cache
 from training.engine.device import amp_dtype, resolve_device, slow_settings_warning
 from training.engine.distill import Distillation
+from training.engine.distributed import World, barrier, start
 from training.engine.events import Callback
 from training.engine.mixup import Mixup
 from training.engine.resize import ProgressiveResize, check_against_model, swa_note
@@ -46,9 +46,20 @@ from training.evaluation.teachers import load_teachers
 from training.evaluation.tta import resolve_tta_for_images
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a multi-process launch (``RANK`` as set by torchrun), or a plain run."""
-    return int(os.environ.get("RANK", "0")) == 0
+def join_world(cfg: TrainConfig, world: World | None = None) -> tuple[World, torch.device]:
+    """This process's place among the processes torchrun started (a world of one for a plain
+    launch) and its device, with the process group joined.
+
+    Raises:
+        ConfigError: a device this machine lacks.
+        DistributedError: a launch that cannot work (one line; it may concern one process).
+    """
+    try:
+        device = resolve_device(cfg.run.device)
+    except ValueError as error:  # e.g. cuda asked for on a machine without one
+        raise ConfigError(f"run.{error}") from None
+    world = world or World.from_env()
+    return world, start(world, device, cfg.run.dist_timeout)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -232,22 +243,29 @@ def build_trainer(
     console: Console | None = None,
     resume: dict | None = None,
     extra_callbacks: list[Callback] | None = None,
+    world: World | None = None,
 ) -> Trainer:
-    """Everything a run needs, in the order that keeps it reproducible: seed, then build."""
-    console = console or Console()
-    is_main = is_main_process()
+    """Everything a run needs, in the order that keeps it reproducible: seed, then build.
+
+    Under torchrun (``world``, else read from the environment) every process builds the same
+    run; rank 0 alone prints, builds the cache and writes files, and the others' loaders yield
+    their share of each batch.
+    """
+    world, device = join_world(cfg, world)
+    is_main = world.is_main
+    console = (console or Console()) if is_main else Console(quiet=True)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    try:
-        device = resolve_device(cfg.run.device)
-    except ValueError as error:  # e.g. cuda asked for on a machine without one
-        raise ConfigError(f"run.{error}") from None
     if is_main:
         remove_temp_leftovers(run_dir)
     if is_main and (message := slow_settings_warning(device, cfg.preset)):
         warn(console, message)
+    if not is_main:
+        barrier(world)  # rank 0 builds the cache; the others then read it
     cache = prepare_cache(cfg.data, progress=is_main)
+    if is_main:
+        barrier(world)
     try:  # caught here, not after training, where the calibration would first use it
         resolve_tta_for_images(cfg.run.tta, tuple(cache.meta["image_shape"]))
     except ValueError as error:
@@ -260,7 +278,8 @@ def build_trainer(
         if is_main and (note := small_image_note(cfg, cache.image_size)):
             console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     model = model.to(device)
-    loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed))
+    shard = Shard(world.rank, world.size)
+    loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed), shard=shard)
     criterion = build_criterion(cfg, cache).to(device)
     mixup = build_mixup(cfg, cache)
     distill = build_distillation(cfg, cache, device, console if is_main else None)
@@ -275,13 +294,17 @@ def build_trainer(
         message := double_correction_warning(cfg.balance.loss_weights, cfg.data.balanced_sampling)
     ):
         warn(console, message)
+    # Only rank 0 prints and logs.
+    watchers = [
+        ConsoleCallback(console, cfg.run.progress),
+        MetricsLogger(run_dir, cfg.run.tensorboard),
+    ]
     callbacks: list[Callback] = [
         # The regimen decides first, so the console and the log see the epoch's decisions.
         *regimen_callbacks(cfg, criterion, mixup, model.capabilities),
         *([resize] if resize else []),  # sets input_size before the console and log see it
         *([distill] if distill else []),  # adds kd_loss before the console and log see it
-        ConsoleCallback(console, cfg.run.progress),
-        MetricsLogger(run_dir, cfg.run.tensorboard),
+        *(watchers if is_main else []),
         *(extra_callbacks or []),
     ]
     trainer = Trainer(
@@ -298,6 +321,8 @@ def build_trainer(
         mixup=mixup,
         distill=distill,
         resize=resize,
+        world=world,
+        shard=shard,
     )
     if resume is not None:
         trainer.load_state(resume)

@@ -573,6 +573,8 @@ class RunConfig:
         tta: test-time augmentation of the final calibration and of ``test.py``: "none",
             "hflip", "d4" or "auto" (the flips and rotations training augments with, see
             ``training.tta``); validation during training stays a single pass.
+        dist_timeout: minutes a process launched by torchrun waits for the others at a
+            collective before it stops with an error (rank 0 may build the cache meanwhile).
     """
 
     epochs: int = _field(60, _int_at_least(1))
@@ -586,6 +588,7 @@ class RunConfig:
     progress: str = _field("auto", _choice("auto", "bar", "plain", "off"))
     tensorboard: bool = _field(True, BOOL)
     tta: str = _field("none", _choice(*TTA_MODES))
+    dist_timeout: float = _field(30.0, POSITIVE)
 
 
 #: ``kd.weights``: the weight set taken from each teacher run; "final" is the one a run ends with

@@ -196,6 +196,63 @@ class EpochBatchSampler(Sampler[list[int]]):
         return full if self.drop_last or rest == 0 or folded else full + 1
 
 
+class Shard:
+    """Which share of each batch this process takes: the ``rank``-th of every ``size`` indices.
+
+    One object is shared by a run's train and val samplers, so that the end phase, which runs
+    on rank 0 alone, can turn sharding off for both (:meth:`whole`).
+    """
+
+    def __init__(self, rank: int = 0, size: int = 1) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"rank={rank} is invalid for {size} processes; allowed: 0..{size - 1}")
+        self.rank, self.size = rank, size
+
+    def whole(self) -> None:
+        """From now on every process takes every index (a world of one)."""
+        self.rank, self.size = 0, 1
+
+    def take(self, indices: list[int]) -> list[int]:
+        return indices[self.rank :: self.size]
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """This process's share of each batch of ``batches``: the global batch is the batch a
+    1-process run trains on, drawn from the same (seed, epoch) order, and each of the N
+    processes takes every N-th of its images.
+
+    Unlike ``DistributedSampler``, which shuffles and splits the dataset itself, this keeps
+    whatever ``batches`` draws (uniform or class-balanced, with the last-batch fold), so a
+    run's order, its step count and its schedule do not depend on how many processes train
+    it, and a run resumes with another number of processes at the same batch.
+    """
+
+    def __init__(self, batches: Sampler[list[int]], shard: Shard) -> None:
+        self.batches, self.shard = batches, shard
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield self.shard.take(batch)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+
+class ShardedIndices(Sampler[int]):
+    """Every ``shard.size``-th index of ``0..n-1`` from ``shard.rank`` on, in order: a process's
+    share of an evaluation set, whose predictions are gathered afterwards (no padding, so no
+    image counts twice)."""
+
+    def __init__(self, n: int, shard: Shard) -> None:
+        self.n, self.shard = n, shard
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.shard.rank, self.n, self.shard.size))
+
+    def __len__(self) -> int:
+        return len(range(self.shard.rank, self.n, self.shard.size))
+
+
 def train_dataset(cache: CacheInfo, data_cfg) -> NpyDataset:
     """The train split with the augmentation of ``data_cfg`` (a ``DataConfig``).
 
@@ -218,6 +275,7 @@ def make_loaders(
     generator: torch.Generator,
     *,
     persistent_workers: bool | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, DataLoader]:
     """``train`` (shuffled or class-balanced, augmented) and ``val`` loaders for a ``TrainConfig``.
 
@@ -235,15 +293,29 @@ def make_loaders(
         device: where the batches go (workers and pinned memory are chosen for it).
         generator: random generator of the train order.
         persistent_workers: keep worker processes between epochs; ``None`` keeps them on CUDA.
+        shard: this process's share of each batch when several train one model
+            (:class:`ShardedBatches`); ``optim.batch_size`` is then the global batch, split
+            evenly. ``None``: a world of one.
 
     Raises:
-        ConfigError: ``optim.batch_size`` below :data:`MIN_TRAIN_BATCH`.
+        ConfigError: ``optim.batch_size`` below :data:`MIN_TRAIN_BATCH` per process, or not a
+            multiple of the number of processes.
     """
     data = cfg.data
     batch_size = cfg.optim.batch_size
-    if batch_size < MIN_TRAIN_BATCH:
+    shard = shard or Shard()
+    if batch_size < MIN_TRAIN_BATCH * shard.size or batch_size % shard.size:
+        each = "" if shard.size == 1 else f" for {shard.size} processes"
+        allowed = (
+            f"an int >= {MIN_TRAIN_BATCH}"
+            if shard.size == 1
+            else (
+                f"a multiple of {shard.size} that is >= {MIN_TRAIN_BATCH * shard.size} (the global"
+                " batch, split evenly across the processes)"
+            )
+        )
         raise ConfigError(
-            f"optim.batch_size={batch_size!r} is invalid; allowed: an int >= {MIN_TRAIN_BATCH} "
+            f"optim.batch_size={batch_size!r} is invalid{each}; allowed: {allowed} "
             "(the model's BatchNorm needs two images per training batch)"
         )
     workers = resolve_workers(data.workers, device)
@@ -266,9 +338,22 @@ def make_loaders(
     # replays them. The cost is one image more in one batch of the epoch. Inside an
     # accumulation group the folded micro-batch's images weigh 1/(B+1) instead of 1/B, the same
     # small unevenness that any shorter last batch already brings.
-    batches = EpochBatchSampler(sampler, batch_size, generator=generator, min_batch=MIN_TRAIN_BATCH)
-    train = DataLoader(train_set, batch_sampler=batches, generator=generator, **common)
-    val = DataLoader(split_dataset(cache, "val"), batch_size=max(256, batch_size), **common)
+    # Sharded, the folded last batch must still leave each process two images.
+    least = MIN_TRAIN_BATCH * shard.size
+    batches = EpochBatchSampler(sampler, batch_size, generator=generator, min_batch=least)
+    train = DataLoader(
+        train_set,
+        batch_sampler=ShardedBatches(batches, shard) if shard.size > 1 else batches,
+        generator=generator,
+        **common,
+    )
+    val_set = split_dataset(cache, "val")
+    val = DataLoader(
+        val_set,
+        batch_size=max(256, batch_size // shard.size),
+        sampler=ShardedIndices(len(val_set), shard) if shard.size > 1 else None,
+        **common,
+    )
     return {"train": train, "val": val}
 
 

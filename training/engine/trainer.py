@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dataset.cache import CacheInfo
@@ -34,6 +35,8 @@ from training.engine.checkpoint import (
     restore_model,
     save_checkpoint,
 )
+from training.engine.data import Shard
+from training.engine.distributed import World, broadcast, broadcast_buffers, gather, sum_
 from training.engine.events import Callback, StopTraining
 from training.engine.inference import predict
 from training.engine.mixup import Mixup
@@ -51,6 +54,21 @@ SYNC_EVERY = 25  # batches between reads of the loss on an accelerator
 
 class Interrupted(Exception):  # noqa: N818 - control flow: a user asked the run to stop
     """Raised inside the loop once the step in progress has finished after a SIGINT."""
+
+
+class RanksDiverged(RuntimeError):
+    """The processes of one run no longer hold the same model or decisions (a bug to report:
+    the run stops rather than go on training different models)."""
+
+
+def fingerprint(model: nn.Module) -> list[str]:
+    """One exact number per parameter and buffer (its float64 sum, as hex so that NaN equals
+    NaN): equal fingerprints on two processes mean, in practice, equal weights."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not tensors:
+        return []
+    sums = torch.stack([t.detach().double().sum() for t in tensors]).tolist()
+    return [float(v).hex() for v in sums]
 
 
 @dataclass
@@ -138,6 +156,15 @@ class Trainer:
             student saw (:class:`training.engine.distill.Distillation`); ``None``: off.
         resize: resizes a training batch for its position in epochs, before Mixup (progressive
             resizing, :class:`training.engine.resize.ProgressiveResize`); ``None``: off.
+        world: the processes training this model together (``torchrun``); ``None``: a world
+            of one.
+        shard: the share of each batch the loaders take (:class:`training.engine.data.Shard`),
+            which the end phase, on rank 0 alone, turns off; ``None`` when they are not sharded.
+
+    With several processes, the model trains inside ``DistributedDataParallel``, which averages
+    the gradients; the epoch's sums and the validation predictions are combined over the
+    processes, so every process sees the same metrics; the decisions are taken on rank 0's
+    metrics and checked against rank 0's after every epoch (:meth:`_agree`).
     """
 
     def __init__(
@@ -156,6 +183,8 @@ class Trainer:
         mixup: Mixup | None = None,
         distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         resize: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+        world: World | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -199,6 +228,12 @@ class Trainer:
         self._resumed_finished: dict | None = None
         #: set by a rollback during the epoch in progress; later decisions of that epoch skip.
         self.rolled_back = False
+        self.world = world or World()
+        self.shard = shard
+        #: the end phase runs on rank 0 alone: no collectives from then on.
+        self._solo = not self.world.distributed
+        self._ddp: DistributedDataParallel | None = None
+        self._ddp_params: tuple[int, ...] = ()
 
     # ----------------------------------------------------------------- public state
 
@@ -324,7 +359,9 @@ class Trainer:
         train), and their groups restart their optimizer moments.
         """
         path = path or self.checkpoint_dir / "best.pt"
-        ckpt = load_checkpoint(path)
+        # Only rank 0 writes checkpoints (and other machines may not see its disk): the weights
+        # every process restores are the ones rank 0 reads.
+        ckpt = broadcast(self.world, load_checkpoint(path) if self.world.is_main else None)
         best_model = ckpt["model"]
         own = self.model.state_dict()
         # Weights of blocks that were frozen at the best epoch equal their values then.
@@ -362,8 +399,8 @@ class Trainer:
                 try:
                     for epoch in range(self.start_epoch, self.config.run.epochs + 1):
                         self._run_epoch(epoch)
-                        self.check_interrupt()  # a Ctrl-C during validation or the epoch's writes
-                    self.check_interrupt()
+                        self._agreed_interrupt()  # a Ctrl-C during validation or the writes
+                    self._agreed_interrupt()
                 except StopTraining as stop:
                     self.stopped = stop.reason
                 except Interrupted:
@@ -377,6 +414,11 @@ class Trainer:
         return summary
 
     def _end_phase(self, start: float) -> dict:
+        # SWA's BatchNorm pass and the temperature fit see every image, on rank 0 alone; the
+        # other processes are done once training is.
+        self._solo = True
+        if self.shard is not None:
+            self.shard.whole()
         summary = self._summary(time.perf_counter() - start)
         if self.stopped == "interrupted":
             self._emit("on_fit_end", summary)
@@ -401,6 +443,14 @@ class Trainer:
         """
         if self._interrupt_requested:
             raise Interrupted
+
+    def _agreed_interrupt(self) -> None:
+        """:meth:`check_interrupt` for every process at once: one that got a Ctrl-C stops them
+        all at the same batch (a process stopping alone would leave the others waiting)."""
+        if not self._solo:
+            flag = torch.tensor([float(self._interrupt_requested)], device=self.device)
+            self._interrupt_requested = bool(sum_(self.world, flag).item())
+        self.check_interrupt()
 
     def _finished_already(self) -> bool:
         done = self._resumed_finished
@@ -431,6 +481,44 @@ class Trainer:
         save_checkpoint(ckpt, path)
 
     def _run_epoch(self, epoch: int) -> None:
+        try:
+            self._epoch(epoch)
+        except StopTraining as stop:
+            self._agree(stop.reason)
+            raise
+        self._agree(None)
+
+    def _agree(self, stopped: str | None) -> None:
+        """Check, after an epoch's decisions, that this process holds what rank 0 holds: the
+        same weights, stages, rates, dropout, head mix, best epoch and stop.
+
+        The decisions run on every process on rank 0's metrics (broadcast before the hooks),
+        and a rollback restores the weights rank 0 read, so they agree by construction; this
+        check makes a divergence an error at the epoch it happens, not a silent fork.
+
+        Raises:
+            RanksDiverged: naming the first field that differs.
+        """
+        if self._solo:
+            return
+        mine = {
+            "stop": stopped,
+            "stages": sorted(self.model.trainable_stages),
+            "lr": [float(g["lr"]).hex() for g in self.optimizer.param_groups],
+            "head_mix": self.model.head_mix,
+            "dropout": self.model.dropout_rates(),
+            "best": self.best,
+            "weights": fingerprint(self.model),
+        }
+        reference = broadcast(self.world, mine)
+        for key, value in mine.items():
+            if value != reference[key]:
+                raise RanksDiverged(
+                    f"rank {self.world.rank} diverged from rank 0 after epoch {self.epoch}: "
+                    f"its {key} differs; please report this with the run's config.yaml"
+                )
+
+    def _epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._emit("on_epoch_start", epoch)
         train = self._train_epoch(epoch)
@@ -446,6 +534,8 @@ class Trainer:
             metrics["mixup_alpha"] = self.mixup.alpha_at(epoch - 1) if self.mixup.enabled else 0.0
         if bad := nonfinite_tensors(self.model):
             metrics["nonfinite_state"] = bad  # never a best; the rollback restores a finite one
+        # Every process decides on rank 0's numbers (its clock's epoch_s included).
+        metrics = metrics if self._solo else broadcast(self.world, metrics)
         self.rolled_back = False
         self._progress = None  # the epoch's training is complete
         # best.pt holds the model exactly as it was validated: written before the features'
@@ -470,15 +560,39 @@ class Trainer:
         if loader.generator is not None:
             loader.generator.manual_seed(seed)
         if hasattr(loader.dataset, "reseed"):
-            loader.dataset.reseed(seed)
+            # Each process augments its own images with its own stream; rank 0's is a plain
+            # run's.
+            loader.dataset.reseed(seed + 1_000_003 * self.world.rank)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
 
+    @property
+    def net(self) -> nn.Module:
+        """The module the training step calls: the model itself, or with several processes the
+        model inside DistributedDataParallel, wrapped anew whenever the set of trainable
+        parameters has changed (DDP fixes the parameters it averages when it is built, so a
+        stage that joined later would otherwise train on each process's own gradients)."""
+        if self._solo:
+            return self.model
+        params = tuple(id(p) for p in self.model.parameters() if p.requires_grad)
+        if self._ddp is None or params != self._ddp_params:
+            ids = None if self.device.type == "cpu" else [self.device.index]
+            # Building it broadcasts rank 0's parameters and buffers: the processes start every
+            # stage from the same weights.
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids)
+            self._ddp_params = params
+        return self._ddp
+
     def _train_epoch(self, epoch: int) -> dict:
         self.model.train()
+        net = self.net
         self.seed_epoch(epoch)
         progress = self._progress if self._progress and self._progress.epoch == epoch else None
         progress = progress or EpochProgress(epoch)
+        if not self.world.is_main:
+            # A resumed epoch's sums so far are the whole world's: rank 0 carries them, the
+            # others add only their own batches, and the epoch's sums add the processes up.
+            progress = EpochProgress(epoch, batches_done=progress.batches_done)
         n, acc = self.batches_per_epoch, self.config.optim.accumulation
         # Running sums stay on the device: reading a GPU value each batch would make the host wait
         # for the GPU and stop it from queueing the next batch. The loss is read every batch on
@@ -490,7 +604,8 @@ class Trainer:
         class_correct = torch.tensor(progress.class_correct or zeros, device=self.device)
         class_seen = torch.tensor(progress.class_seen or zeros, device=self.device)
         class_predicted = torch.tensor(progress.class_predicted or zeros, device=self.device)
-        sums = (loss_sum, correct, class_correct, class_seen, class_predicted)
+        seen = torch.tensor(progress.seen, device=self.device)
+        sums = (loss_sum, correct, class_correct, class_seen, class_predicted, seen)
         loss_value = float("nan")
         t0 = time.perf_counter() - progress.seconds
         for b, (x, y) in enumerate(self.loaders["train"]):
@@ -503,7 +618,7 @@ class Trainer:
             if self.mixup is not None and self.mixup.active(epoch - 1 + b / n):
                 x, target, _ = self.mixup(x, y, epoch - 1 + b / n)  # target: (B, C) soft
             with self.stepper.autocast():
-                logits = self.model(x)  # (B, num_classes)
+                logits = net(x)  # (B, num_classes)
                 loss = self.criterion(logits, target)
                 if self.distill is not None:  # the teacher sees x as mixed, under this autocast
                     loss = self.distill(x, logits, loss)
@@ -520,15 +635,16 @@ class Trainer:
             class_seen += torch.bincount(label, minlength=self.num_classes)
             class_predicted += torch.bincount(guess, minlength=self.num_classes)
             progress.batches_done = b + 1
-            progress.seen += len(y)
+            seen += len(y)
             if b % sync_every == 0 or b == n - 1:
                 loss_value = self._read_loss(loss, epoch, b)
             self._emit("on_batch_end", b, loss_value, stepped)
-            if stepped and self._interrupt_requested:
+            if stepped and self._stop_requested(b, sync_every):
                 self._keep_progress(progress, sums, t0)
                 self.save("last.pt")
                 raise Interrupted
         self._keep_progress(progress, sums, t0)
+        broadcast_buffers(self.world, self.model)
         counts = zip(progress.class_correct, progress.class_seen, strict=True)
         per_class = [c / max(1, n) for c, n in counts]
         return {
@@ -551,13 +667,34 @@ class Trainer:
             )
         return value
 
+    def _stop_requested(self, batch: int, sync_every: int) -> bool:
+        """Whether to stop after this step: a Ctrl-C here, or with several processes on any of
+        them. They ask one another at the batches where the loss is read (every batch on the
+        CPU, every :data:`SYNC_EVERY` on an accelerator, whose queue a question would stall),
+        the same batches on every process: the question is a collective."""
+        if self._solo:
+            return self._interrupt_requested
+        if batch % sync_every:
+            return False
+        flag = torch.tensor([float(self._interrupt_requested)], device=self.device)
+        self._interrupt_requested = bool(sum_(self.world, flag).item())
+        return self._interrupt_requested
+
     def _keep_progress(self, progress, sums, t0: float) -> None:
-        loss_sum, correct, class_correct, class_seen, class_predicted = sums
+        """Store the epoch's sums so far in ``progress`` (the whole world's, once summed)."""
+        sizes = [t.numel() for t in sums]
+        # float64 holds these counts exactly; some devices (MPS) lack it, the CPU never does.
+        where = "cpu" if self._solo else self.device
+        flat = torch.cat([t.reshape(-1).to(where, torch.float64) for t in sums])
+        if not self._solo:
+            flat = sum_(self.world, flat.clone())
+        loss_sum, correct, class_correct, class_seen, class_predicted, seen = flat.split(sizes)
         progress.loss_sum = float(loss_sum)
         progress.correct = int(correct)
-        progress.class_correct = class_correct.tolist()
-        progress.class_seen = class_seen.tolist()
-        progress.class_predicted = class_predicted.tolist()
+        progress.class_correct = [int(v) for v in class_correct.tolist()]
+        progress.class_seen = [int(v) for v in class_seen.tolist()]
+        progress.class_predicted = [int(v) for v in class_predicted.tolist()]
+        progress.seen = int(seen)
         progress.seconds = time.perf_counter() - t0
         self._progress = progress
 
@@ -572,6 +709,10 @@ class Trainer:
         logits, labels = predict(
             self.model, self.loaders["val"], self.device, self.amp_dtype, transform=transform
         )
+        if not self._solo:  # each process predicted its share of the images
+            shares = gather(self.world, (logits, labels))
+            logits = torch.cat([share[0] for share in shares])
+            labels = torch.cat([share[1] for share in shares])
         if not torch.isfinite(logits).all():
             # Diverged weights: report NaN so that the rollback (or the user) sees it.
             nan = float("nan")
@@ -641,7 +782,12 @@ class Trainer:
 
     @contextmanager
     def _sigint_finishes_step(self):
-        """First Ctrl-C: finish the optimizer step, save, stop. Second: stop at once."""
+        """First Ctrl-C: finish the optimizer step, save, stop. Second: stop at once.
+
+        Under torchrun the workers run in their own session: a Ctrl-C reaches torchrun, which
+        passes it on to each of them once (and kills them 30 s later); a scheduler's SIGTERM
+        is passed on the same way, so there SIGTERM is handled like a Ctrl-C too.
+        """
 
         def handler(signum, frame):
             if self._interrupt_requested:
@@ -651,15 +797,18 @@ class Trainer:
                 "warning", "interrupt received", ["finishing the current step, then saving last.pt"]
             )
 
+        kinds = [signal.SIGINT] + ([signal.SIGTERM] if self.world.distributed else [])
+        previous = {}
         try:
-            previous = signal.signal(signal.SIGINT, handler)
+            for kind in kinds:
+                previous[kind] = signal.signal(kind, handler)
         except ValueError:  # not the main thread: leave signals alone
-            previous = None
+            pass
         try:
             yield
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for kind, old in previous.items():
+                signal.signal(kind, old)
 
     # ----------------------------------------------------------------- checkpoints
 
