@@ -9,12 +9,14 @@ Runs, in one process and on the same data, model and optimizer settings:
 * **plain**: a hand-written loop over ``training.data.make_loaders`` (same config, so the same
   augmentation, batch size and shuffling) with a model from ``training.build.build_model``,
   ``torch.optim.AdamW`` with the config's lr, betas and weight decay, and per batch only
-  forward, ``CrossEntropyLoss``, backward, ``clip_grad_norm_``, step and ``zero_grad``; no
-  logging, no validation, no checkpoints.
+  forward, ``CrossEntropyLoss``, backward, ``clip_grad_norm_``, step and ``zero_grad``; then
+  one pass over the validation split, as the engine makes every epoch; no logging, no
+  checkpoints.
 
-Two figures per epoch: the engine's ``epoch_s`` (its training loop alone, from its metrics)
-against the plain loop's training time, and the engine's whole epoch (training, validation,
-checkpoints, console and metrics hooks) against the same plain time. Epoch 1 of both is a
+Two figures per epoch, each comparing the same work at the same precision: the engine's
+``epoch_s`` (its training loop alone, from its metrics) against the plain loop's training
+time, and the engine's whole epoch (training, validation, checkpoints, console and metrics
+hooks) against the plain loop's training plus validation. Epoch 1 of both is a
 warm-up and is left out of the summary, which gives the ratio of the medians of the remaining
 epochs and the median of their per-epoch ratios; the target (``--target``, 1.10 by default; the
 model zoo's is 1.05) applies to the per-epoch median, which a change of machine speed between
@@ -34,6 +36,11 @@ the cores; per-epoch ratios far from the others point the same way.
 of the ``.npz`` source (validation and test splits unchanged); both loops read its cache. The
 cache, the run folder and the subset file live in a temporary folder that is removed at the end.
 
+Under ``torchrun`` both loops train on every process: the engine as a distributed run, the
+plain loop inside ``DistributedDataParallel`` with the same shards of each batch and its
+validation predictions gathered; rank 0 prints. On a GPU the plain loop waits for the GPU at
+the end of each phase, as the engine's figures do.
+
 Run from the repository root (about 2 minutes with the defaults on 2 idle cores; all 11,965
 training images take about 6 minutes for 3 epochs)::
 
@@ -41,6 +48,7 @@ training images take about 6 minutes for 3 epochs)::
     .venv/bin/python bench/overhead.py --subset 0             # all training images
     .venv/bin/python bench/overhead.py --epochs 5 --subset 2000   # more epochs, less noise
     .venv/bin/python bench/overhead.py --model resnet18 --subset 2000 --target 1.05
+    .venv/bin/torchrun --standalone --nproc_per_node 2 bench/overhead.py --threads 1
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -64,10 +73,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dataset.sources import read_npz
-from training.build import build_model, build_trainer
+from training.build import build_model, build_trainer, join_world
 from training.config.schema import ConfigError, TrainConfig, load_config
-from training.engine.data import make_loaders, prepare_cache
-from training.engine.device import amp_dtype, resolve_device
+from training.engine.data import Shard, make_loaders, prepare_cache
+from training.engine.device import amp_dtype
+from training.engine.distributed import World, barrier, broadcast, gather, stop
 from training.engine.events import Callback
 from training.engine.seeding import make_generator
 
@@ -165,8 +175,9 @@ def make_config(args: argparse.Namespace, source: Path, tmp: Path) -> TrainConfi
     return load_config(args.preset, overrides=[*overrides, *args.overrides])
 
 
-def subset_source(data: Path, n: int, tmp: Path) -> tuple[Path, int]:
-    """A copy of ``data`` with ``n`` training images drawn with a fixed seed (0: ``data`` itself).
+def subset_source(data: Path, n: int, tmp: Path, write: bool = True) -> tuple[Path, int]:
+    """A copy of ``data`` with ``n`` training images drawn with a fixed seed (0: ``data`` itself);
+    ``write`` False only names it (another process writes it).
 
     Returns the source to use and its number of training images.
     """
@@ -182,7 +193,8 @@ def subset_source(data: Path, n: int, tmp: Path) -> tuple[Path, int]:
     # Stored explicitly: names derived from the subset's file names could miss a class.
     arrays["class_names"] = np.array(read_npz(data).class_names)
     path = tmp / f"{data.stem}_train{n}.npz"
-    np.savez(path, **arrays)
+    if write:
+        np.savez(path, **arrays)
     return path, n
 
 
@@ -194,13 +206,15 @@ class PlainLoop:
     """The reference: one model, loader and AdamW, trained with nothing but the essentials.
 
     Args:
-        model: the network, on ``device``.
+        model: the network, on ``device`` (inside DDP when several processes train it).
         loader: the shuffled, augmented training loader.
         optimizer: AdamW over the trainable parameters.
         clip_grad: max gradient norm; 0 skips clipping.
         device: where the model lives.
         amp_dtype: the autocast dtype the engine uses for the same config (bf16 on a CPU with
             native bf16 under ``run.amp=auto``), or None: both loops compute at one precision.
+        val_loader: the validation split, predicted after each epoch as the engine does.
+        world: the processes; their validation predictions are gathered as the engine's are.
     """
 
     model: nn.Module
@@ -210,6 +224,10 @@ class PlainLoop:
     device: torch.device
     criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     amp_dtype: torch.dtype | None = None
+    val_loader: DataLoader | None = None
+    world: World = field(default_factory=World)
+    val_s: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
 
     def epoch(self) -> float:
         """Train one epoch; returns its seconds (data loading included, as in ``epoch_s``)."""
@@ -229,16 +247,44 @@ class PlainLoop:
             self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":  # queued kernels belong to this epoch's time
             torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.val_s.append(self.validate())
+        return seconds
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Predict the validation split (gathered over the processes); returns its seconds."""
+        if self.val_loader is None:
+            return 0.0
+        self.model.eval()
+        autocast = {"dtype": self.amp_dtype, "enabled": self.amp_dtype is not None}
+        t0 = time.perf_counter()
+        logits, labels = [], []
+        for x, y in self.val_loader:
+            with torch.autocast(self.device.type, **autocast):
+                logits.append(self.model(x.to(self.device, non_blocking=True)).float().cpu())
+            labels.append(y)
+        shares = gather(self.world, (torch.cat(logits), torch.cat(labels)))
+        hits = torch.cat([s[0] for s in shares]).argmax(1) == torch.cat([s[1] for s in shares])
+        self.val_acc.append(hits.float().mean().item())  # the engine computes its metrics too
         return time.perf_counter() - t0
 
 
 def build_plain(cfg: TrainConfig) -> PlainLoop:
     """The plain loop's parts, seeded and built from ``cfg`` as the engine builds its own."""
     torch.manual_seed(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
+    world, device = join_world(cfg)
+    if not world.is_main:
+        barrier(world)  # rank 0 builds the cache
     cache = prepare_cache(cfg.data, progress=False)
+    if world.is_main:
+        barrier(world)
     model = build_model(cfg, cache).to(device)
-    loader = make_loaders(cache, cfg, device, make_generator(cfg.run.seed))["train"]
+    shard = Shard(world.rank, world.size)
+    loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed), shard=shard)
+    if world.distributed:
+        ids = None if device.type == "cpu" else [device.index]
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -248,7 +294,10 @@ def build_plain(cfg: TrainConfig) -> PlainLoop:
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
     dtype = amp_dtype(device, cfg.run.amp)
-    return PlainLoop(model, loader, optimizer, o.clip_grad, device, criterion, dtype)
+    return PlainLoop(
+        model, loaders["train"], optimizer, o.clip_grad, device, criterion, dtype,
+        val_loader=loaders["val"], world=world,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- timing
@@ -294,6 +343,7 @@ class Result:
     """Per-epoch seconds of both loops and the engine's whole fit."""
 
     plain_s: list[float]
+    plain_val_s: list[float]  # the plain loop's validation pass after each epoch
     engine_s: list[float]  # the engine's own epoch_s: its training loop
     engine_wall_s: list[float]  # training + validation + checkpoints + hooks
     plain_first: list[bool]  # per epoch: did the plain epoch run before the engine's?
@@ -315,6 +365,7 @@ def run_benchmark(cfg: TrainConfig, order: str, images: int) -> Result:
     fit_s = time.perf_counter() - t0 - sum(clock.plain_s)
     return Result(
         plain_s=plain_s if sequential else clock.plain_s,
+        plain_val_s=plain.val_s,
         engine_s=[float(m["epoch_s"]) for m in trainer.history],
         engine_wall_s=clock.engine_wall_s,
         plain_first=[True] * len(plain_s) if sequential else clock.plain_first,
@@ -335,15 +386,16 @@ def load_text() -> str:
 def print_table(r: Result) -> None:
     print(
         f"{'epoch':>5}  {'first':>6}  {'plain s':>8}  {'engine s':>8}  {'ratio':>6}  "
-        f"{'engine wall s':>13}  {'ratio':>6}  {'plain img/s':>11}  {'engine img/s':>12}"
+        f"{'plain+val s':>11}  {'engine wall s':>13}  {'ratio':>6}  {'plain img/s':>11}  "
+        f"{'engine img/s':>12}"
     )
-    rows = zip(r.plain_s, r.engine_s, r.engine_wall_s, r.plain_first, strict=True)
-    for i, (p, e, w, plain_first) in enumerate(rows):
+    rows = zip(r.plain_s, r.plain_val_s, r.engine_s, r.engine_wall_s, r.plain_first, strict=True)
+    for i, (p, v, e, w, plain_first) in enumerate(rows):
         first = "plain" if plain_first else "engine"
         note = "  (warm-up, not counted)" if i == 0 else ""
         print(
-            f"{i + 1:>5}  {first:>6}  {p:8.2f}  {e:8.2f}  {e / p:6.3f}  {w:13.2f}  {w / p:6.3f}  "
-            f"{r.images / p:11.0f}  {r.images / e:12.0f}{note}"
+            f"{i + 1:>5}  {first:>6}  {p:8.2f}  {e:8.2f}  {e / p:6.3f}  {p + v:11.2f}  {w:13.2f}  "
+            f"{w / (p + v):6.3f}  {r.images / p:11.0f}  {r.images / e:12.0f}{note}"
         )
 
 
@@ -351,6 +403,9 @@ def print_summary(r: Result, target: float = TARGET_RATIO) -> bool:
     """The median ratios over epochs 2..N; returns whether the median of the per-epoch
     training ratios meets the target."""
     plain = statistics.median(r.plain_s[1:])
+    plain_whole = statistics.median(
+        p + v for p, v in zip(r.plain_s[1:], r.plain_val_s[1:], strict=True)
+    )
     engine = statistics.median(r.engine_s[1:])
     wall = statistics.median(r.engine_wall_s[1:])
     # Each engine epoch against the plain epoch beside it: a machine that speeds up or slows
@@ -360,13 +415,14 @@ def print_summary(r: Result, target: float = TARGET_RATIO) -> bool:
     ok = paired <= target
     print(f"\nmedian over epochs 2..{len(r.plain_s)}:")
     print(f"  plain training loop        {plain:8.2f} s")
+    print(f"  plain training+validation  {plain_whole:8.2f} s")
     print(f"  engine training (epoch_s)  {engine:8.2f} s")
     print(f"  engine whole epoch         {wall:8.2f} s  (+ validation, checkpoints, hooks)")
     print(f"  engine fit() in all        {r.fit_s:8.2f} s  (every epoch, header and summary too)")
     print(f"  console output             {r.console_chars:8,d} characters")
     print(f"\nratio engine/plain, training:     {ratio:.3f}  (of the medians)")
     print(f"median of the per-epoch ratios:   {paired:.3f}  (paired; judged against the target)")
-    print(f"ratio engine/plain, whole epoch:  {wall / plain:.3f}")
+    print(f"ratio engine/plain, whole epoch:  {wall / plain_whole:.3f}  (both validate each epoch)")
     print(f"target <= {target:.2f}: {'met' if ok else 'NOT met'}")
     return ok
 
@@ -378,25 +434,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: data file {data} not found; pass --data PATH.npz", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp_name:
-        tmp = Path(tmp_name)
-        source, images = subset_source(data, args.subset, tmp)
-        try:
-            cfg = make_config(args, source, tmp)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(
+    world = World.from_env()
+    say = print if world.is_main else (lambda *a, **k: None)
+    try:  # the process group first (its device comes from the preset and --set)
+        _, device = join_world(load_config(args.preset, overrides=list(args.overrides)), world)
+    except ConfigError as err:
+        say(f"error: {err}", file=sys.stderr)
+        return 2
+    # Under torchrun the processes share rank 0's folder (its cache, the run's checkpoints).
+    tmp = Path(
+        broadcast(world, tempfile.mkdtemp(prefix="bench-overhead-") if world.is_main else "")
+    )
+    try:
+        source, images = subset_source(data, args.subset, tmp, write=world.is_main)
+        barrier(world)
+        cfg = make_config(args, source, tmp)
+        say(
             f"data {data.name}: {images:,} training images, preset {args.preset}, "
-            f"model {args.model}, "
-            f"batch {cfg.optim.batch_size}, {args.epochs} epochs, {args.threads} threads, "
-            f"device {resolve_device(cfg.run.device)}, order {args.order}, "
-            f"torch {torch.__version__}"
+            f"model {args.model}, batch {cfg.optim.batch_size}, {args.epochs} epochs, "
+            f"{args.threads} threads x {world.size} process(es), device {device}, "
+            f"order {args.order}, torch {torch.__version__}"
         )
         load_before = load_text()
         started = time.perf_counter()
         result = run_benchmark(cfg, args.order, images)
         elapsed = time.perf_counter() - started
+    except ConfigError as err:
+        say(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        barrier(world)
+        stop()
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not world.is_main:
+        return 0
     print()
     print_table(result)
     print_summary(result, args.target)
