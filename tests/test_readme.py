@@ -2,7 +2,9 @@
 
 Each ``python models/train.py`` line is parsed and its configuration resolved (a renamed flag,
 field or preset fails here); each ``python test.py``, ``predict.py``, ``demo.py``,
-``python -m dataset`` and ``python -m report`` line is parsed; and each ``make`` target exists.
+``python -m dataset`` and ``python -m report`` line is parsed; each ``torchrun`` line is parsed by
+torchrun's own parser and its script's options by the training parser; and each ``make`` target
+exists.
 What the commands do is covered by the end-to-end tests (tests/test_entry_points.py and the
 others); this file keeps the guide from drifting.
 """
@@ -37,6 +39,7 @@ def shell_commands(markdown: str) -> list[str]:
     """The command lines of the ```bash blocks, comments dropped."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        block = re.sub(r"\\\n\s*", "", block)  # a line continued with a backslash
         for line in block.splitlines():
             command = line.split("  #", 1)[0].split(" # ", 1)[0].strip()
             if command and not command.startswith("#"):
@@ -123,9 +126,19 @@ def test_study_commands_parse(command):
     build_parser().parse_args(train_argv)  # the members' training options
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("torchrun ")])
+def test_torchrun_commands_parse(command):
+    from torch.distributed.run import get_args_parser as torchrun_parser
+
+    args = torchrun_parser().parse_args(_args(command, "torchrun"))
+    assert args.training_script == "models/train.py"
+    build_parser().parse_args(args.training_script_args)
+
+
 def test_every_command_is_checked_by_one_of_the_tests_above():
     known = (
         "make ",
+        "torchrun ",
         "python models/train.py",
         "python test.py",
         "python -m dataset",
