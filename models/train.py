@@ -95,16 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         for note in filter(None, notes):
             console.print(note, soft_wrap=True, markup=False)
         summary = build_trainer(cfg, run_dir, console=console, resume=ckpt, world=world).fit()
-    except (ConfigError, DataError, CheckpointError, StudyError) as exc:
-        # The same on every process: rank 0 says it once.
+    except (ConfigError, StudyError) as exc:
+        # From the command line and the config: the same on every process, rank 0 says it once.
         errors = Console(stderr=True, highlight=False, quiet=not main_process)
         errors.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return 2
-    except DistributedError as exc:  # may concern one process only (its GPU): each says its own
-        rank = os.environ.get("RANK", "0")
-        Console(stderr=True, highlight=False).print(
-            f"[bold red]error:[/] rank {rank}: {exc}", soft_wrap=True
-        )
+    except (DataError, CheckpointError, DistributedError) as exc:
+        # Files and devices can differ between machines: every process says its own.
+        where = "" if main_process else f"rank {os.environ.get('RANK')}: "
+        errors = Console(stderr=True, highlight=False)
+        errors.print(f"[bold red]error:[/] {where}{exc}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         console.print(stopped_at_once(run_dir), style="yellow", soft_wrap=True, markup=False)

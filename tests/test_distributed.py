@@ -20,7 +20,7 @@ from tests.conftest import brightness_npz
 from training.build import build_trainer, load_resume
 from training.callbacks.metrics_log import read_metrics
 from training.config.schema import ConfigError, load_config
-from training.engine.checkpoint import load_checkpoint
+from training.engine.checkpoint import CheckpointError, load_checkpoint
 from training.engine.data import (
     EpochBatchSampler,
     Shard,
@@ -124,6 +124,20 @@ def test_a_batch_the_processes_cannot_share_is_refused_in_one_line(tmp_path):
     assert [len(y) for _, y in loaders["train"]] == [5, 5, 5, 5, 4]
 
 
+def test_a_resume_whose_last_batch_would_fold_differently_is_refused(tmp_path):
+    npz = brightness_npz(tmp_path / "b.npz")
+    cfg = load_config(
+        preset="cpu",
+        overrides=[f"data.source={npz}", f"data.root={tmp_path}", "optim.batch_size=16"],
+    )
+    trainer = build_trainer(cfg, tmp_path / "run")
+    saved = trainer.checkpoint_payload()
+    assert (saved["batches_per_epoch"], saved["processes"]) == (3, 1)  # 48 images
+    saved.update(batches_per_epoch=4, processes=2)
+    with pytest.raises(CheckpointError, match=r"4 batches an epoch on 2 process\(es\).*resume it"):
+        trainer.load_state(saved)
+
+
 def test_fingerprint_tells_weights_apart_and_nan_equals_nan():
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     assert fingerprint(a) != fingerprint(b)
@@ -195,8 +209,11 @@ def test_two_processes_hold_the_same_weights_after_every_epoch(two_process_run):
     assert epochs[4]["rollback"].startswith("rollback")
     assert all(math.isfinite(float.fromhex(v)) for v in ranks[0][3]["weights"])
     # Both stopped at the same step of epoch 5, which last.pt can resume.
-    progress = load_checkpoint(run / "checkpoints" / "last.pt")["progress"]
-    assert progress["epoch"] == 5 and progress["batches_done"] == 2
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["progress"]["epoch"] == 5 and last["progress"]["batches_done"] == 2
+    # Each process keeps its own dropout stream, and last.pt keeps both for a resume.
+    first, second = (state["torch"] for state in last["rng_ranks"])
+    assert len(last["rng_ranks"]) == 2 and not torch.equal(first, second)
 
 
 @needs_gloo

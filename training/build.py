@@ -278,6 +278,10 @@ def build_trainer(
         if is_main and (note := small_image_note(cfg, cache.image_size)):
             console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     model = model.to(device)
+    if world.rank:
+        # Every process built the same model from the seed (and DDP hands out rank 0's weights
+        # anyway); from here on each draws its own dropout and noise, as its images differ.
+        torch.manual_seed(cfg.run.seed + 1_000_003 * world.rank)
     shard = Shard(world.rank, world.size)
     loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed), shard=shard)
     criterion = build_criterion(cfg, cache).to(device)

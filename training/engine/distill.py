@@ -129,12 +129,18 @@ class Distillation(Callback):
 
     # ----------------------------------------------------------------- the kd_loss metric
 
+    def on_fit_start(self, trainer) -> None:
+        # A resumed epoch's sum so far is rank 0's (it alone saves); the others start from 0.
+        if not trainer.world.is_main:
+            self._sum, self._seen = 0.0, 0
+
     def on_epoch_start(self, trainer, epoch: int) -> None:
         if epoch != self._epoch:  # a resumed epoch keeps the sum of its batches before the stop
             self._epoch, self._sum, self._seen = epoch, 0.0, 0
 
     def on_validation_end(self, trainer, metrics: dict) -> None:
-        metrics["kd_loss"] = float(self._sum) / max(1, self._seen)
+        total, seen = trainer.sum_over_processes([float(self._sum), self._seen])
+        metrics["kd_loss"] = total / max(1, seen)
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "sum": float(self._sum), "seen": self._seen}

@@ -361,7 +361,10 @@ class Trainer:
         path = path or self.checkpoint_dir / "best.pt"
         # Only rank 0 writes checkpoints (and other machines may not see its disk): the weights
         # every process restores are the ones rank 0 reads.
-        ckpt = broadcast(self.world, load_checkpoint(path) if self.world.is_main else None)
+        if self._solo:
+            ckpt = load_checkpoint(path)
+        else:
+            ckpt = broadcast(self.world, load_checkpoint(path) if self.world.is_main else None)
         best_model = ckpt["model"]
         own = self.model.state_dict()
         # Weights of blocks that were frozen at the best epoch equal their values then.
@@ -443,6 +446,14 @@ class Trainer:
         """
         if self._interrupt_requested:
             raise Interrupted
+
+    def sum_over_processes(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed over the processes (as they are in a world of one, or in the end
+        phase). Every process must call it at the same point, as for any collective."""
+        if self._solo:
+            return [float(v) for v in values]
+        total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        return sum_(self.world, total).tolist()
 
     def _agreed_interrupt(self) -> None:
         """:meth:`check_interrupt` for every process at once: one that got a Ctrl-C stops them
@@ -639,7 +650,7 @@ class Trainer:
             if b % sync_every == 0 or b == n - 1:
                 loss_value = self._read_loss(loss, epoch, b)
             self._emit("on_batch_end", b, loss_value, stepped)
-            if stepped and self._stop_requested(b, sync_every):
+            if stepped and self._stop_requested():
                 self._keep_progress(progress, sums, t0)
                 self.save("last.pt")
                 raise Interrupted
@@ -667,14 +678,16 @@ class Trainer:
             )
         return value
 
-    def _stop_requested(self, batch: int, sync_every: int) -> bool:
-        """Whether to stop after this step: a Ctrl-C here, or with several processes on any of
-        them. They ask one another at the batches where the loss is read (every batch on the
-        CPU, every :data:`SYNC_EVERY` on an accelerator, whose queue a question would stall),
-        the same batches on every process: the question is a collective."""
+    def _stop_requested(self) -> bool:
+        """After an optimizer step: whether to stop, for a Ctrl-C here or, with several
+        processes, on any of them. They ask one another after every step on the CPU and every
+        :data:`SYNC_EVERY` batches' worth of steps on an accelerator (whose queue a question
+        would stall), counted in steps, which are the same on every process: the question is a
+        collective."""
         if self._solo:
             return self._interrupt_requested
-        if batch % sync_every:
+        every = 1 if self.device.type == "cpu" else SYNC_EVERY // self.config.optim.accumulation
+        if self.step % max(1, every):
             return False
         flag = torch.tensor([float(self._interrupt_requested)], device=self.device)
         self._interrupt_requested = bool(sum_(self.world, flag).item())
@@ -842,15 +855,22 @@ class Trainer:
             "best": dict(self.best),
             "history": list(self.history),
             "progress": None if self._progress is None else self._progress.as_dict(),
+            "batches_per_epoch": self.batches_per_epoch,
+            "processes": self.world.size,
         }
 
     def save(self, name: str) -> Path | None:
-        """Write ``checkpoints/<name>`` atomically (rank 0 only)."""
+        """Write ``checkpoints/<name>`` atomically (rank 0 writes; with several processes every
+        one calls it, at the same point, to hand in its random state)."""
+        ranks = None if self._solo else gather(self.world, rng_state())
         if not self.is_main:
             return None
         path = self.checkpoint_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(self.checkpoint_payload(), path)
+        payload = self.checkpoint_payload()
+        if ranks is not None:
+            payload["rng_ranks"] = ranks  # each process's own dropout and noise stream
+        save_checkpoint(payload, path)
         return path
 
     def save_weights(self, name: str, model_state: dict, **extra: Any) -> Path | None:
@@ -867,8 +887,21 @@ class Trainer:
         return path
 
     def load_state(self, ckpt: dict) -> None:
-        """Restore a checkpoint written by :meth:`checkpoint_payload`, to continue exactly."""
+        """Restore a checkpoint written by :meth:`checkpoint_payload`, to continue exactly.
+
+        Raises:
+            CheckpointError: a model or classes that differ, or another number of batches per
+                epoch (a last batch that folds differently over another number of processes).
+        """
         check_compatible(ckpt, self.model.record(), self.cache.class_names)
+        saved = ckpt.get("batches_per_epoch", self.batches_per_epoch)
+        if saved != self.batches_per_epoch:
+            was = int(ckpt.get("processes", 1))
+            raise CheckpointError(
+                f"the run made {saved} batches an epoch on {was} process(es) and would make "
+                f"{self.batches_per_epoch} on {self.world.size}: its last batch is too small "
+                f"to share; allowed: resume it on {was} process(es)"
+            )
         restore_model(self.model, ckpt)
         for block, p in enumerate(ckpt.get("dropout_rates", []), start=1):
             self.model.set_dropout(block, p)
@@ -897,4 +930,10 @@ class Trainer:
         self._progress = EpochProgress(**progress) if progress else None
         self.start_epoch = self._progress.epoch if self._progress else int(ckpt["epoch"]) + 1
         self.epoch = self.start_epoch - 1
-        set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks") or []
+        if len(ranks) == self.world.size:
+            set_rng_state(ranks[self.world.rank])  # each process continues its own stream
+        else:
+            set_rng_state(ckpt["rng"])
+            if self.world.rank:  # another number of processes: a stream of its own
+                torch.manual_seed(self.config.run.seed + 1_000_003 * self.world.rank + self.epoch)
