@@ -299,16 +299,17 @@ def build_trainer(
     ):
         warn(console, message)
     # Only rank 0 prints and logs.
-    watchers = [
-        ConsoleCallback(console, cfg.run.progress),
-        MetricsLogger(run_dir, cfg.run.tensorboard),
-    ]
+    watchers: list[Callback] = (
+        [ConsoleCallback(console, cfg.run.progress), MetricsLogger(run_dir, cfg.run.tensorboard)]
+        if is_main
+        else []
+    )
     callbacks: list[Callback] = [
         # The regimen decides first, so the console and the log see the epoch's decisions.
         *regimen_callbacks(cfg, criterion, mixup, model.capabilities),
         *([resize] if resize else []),  # sets input_size before the console and log see it
         *([distill] if distill else []),  # adds kd_loss before the console and log see it
-        *(watchers if is_main else []),
+        *watchers,
         *(extra_callbacks or []),
     ]
     trainer = Trainer(
