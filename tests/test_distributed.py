@@ -220,9 +220,8 @@ def test_two_processes_hold_the_same_weights_after_every_epoch(two_process_run):
 def test_two_processes_train_like_one_with_the_same_global_batch(two_process_run, tmp_path):
     tmp, run, overrides, _ = two_process_run
     cfg = load_config(preset="cpu", overrides=[*overrides, f"run.run_dir={tmp_path / 'one'}"])
-    cfg.run.epochs = 6
     trainer = build_trainer(cfg, tmp_path / "one")
-    trainer.config.run.epochs = 2  # the same plan, stopped after its first two epochs
+    trainer.config.run.epochs = 2  # the same 6-epoch plan, stopped after its first two epochs
     trainer.fit()
     one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "train_loss" in r]
     two = [r for r in read_metrics(run / "metrics.jsonl") if "train_loss" in r][:2]
