@@ -73,11 +73,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dataset.sources import read_npz
-from training.build import build_model, build_trainer, join_world
+from training.build import build_model, build_trainer, join_world, shared_cache
 from training.config.schema import ConfigError, TrainConfig, load_config
-from training.engine.data import Shard, make_loaders, prepare_cache
+from training.engine.data import Shard, make_loaders
 from training.engine.device import amp_dtype
-from training.engine.distributed import World, barrier, broadcast, gather, stop
+from training.engine.distributed import World, barrier, broadcast, gather, stop, wrap
 from training.engine.events import Callback
 from training.engine.seeding import make_generator
 
@@ -274,17 +274,12 @@ def build_plain(cfg: TrainConfig) -> PlainLoop:
     """The plain loop's parts, seeded and built from ``cfg`` as the engine builds its own."""
     torch.manual_seed(cfg.run.seed)
     world, device = join_world(cfg)
-    if not world.is_main:
-        barrier(world)  # rank 0 builds the cache
-    cache = prepare_cache(cfg.data, progress=False)
-    if world.is_main:
-        barrier(world)
+    cache = shared_cache(cfg, world)
     model = build_model(cfg, cache).to(device)
     shard = Shard(world.rank, world.size)
     loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed), shard=shard)
     if world.distributed:
-        ids = None if device.type == "cpu" else [device.index]
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        model = wrap(model, device)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],

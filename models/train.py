@@ -9,7 +9,6 @@ picks ``full`` on a CUDA GPU and ``cpu`` elsewhere.
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -59,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun every process runs this; rank 0 alone prints (errors included) and writes.
     try:
-        main_process = World.from_env().is_main
+        launched = World.from_env()
     except DistributedError as exc:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return 2
+    main_process = launched.is_main
     console = Console(highlight=False, quiet=not main_process)
     notes: list[str] = []
     run_dir: Path | None = None
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             # config.yaml then names the runs themselves, so a resume rebuilds the same teacher.
             cfg.kd.teacher = [str(run) for run in expand_runs(cfg.kd.teacher)]
             run_dir = Path(cfg.run.run_dir) if cfg.run.run_dir else default_run_dir(cfg)
-        world, _ = join_world(cfg)
+        world, _ = join_world(cfg, launched)
         run_dir = Path(broadcast(world, str(run_dir)))  # a timestamped name: rank 0's
         if world.is_main:
             prepare_run_dir(run_dir, resume=ckpt is not None, overwrite=args.overwrite)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (DataError, CheckpointError, DistributedError) as exc:
         # Files and devices can differ between machines: every process says its own.
-        where = "" if main_process else f"rank {os.environ.get('RANK')}: "
+        where = "" if main_process else f"rank {launched.rank}: "
         errors = Console(stderr=True, highlight=False)
         errors.print(f"[bold red]error:[/] {where}{exc}", soft_wrap=True)
         return 2

@@ -34,7 +34,7 @@ from training.engine.checkpoint import (
 from training.engine.data import Shard, double_correction_warning, make_loaders, prepare_cache
 from training.engine.device import amp_dtype, resolve_device, slow_settings_warning
 from training.engine.distill import Distillation
-from training.engine.distributed import World, barrier, start
+from training.engine.distributed import World, barrier, rank_seed, start
 from training.engine.events import Callback
 from training.engine.mixup import Mixup
 from training.engine.resize import ProgressiveResize, check_against_model, swa_note
@@ -60,6 +60,17 @@ def join_world(cfg: TrainConfig, world: World | None = None) -> tuple[World, tor
         raise ConfigError(f"run.{error}") from None
     world = world or World.from_env()
     return world, start(world, device, cfg.run.dist_timeout)
+
+
+def shared_cache(cfg: TrainConfig, world: World):
+    """The run's cache (:func:`prepare_cache`), built by rank 0 while the other processes wait,
+    then read by them (two processes writing one cache would race)."""
+    if not world.is_main:
+        barrier(world)
+    cache = prepare_cache(cfg.data, progress=world.is_main)
+    if world.is_main:
+        barrier(world)
+    return cache
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -261,11 +272,7 @@ def build_trainer(
         remove_temp_leftovers(run_dir)
     if is_main and (message := slow_settings_warning(device, cfg.preset)):
         warn(console, message)
-    if not is_main:
-        barrier(world)  # rank 0 builds the cache; the others then read it
-    cache = prepare_cache(cfg.data, progress=is_main)
-    if is_main:
-        barrier(world)
+    cache = shared_cache(cfg, world)
     try:  # caught here, not after training, where the calibration would first use it
         resolve_tta_for_images(cfg.run.tta, tuple(cache.meta["image_shape"]))
     except ValueError as error:
@@ -281,7 +288,7 @@ def build_trainer(
     if world.rank:
         # Every process built the same model from the seed (and DDP hands out rank 0's weights
         # anyway); from here on each draws its own dropout and noise, as its images differ.
-        torch.manual_seed(cfg.run.seed + 1_000_003 * world.rank)
+        torch.manual_seed(rank_seed(cfg.run.seed, world.rank))
     shard = Shard(world.rank, world.size)
     loaders = make_loaders(cache, cfg, device, make_generator(cfg.run.seed), shard=shard)
     criterion = build_criterion(cfg, cache).to(device)

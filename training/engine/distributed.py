@@ -12,7 +12,7 @@ set up, so the loop calls them unconditionally.
 
 Public API:
     World, DistributedError, start, stop, sum_, broadcast, gather, barrier, broadcast_buffers,
-    DEFAULT_TIMEOUT_MIN.
+    wrap, rank_seed, DEFAULT_TIMEOUT_MIN.
 """
 
 from __future__ import annotations
@@ -170,6 +170,19 @@ def gather(world: World, obj: Any) -> list[Any]:
     out: list[Any] = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s own random streams (augmentation, dropout): rank 0's is
+    ``seed`` itself, so a world of one draws what a plain run draws."""
+    return seed + 1_000_003 * rank
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` inside DistributedDataParallel on ``device`` (its GPU, or the CPU). Building
+    it broadcasts rank 0's parameters and buffers to every process."""
+    ids = None if device.type == "cpu" else [device.index]
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def broadcast_buffers(world: World, model: nn.Module) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dataset.cache import CacheInfo
@@ -36,7 +35,15 @@ from training.engine.checkpoint import (
     save_checkpoint,
 )
 from training.engine.data import Shard
-from training.engine.distributed import World, broadcast, broadcast_buffers, gather, sum_
+from training.engine.distributed import (
+    World,
+    broadcast,
+    broadcast_buffers,
+    gather,
+    rank_seed,
+    sum_,
+    wrap,
+)
 from training.engine.events import Callback, StopTraining
 from training.engine.inference import predict
 from training.engine.mixup import Mixup
@@ -232,7 +239,7 @@ class Trainer:
         self.shard = shard
         #: the end phase runs on rank 0 alone: no collectives from then on.
         self._solo = not self.world.distributed
-        self._ddp: DistributedDataParallel | None = None
+        self._ddp: nn.Module | None = None
         self._ddp_params: tuple[int, ...] = ()
 
     # ----------------------------------------------------------------- public state
@@ -459,9 +466,14 @@ class Trainer:
         """:meth:`check_interrupt` for every process at once: one that got a Ctrl-C stops them
         all at the same batch (a process stopping alone would leave the others waiting)."""
         if not self._solo:
-            flag = torch.tensor([float(self._interrupt_requested)], device=self.device)
-            self._interrupt_requested = bool(sum_(self.world, flag).item())
+            self._ask_about_interrupt()
         self.check_interrupt()
+
+    def _ask_about_interrupt(self) -> bool:
+        """Whether any process got a Ctrl-C (a collective); every process then knows."""
+        (count,) = self.sum_over_processes([float(self._interrupt_requested)])
+        self._interrupt_requested = count > 0
+        return self._interrupt_requested
 
     def _finished_already(self) -> bool:
         done = self._resumed_finished
@@ -573,7 +585,7 @@ class Trainer:
         if hasattr(loader.dataset, "reseed"):
             # Each process augments its own images with its own stream; rank 0's is a plain
             # run's.
-            loader.dataset.reseed(seed + 1_000_003 * self.world.rank)
+            loader.dataset.reseed(rank_seed(seed, self.world.rank))
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
 
@@ -587,10 +599,8 @@ class Trainer:
             return self.model
         params = tuple(id(p) for p in self.model.parameters() if p.requires_grad)
         if self._ddp is None or params != self._ddp_params:
-            ids = None if self.device.type == "cpu" else [self.device.index]
-            # Building it broadcasts rank 0's parameters and buffers: the processes start every
-            # stage from the same weights.
-            self._ddp = DistributedDataParallel(self.model, device_ids=ids)
+            # The processes start every stage from rank 0's weights (wrap broadcasts them).
+            self._ddp = wrap(self.model, self.device)
             self._ddp_params = params
         return self._ddp
 
@@ -615,8 +625,7 @@ class Trainer:
         class_correct = torch.tensor(progress.class_correct or zeros, device=self.device)
         class_seen = torch.tensor(progress.class_seen or zeros, device=self.device)
         class_predicted = torch.tensor(progress.class_predicted or zeros, device=self.device)
-        seen = torch.tensor(progress.seen, device=self.device)
-        sums = (loss_sum, correct, class_correct, class_seen, class_predicted, seen)
+        sums = (loss_sum, correct, class_correct, class_seen, class_predicted)
         loss_value = float("nan")
         t0 = time.perf_counter() - progress.seconds
         for b, (x, y) in enumerate(self.loaders["train"]):
@@ -646,7 +655,7 @@ class Trainer:
             class_seen += torch.bincount(label, minlength=self.num_classes)
             class_predicted += torch.bincount(guess, minlength=self.num_classes)
             progress.batches_done = b + 1
-            seen += len(y)
+            progress.seen += len(y)
             if b % sync_every == 0 or b == n - 1:
                 loss_value = self._read_loss(loss, epoch, b)
             self._emit("on_batch_end", b, loss_value, stepped)
@@ -689,18 +698,18 @@ class Trainer:
         every = 1 if self.device.type == "cpu" else SYNC_EVERY // self.config.optim.accumulation
         if self.step % max(1, every):
             return False
-        flag = torch.tensor([float(self._interrupt_requested)], device=self.device)
-        self._interrupt_requested = bool(sum_(self.world, flag).item())
-        return self._interrupt_requested
+        return self._ask_about_interrupt()
 
     def _keep_progress(self, progress, sums, t0: float) -> None:
         """Store the epoch's sums so far in ``progress`` (the whole world's, once summed)."""
-        sizes = [t.numel() for t in sums]
         # float64 holds these counts exactly; some devices (MPS) lack it, the CPU never does.
         where = "cpu" if self._solo else self.device
-        flat = torch.cat([t.reshape(-1).to(where, torch.float64) for t in sums])
+        parts = [t.reshape(-1).to(where, torch.float64) for t in sums]
+        parts.append(torch.tensor([progress.seen], dtype=torch.float64, device=where))
+        flat = torch.cat(parts)
         if not self._solo:
-            flat = sum_(self.world, flat.clone())
+            flat = sum_(self.world, flat)
+        sizes = [len(part) for part in parts]
         loss_sum, correct, class_correct, class_seen, class_predicted, seen = flat.split(sizes)
         progress.loss_sum = float(loss_sum)
         progress.correct = int(correct)
@@ -936,4 +945,4 @@ class Trainer:
         else:
             set_rng_state(ckpt["rng"])
             if self.world.rank:  # another number of processes: a stream of its own
-                torch.manual_seed(self.config.run.seed + 1_000_003 * self.world.rank + self.epoch)
+                torch.manual_seed(rank_seed(self.config.run.seed + self.epoch, self.world.rank))
